@@ -29,8 +29,8 @@ class EPOConfig(GRPOConfig):
             Lower band factor: tokens with entropy below `kappa_low * H_ref[turn]` are penalised (0 = off).
         smoothing_kappa_high (`float`, *optional*, defaults to `2.0`):
             Upper band factor: tokens with entropy above `kappa_high * H_ref[turn]` are penalised.
-        history_window (`int` or `None`, *optional*, defaults to `None`):
-            Reference = mean of a turn's last `history_window` step means; `None` = cumulative mean.
+        entropy_history_window (`int` or `None`, *optional*, defaults to `None`):
+            Reference = mean of a turn's last `entropy_history_window` step means; `None` = cumulative mean.
         smoothing_start_turn (`int`, *optional*, defaults to `0`):
             Only turns with index >= this are smoothed (the released code effectively used 25).
         entropy_schedule (`str`, *optional*, defaults to `"phase"`):
@@ -67,7 +67,7 @@ class EPOConfig(GRPOConfig):
             "help": "Upper band factor kappa_high (>= kappa_low): entropy above kappa_high * H_ref is penalised."
         },
     )
-    history_window: int | None = field(
+    entropy_history_window: int | None = field(
         default=None,
         metadata={"help": "Reference = mean of a turn's last W step means (W >= 1); None = cumulative mean."},
     )
@@ -108,9 +108,9 @@ class EPOConfig(GRPOConfig):
             f">= smoothing_kappa_low ({self.smoothing_kappa_low})",
         )
         _check(
-            self.history_window is None or self.history_window >= 1,
-            "history_window",
-            self.history_window,
+            self.entropy_history_window is None or self.entropy_history_window >= 1,
+            "entropy_history_window",
+            self.entropy_history_window,
             "None (cumulative mean) or an integer >= 1",
         )
         _check(self.smoothing_start_turn >= 0, "smoothing_start_turn", self.smoothing_start_turn, ">= 0")

@@ -155,7 +155,7 @@ class EntropyHistory:
         if state.get("window") != self.window:
             raise ValueError(
                 f"Checkpoint entropy history has window={state.get('window')} but the config has "
-                f"history_window={self.window}; resume with the same history_window."
+                f"entropy_history_window={self.window}; resume with the same entropy_history_window."
             )
         self.num_steps = int(state["num_steps"])
         if self.window is None:

@@ -59,7 +59,7 @@ class EPOTrainer(GRPOTrainer):
                 f"Replace GRPOConfig(...) with {self.config_class.__name__}(...): it takes the same arguments."
             )
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
-        self.entropy_history = EntropyHistory(args.history_window)
+        self.entropy_history = EntropyHistory(args.entropy_history_window)
         self._last_entropies: torch.Tensor | None = None
         self._epo_step_stats: list[torch.Tensor] | None = None  # per-micro-batch stats of the current step
         # Global token-mean action entropy of the last optimizer step (all ranks, all micro-batches).

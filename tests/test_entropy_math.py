@@ -138,5 +138,5 @@ def test_history_roundtrip_is_exact():
         h2.load_state_dict(json.loads(json.dumps(h.state_dict())))
         assert h2.state_dict() == h.state_dict()
         assert torch.equal(h2.reference()[0], h.reference()[0])
-    with pytest.raises(ValueError, match="history_window"):
+    with pytest.raises(ValueError, match="entropy_history_window"):
         EntropyHistory(window=None).load_state_dict(EntropyHistory(window=2).state_dict())

@@ -184,7 +184,7 @@ def test_resume_from_foreign_checkpoint_is_a_clear_error(tiny_model, tmp_path):
         ("smoothing_coef", -1.0),
         ("smoothing_kappa_low", -0.5),
         ("smoothing_kappa_high", 0.5),  # < kappa_low below
-        ("history_window", 0),
+        ("entropy_history_window", 0),
         ("smoothing_start_turn", -1),
         ("entropy_schedule", "cosine"),
         ("schedule_gamma", -1.0),

@@ -40,7 +40,7 @@ class RolloutConfig:
             episode is truncated. None = no limit.
         max_trajectory_tokens: trajectory mode: budget of prompt + all turns; the episode is truncated before a
             turn could exceed it. None = no limit.
-        history_window: (observation, action) pairs shown in step-mode prompts (paper: 2).
+        prompt_history_pairs: (observation, action) pairs shown in step-mode prompts (paper: 2).
         win_reward / invalid_penalty: return = win_reward * won + invalid_penalty * invalid turns.
         temperature: sampling temperature (None = the backend's, i.e. the trainer's).
         step_timeout_s: an env call (reset/step) running longer than this fails the episode.
@@ -54,7 +54,7 @@ class RolloutConfig:
     max_turn_tokens: int = 64
     max_prompt_tokens: int | None = None
     max_trajectory_tokens: int | None = None
-    history_window: int = 2
+    prompt_history_pairs: int = 2
     win_reward: float = 10.0
     invalid_penalty: float = -0.1
     temperature: float | None = None
@@ -233,7 +233,7 @@ class RolloutEngine:
         self.config = config or RolloutConfig()
         c = self.config
         self.parser = ActionParser(c.action_tags, c.think_tags, c.require_think, c.require_tags)
-        self.prompts = PromptBuilder(tokenizer, factory.prompt_header, self.parser, c.history_window)
+        self.prompts = PromptBuilder(tokenizer, factory.prompt_header, self.parser, c.prompt_history_pairs)
         self.pool = EnvPool(factory, c.num_workers, c.step_timeout_s)
         eos = tokenizer.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
@@ -287,7 +287,7 @@ class RolloutEngine:
     def _step_prompt(self, e: Episode) -> list[int] | None:
         """This turn's prompt; the history shrinks to fit `max_prompt_tokens`; None = it cannot fit."""
         budget = self.config.max_prompt_tokens
-        for window in range(min(self.config.history_window, len(e.history)), -1, -1):
+        for window in range(min(self.config.prompt_history_pairs, len(e.history)), -1, -1):
             history = e.history[len(e.history) - window :] if window else []
             text = self.prompts.turn_text(e.goal, len(e.turns), e.observation, e.admissible, history)
             ids = self.prompts.encode_prompt(text)

@@ -13,12 +13,12 @@ class PromptBuilder:
     """Builds each turn's user message and its token ids.
 
     Step mode (the paper): every turn is a fresh single-message chat holding the env's header, the goal, the step
-    count, the last `history_window` (observation, action) pairs, the current observation, the admissible actions
+    count, the last `prompt_history_pairs` (observation, action) pairs, the current observation, the admissible actions
     and the format instruction. Trajectory mode: the first turn is the same; later turns append only a short user
     message (step count, observation, admissible actions) to the running conversation.
     """
 
-    def __init__(self, tokenizer, header: str, parser: ActionParser | None = None, history_window: int = 2):
+    def __init__(self, tokenizer, header: str, parser: ActionParser | None = None, prompt_history_pairs: int = 2):
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError(
                 "The tokenizer has no chat template; set `tokenizer.chat_template` (e.g. a ChatML template) so "
@@ -26,7 +26,7 @@ class PromptBuilder:
             )
         self.tokenizer, self.header = tokenizer, header
         self.parser = parser or ActionParser()
-        self.history_window = history_window
+        self.prompt_history_pairs = prompt_history_pairs
         self._suffix_template: str | None = None
 
     # ----- text ---------------------------------------------------------------------------------------------
@@ -39,7 +39,7 @@ class PromptBuilder:
         history: Sequence[tuple[str, str]] = (),
     ) -> str:
         lines = [self.header, f"your task is to : {goal}"]
-        recent = list(history)[-self.history_window :] if self.history_window > 0 else []
+        recent = list(history)[-self.prompt_history_pairs :] if self.prompt_history_pairs > 0 else []
         if step > 0:
             lines.append(f"you have taken {step} steps .")
         if recent:
