@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# CPU torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test,dev,scienceworld,alfworld,plots]"
+	$(PIP) install -q -e ".[test,dev,scienceworld,alfworld,plots,deepspeed]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
