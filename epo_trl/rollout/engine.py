@@ -31,39 +31,71 @@ MODES = ("step", "trajectory")
 
 @dataclass
 class RolloutConfig:
-    """Budgets and scoring of a rollout. Every budget is enforced and counted in the metrics.
+    """Budgets and scoring of a rollout. Every budget is enforced and counted in the metrics (field help below)."""
 
-    Args:
-        max_turns: turn limit per episode (the episode is truncated, not won, when reached).
-        max_turn_tokens: max new tokens per turn (a turn that hits it has no EOS and counts as truncated).
-        max_prompt_tokens: step mode: budget of one turn's prompt; the history is shortened first, then the
-            episode is truncated. None = no limit.
-        max_trajectory_tokens: trajectory mode: budget of prompt + all turns; the episode is truncated before a
-            turn could exceed it. None = no limit.
-        prompt_history_pairs: (observation, action) pairs shown in step-mode prompts (paper: 2).
-        win_reward / invalid_penalty: return = win_reward * won + invalid_penalty * invalid turns.
-        temperature: sampling temperature (None = the backend's, i.e. the trainer's).
-        step_timeout_s: an env call (reset/step) running longer than this fails the episode.
-        num_workers: threads stepping environments.
-        action_tags / think_tags / require_think: the output format (see `ActionParser`).
-        require_tags: False = lenient parsing (text without action tags goes to `env.project_action`); only for
-            demos with tiny random models, real runs keep the paper's strict format.
-    """
-
-    max_turns: int = 10
-    max_turn_tokens: int = 64
-    max_prompt_tokens: int | None = None
-    max_trajectory_tokens: int | None = None
-    prompt_history_pairs: int = 2
-    win_reward: float = 10.0
-    invalid_penalty: float = -0.1
-    temperature: float | None = None
-    step_timeout_s: float = 60.0
-    num_workers: int = 8
-    action_tags: tuple[str, str] = ("<action>", "</action>")
-    think_tags: tuple[str, str] = ("<think>", "</think>")
-    require_think: bool = False
-    require_tags: bool = True
+    max_turns: int = field(
+        default=10,
+        metadata={"help": "Turn limit per episode (>= 1); an episode that reaches it is truncated, not won."},
+    )
+    max_turn_tokens: int = field(
+        default=64,
+        metadata={"help": "Max new tokens per turn (>= 1); a turn that hits it has no EOS and counts as truncated."},
+    )
+    max_prompt_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Step mode: token budget of one turn's prompt; the history is shortened first, then the episode is truncated. None = no limit."
+        },
+    )
+    max_trajectory_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Trajectory mode: token budget of prompt + all turns; the episode is truncated before a turn could exceed it. None = no limit."
+        },
+    )
+    prompt_history_pairs: int = field(
+        default=2,
+        metadata={
+            "help": "Step mode: (observation, action) pairs of the episode's history shown in each turn's prompt (paper: 2)."
+        },
+    )
+    win_reward: float = field(
+        default=10.0,
+        metadata={"help": "Episode return = win_reward * won + invalid_penalty * invalid turns (paper: 10)."},
+    )
+    invalid_penalty: float = field(
+        default=-0.1,
+        metadata={
+            "help": "Return added per invalid turn (missing tags, non-ASCII, action the env rejects; paper: -0.1)."
+        },
+    )
+    temperature: float | None = field(
+        default=None,
+        metadata={
+            "help": "Sampling temperature of training rollouts. None = the trainer's `temperature`; any other value must equal it (the old log-probs are computed at the trainer's temperature)."
+        },
+    )
+    step_timeout_s: float = field(
+        default=60.0,
+        metadata={
+            "help": "An env call (reset/step) running longer than this (> 0 seconds) fails the episode; the env is replaced."
+        },
+    )
+    num_workers: int = field(default=8, metadata={"help": "Workers (>= 1) stepping environments in parallel."})
+    action_tags: tuple[str, str] = field(
+        default=("<action>", "</action>"),
+        metadata={"help": "Opening and closing tags around the action in the model's output."},
+    )
+    think_tags: tuple[str, str] = field(
+        default=("<think>", "</think>"), metadata={"help": "Opening and closing tags around the model's reasoning."}
+    )
+    require_think: bool = field(default=False, metadata={"help": "True = a turn without the think tags is invalid."})
+    require_tags: bool = field(
+        default=True,
+        metadata={
+            "help": "False = lenient parsing: text without action tags goes to `env.project_action` (demos with tiny random models only; real runs keep the paper's strict format)."
+        },
+    )
 
     def __post_init__(self):
         if self.max_turns < 1 or self.max_turn_tokens < 1:
