@@ -201,7 +201,7 @@ def test_budgets_are_enforced_and_reported(tokenizer):
 def test_vllm_backend_colocate_with_fake(tokenizer):
     ids = tokenizer("<action> go </action>", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     fake = FakeVLLMGeneration(lambda p: ids + [7, 7], mode="colocate")
-    backend = VLLMBackend(fake, server_mode=False, eos_ids=[tokenizer.eos_token_id])
+    backend = VLLMBackend(fake, lockstep=False, eos_ids=[tokenizer.eos_token_id])
     factory = CountdownFactory()
     engine = RolloutEngine(factory, tokenizer, RolloutConfig(max_turns=10, max_turn_tokens=32))
     result = engine.run(factory.tasks(), backend, "trajectory")

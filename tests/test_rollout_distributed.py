@@ -65,7 +65,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     tasks = [TaskSpec("countdown", "count", n, i) for i, n in enumerate(turns)]
 
     fake = FakeVLLMGeneration(lambda p: answer, mode="server")
-    backend = VLLMBackend(fake, server_mode=True, eos_ids=[tokenizer.eos_token_id])
+    backend = VLLMBackend(fake, lockstep=True, eos_ids=[tokenizer.eos_token_id])
     engine = RolloutEngine(CountdownFactory(), tokenizer, RolloutConfig(max_turns=6, max_turn_tokens=8))
     result = engine.run(tasks, backend, "trajectory", RankSync(accelerator))
     lengths = [len(e.turns) for e in result.episodes]

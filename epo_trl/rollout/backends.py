@@ -6,7 +6,10 @@
 `completion_ids` holds the sampled tokens up to and including the first EOS (no padding). `logprobs` are the
 sampled tokens' log-probabilities under the temperature-scaled policy (the quantity TRL's importance sampling
 compares with). `backend.lockstep` says whether every rank must make the same calls with the same number of
-prompts (vLLM server mode; sharded HF models), in which case the rollout engine pads and synchronises turns.
+prompts (vLLM server mode, colocate tensor parallelism or sleep mode over sharded weights; sharded HF models), in
+which case the rollout engine pads and synchronises turns. `backend.eos_ids` are the ids that end a turn: the
+trainer's `eos_token_ids` (tokenizer EOS + the generation config's), the one source of truth for cutting and for
+deciding whether a turn was truncated.
 """
 
 from __future__ import annotations
@@ -26,10 +29,20 @@ class Generation:
 @runtime_checkable
 class GenerationBackend(Protocol):
     lockstep: bool
+    eos_ids: list[int] | None
 
     def generate(
         self, prompts: list[list[int]], max_new_tokens: int, temperature: float | None = None
     ) -> Generation: ...
+
+
+def eos_token_ids(tokenizer, model=None) -> list[int]:
+    """The ids that end a completion, as TRL's GRPOTrainer computes `eos_token_ids`: the tokenizer's EOS first, then
+    every EOS the model's generation config declares (e.g. Qwen2.5-Instruct's end-of-turn and end-of-text)."""
+    declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    declared = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+    eos = tokenizer.eos_token_id
+    return declared if eos is None or eos in declared else [eos, *declared]
 
 
 def cut_at_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
@@ -105,7 +118,7 @@ class HFBackend:
         self.return_logprobs, self.batch_size = return_logprobs, batch_size
         self.accelerator, self.gather_deepspeed3_params = accelerator, gather_deepspeed3_params
         kwargs = dict(generation_kwargs or {})
-        eos = kwargs.pop("eos_token_id", None) or tokenizer.eos_token_id
+        eos = kwargs.pop("eos_token_id", None) or eos_token_ids(tokenizer, _unwrap(model))
         # Keys this backend sets per call win over the trainer's generation kwargs.
         self.generation_kwargs = {k: v for k, v in kwargs.items() if k not in _PER_CALL_KEYS}
         self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
@@ -189,17 +202,21 @@ class VLLMBackend:
     """`trainer.vllm_generation.generate` (colocate or server mode), one completion per prompt.
 
     vLLM takes `max_tokens` from `vllm_generation.max_completion_length` and the temperature from
-    `vllm_generation.temperature`; both are set for the call and restored after. In server mode every call is a
-    collective across ranks (TRL issue #6673), hence `lockstep`.
+    `vllm_generation.temperature`; both are set for the call and restored after.
+
+    `lockstep`: whether a generate call is a collective, so every rank must make the same calls with the same number
+    of prompts (TRL 1.16 `VLLMGeneration.generate`): server mode gathers all ranks' prompts (TRL issue #6673);
+    colocate with `tensor_parallel_size > 1` all-gathers prompts inside the TP group and slices by equal sizes; sleep
+    mode re-syncs the weights on every wake, which gathers sharded (ZeRO-3 / FSDP) parameters collectively.
     """
 
-    def __init__(self, vllm_generation, server_mode: bool, eos_ids: Sequence[int] = ()):
+    def __init__(self, vllm_generation, lockstep: bool, eos_ids: Sequence[int] = ()):
         self.vllm, self.eos_ids = vllm_generation, list(eos_ids)
-        self.lockstep = server_mode
+        self.lockstep = lockstep
 
     @classmethod
     def from_trainer(cls, trainer) -> VLLMBackend:
-        return cls(trainer.vllm_generation, trainer.args.vllm_mode == "server", trainer.eos_token_ids)
+        return cls(trainer.vllm_generation, vllm_is_collective(trainer), trainer.eos_token_ids)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float | None = None) -> Generation:
         saved = self.vllm.max_completion_length, self.vllm.temperature
@@ -207,22 +224,64 @@ class VLLMBackend:
         if temperature is not None:
             self.vllm.temperature = temperature
         try:
-            _, completion_ids, logprobs, _ = self.vllm.generate(prompts=prompts, images=None, num_generations=1)
+            _, completion_ids, logprobs, token_ids = self.vllm.generate(
+                prompts=prompts, images=None, num_generations=1
+            )
         finally:
             self.vllm.max_completion_length, self.vllm.temperature = saved
         ids = [cut_at_eos(c, self.eos_ids) for c in completion_ids]
         if logprobs is None:
             return Generation(ids, None)
-        # vLLM gives top-k logprobs per position, sampled token first; None marks a token it could not score.
-        lps = [[float("nan") if lp[0] is None else lp[0] for lp in seq[: len(c)]] for seq, c in zip(logprobs, ids)]
-        return Generation(ids, lps)
+        return Generation(ids, [sampled_logprobs(c, lp, t) for c, lp, t in zip(ids, logprobs, token_ids)])
+
+
+def sampled_logprobs(ids: Sequence[int], logprobs: Sequence[Sequence], token_ids: Sequence[Sequence] | None):
+    """The sampled tokens' log-probabilities from vLLM's per-position candidates.
+
+    vLLM returns, per position, up to N+1 candidates sorted by rank (TRL's `extract_logprobs`); the sampled token is
+    one of them but not necessarily the first when `logprobs=N > 0`, so it is picked by id from `logprob_token_ids`.
+    A value vLLM could not score (None) becomes NaN, which TRL's importance sampling masks.
+    """
+    out = []
+    for pos, token in enumerate(ids):
+        candidates = logprobs[pos]
+        if token_ids is None:  # no ids to match: only right with logprobs=0 (one candidate, the sampled token)
+            value = candidates[0]
+        else:
+            ranked = list(token_ids[pos])
+            if token not in ranked:
+                raise RuntimeError(
+                    f"vLLM returned no log-probability for the sampled token {token} at position {pos} (candidates "
+                    f"{ranked}); vLLM always includes the sampled token, so the completion and logprobs are misaligned."
+                )
+            value = candidates[ranked.index(token)]
+        out.append(float("nan") if value is None else float(value))
+    return out
+
+
+def vllm_is_collective(trainer) -> bool:
+    """Whether `trainer.vllm_generation.generate` is a collective call across ranks (see VLLMBackend)."""
+    if trainer.accelerator.num_processes == 1:
+        return False
+    args = trainer.args
+    if args.vllm_mode == "server":
+        return True
+    if args.vllm_tensor_parallel_size > 1:
+        return True
+    return bool(args.vllm_enable_sleep_mode and _is_sharded(trainer.accelerator))
 
 
 class CallableBackend:
     """Wraps a plain function `fn(prompts, max_new_tokens, temperature) -> completion_ids` (scripted policies)."""
 
-    def __init__(self, fn: Callable[[list[list[int]], int, float | None], list[list[int]]], lockstep: bool = False):
+    def __init__(
+        self,
+        fn: Callable[[list[list[int]], int, float | None], list[list[int]]],
+        lockstep: bool = False,
+        eos_ids: Sequence[int] | None = None,
+    ):
         self.fn, self.lockstep = fn, lockstep
+        self.eos_ids = list(eos_ids) if eos_ids is not None else None  # None: the tokenizer's EOS
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float | None = None) -> Generation:
         ids = [list(c)[:max_new_tokens] for c in self.fn(prompts, max_new_tokens, temperature)]
@@ -234,6 +293,10 @@ def backend_for_trainer(trainer) -> GenerationBackend:
     if getattr(trainer, "use_vllm", False):
         return VLLMBackend.from_trainer(trainer)
     return HFBackend.from_trainer(trainer)
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
 
 
 def _is_sharded(accelerator) -> bool:

@@ -267,6 +267,7 @@ class RolloutEngine:
         self.parser = ActionParser(c.action_tags, c.think_tags, c.require_think, c.require_tags)
         self.prompts = PromptBuilder(tokenizer, factory.prompt_header, self.parser, c.prompt_history_pairs)
         self.pool = EnvPool(factory, c.num_workers, c.step_timeout_s)
+        # Fallback for backends that declare no EOS ids; trainer backends carry the trainer's `eos_token_ids`.
         eos = tokenizer.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
 
@@ -344,11 +345,18 @@ class RolloutEngine:
         backend: GenerationBackend,
         mode: str = "step",
         sync: RankSync | None = None,
+        temperature: float | None = None,
     ) -> RolloutResult:
-        """Play one episode per task (lockstep turns) and return them with timings."""
+        """Play one episode per task (lockstep turns) and return them with timings.
+
+        `temperature` overrides `config.temperature` (None: the config's, and if that is None the backend's).
+        """
         if mode not in MODES:
             raise ValueError(f"Unknown rollout mode {mode!r}; use one of {MODES}.")
         c, sync = self.config, sync or RankSync()
+        temperature = c.temperature if temperature is None else temperature
+        # One source of truth for "the turn ended": the ids the backend cuts at (the trainer's eos_token_ids).
+        eos_ids = set(getattr(backend, "eos_ids", None) or self.eos_ids)
         episodes = [Episode(task=t) for t in tasks]
         result = RolloutResult(episodes)
         t0 = time.perf_counter()
@@ -382,7 +390,7 @@ class RolloutEngine:
             elif not prompts:
                 break
             t0 = time.perf_counter()
-            gen = backend.generate(prompts, c.max_turn_tokens, c.temperature)
+            gen = backend.generate(prompts, c.max_turn_tokens, temperature)
             result.gen_time_s += time.perf_counter() - t0
             result.backend_calls += 1
             if len(gen.completion_ids) != len(prompts):
@@ -405,7 +413,7 @@ class RolloutEngine:
                     text=text,
                     action=action,
                     error=error,
-                    hit_token_limit=not ids or ids[-1] not in self.eos_ids,
+                    hit_token_limit=not ids or ids[-1] not in eos_ids,
                 )
                 e.turns.append(turn)
                 e.history.append((e.observation, action or "invalid action"))
@@ -435,7 +443,9 @@ class RolloutEngine:
         if e.finished or len(e.turns) >= self.config.max_turns:
             return  # the row ends with the last action: no observation follows
         text = self.prompts.observation_text(len(e.turns), e.observation, e.admissible)
-        tail = self.prompts.continuation_ids(text, ended_with_eos=not turn.hit_token_limit)
+        # The chat template closes the turn with the tokenizer's EOS; only a turn that already ends in it skips it.
+        ended = bool(turn.completion_ids) and turn.completion_ids[-1] == self.tokenizer.eos_token_id
+        tail = self.prompts.continuation_ids(text, ended_with_eos=ended)
         budget = self.config.max_trajectory_tokens
         if budget is not None and len(e.prompt_ids) + len(e.completion_ids) + len(tail) > budget:
             e.truncated = "context"
@@ -557,9 +567,24 @@ class EnvRollout:
         engine = self._engine(trainer)
         backend = self.backend or backend_for_trainer(trainer)
         sync = RankSync(getattr(trainer, "accelerator", None))
-        self.last_result = engine.run(tasks, backend, self.mode, sync)
+        if trainer is not None and hasattr(trainer, "temperature"):
+            self._check_temperature(trainer)
+            # Sample at the trainer's current temperature: its own, or the one AEPO sets for its re-samples.
+            self.last_result = engine.run(tasks, backend, self.mode, sync, temperature=trainer.temperature)
+        else:
+            self.last_result = engine.run(tasks, backend, self.mode, sync)
         self.last_metrics = log_rollout_metrics(trainer, self.last_result, self.config)
         return self.last_result
+
+    def _check_temperature(self, trainer) -> None:
+        wanted = self.config.temperature
+        if wanted is not None and wanted != trainer.args.temperature:
+            raise ValueError(
+                f"RolloutConfig.temperature={wanted} differs from the trainer's temperature={trainer.args.temperature}: "
+                "the trainer computes the old log-probs and importance ratios at its own temperature, so samples drawn "
+                "at another one would be scored wrongly. Set the trainer's `temperature` instead and leave "
+                "RolloutConfig.temperature at None."
+            )
 
     def close(self) -> None:
         if self.engine is not None:
