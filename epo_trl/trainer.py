@@ -14,6 +14,7 @@ import torch
 from accelerate.utils import DistributedType
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
+from trl.extras.profiling import profiling_context
 
 from .config import EPOConfig
 from .entropy import (
@@ -28,7 +29,7 @@ from .entropy import (
 STATE_FILE = "epo_state.json"
 _PREPARED = "_epo_prepared"  # marks a micro-batch that `_prepare_inputs` already built
 # Loss types whose policy term averages over sequences (weight row chunks by rows, not tokens).
-_SEQUENCE_MEAN_LOSSES = ("grpo", "dr_grpo", "luspo")
+_SEQUENCE_MEAN_LOSSES = ("grpo", "sapo", "dr_grpo", "luspo")
 
 
 class EPOTrainer(GRPOTrainer):
@@ -64,14 +65,27 @@ class EPOTrainer(GRPOTrainer):
         self._epo_step_stats: list[torch.Tensor] | None = None  # per-micro-batch stats of the current step
         # Global token-mean action entropy of the last optimizer step (all ranks, all micro-batches).
         self.last_step_entropy: float | None = None
-        self._loss_weight = 1.0  # < 1 while a micro-batch runs as several row chunks
+        # While a micro-batch runs as several row chunks: this chunk's share of the policy term (rows for
+        # sequence-mean loss types, tokens otherwise) and of the token-mean entropy terms.
+        self._chunk_weights: tuple[float, float] | None = None
 
     # --- plumbing -------------------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
         build = getattr(self.rollout_func, "build_training_batch", None)
         if build is not None:
+            # Step mode bypasses GRPOTrainer._generate, the only place TRL syncs vLLM: sync here, exactly as TRL does.
+            self.sync_generation_weights()
             return build(inputs, self)
         return super()._generate_and_score_completions(inputs)
+
+    def sync_generation_weights(self) -> None:
+        """Push the current weights to vLLM once per optimizer step, before that step's first generate (TRL 1.16
+        `GRPOTrainer._generate`, same `_last_loaded_step` guard). Every rank calls it: gathering sharded weights is a
+        collective. A no-op without vLLM and when this step's weights were already pushed."""
+        if self.use_vllm and self.state.global_step != self._last_loaded_step:
+            with profiling_context(self, "sync_weights"):
+                self.vllm_generation.sync_weights()
+            self._last_loaded_step = self.state.global_step
 
     def _prepare_inputs(self, generation_batch):
         if isinstance(generation_batch, dict) and generation_batch.get(_PREPARED):
@@ -94,41 +108,44 @@ class EPOTrainer(GRPOTrainer):
             return super().training_step(model, batch, num_items_in_batch)
         sync = self.accelerator.sync_gradients
         total = 0.0
-        for i, (chunk, weight) in enumerate(chunks):
+        for i, (chunk, weights) in enumerate(chunks):
             last = i == len(chunks) - 1
             self.accelerator.gradient_state._set_sync_gradients(sync and last)
             skip_sync = not last and self.accelerator.distributed_type != DistributedType.DEEPSPEED
-            self._loss_weight = weight
+            self._chunk_weights = weights
             try:
                 with self.accelerator.no_sync(model) if skip_sync else nullcontext():
                     # Only the last chunk goes through GRPOTrainer.training_step (its step counter and timer).
                     step = super().training_step if last else super(GRPOTrainer, self).training_step
                     total = total + step(model, chunk, num_items_in_batch)
             finally:
-                self._loss_weight = 1.0
+                self._chunk_weights = None
                 self.accelerator.gradient_state._set_sync_gradients(sync)
         return total
 
-    def _row_chunks(self, batch) -> list[tuple[dict, float]]:
+    def _row_chunks(self, batch) -> list[tuple[dict, tuple[float, float] | None]]:
+        """Split a step-mode micro-batch into chunks of at most `max_rows_per_backward` rows, each with its
+        (policy weight, token weight): the chunk's share of the micro-batch's rows or tokens (see `_compute_loss`)."""
         limit = self.args.max_rows_per_backward
         limit = self.args.per_device_train_batch_size if limit is None else limit
         rows = batch["completion_ids"].size(0)
         if "turn_ids" not in batch or not limit or rows <= limit:
-            return [(batch, 1.0)]
+            return [(batch, None)]
         mask = batch["completion_mask"] * batch.get("tool_mask", 1)
-        per_row = torch.ones(rows, device=mask.device) if self.loss_type in _SEQUENCE_MEAN_LOSSES else mask.sum(1)
-        total = per_row.sum().clamp(min=1.0)
+        tokens = mask.sum(1).double()
         chunks = []
         for start in range(0, rows, limit):
             part = slice(start, start + limit)
-            weight = (per_row[part].sum() / total).item()
+            token_weight = (tokens[part].sum() / tokens.sum().clamp(min=1.0)).item()
+            row_weight = (part.indices(rows)[1] - start) / rows
+            policy_weight = row_weight if self.loss_type in _SEQUENCE_MEAN_LOSSES else token_weight
             chunk = {
                 k: v[part] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.size(0) == rows else v
                 for k, v in batch.items()
             }
             if "num_items_in_batch" in chunk:  # token-sum losses: keep sum / N exact after the weight
-                chunk["num_items_in_batch"] = batch["num_items_in_batch"] * max(weight, 1e-12)
-            chunks.append((chunk, weight))
+                chunk["num_items_in_batch"] = batch["num_items_in_batch"] * max(token_weight, 1e-12)
+            chunks.append((chunk, (policy_weight, token_weight)))
         return chunks
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
@@ -145,15 +162,25 @@ class EPOTrainer(GRPOTrainer):
         horizon = self.args.schedule_horizon or max(self.state.max_steps, 1)
         return phase_schedule(self.state.global_step, horizon, self.args.schedule_gamma)
 
+    def entropy_weight(self) -> float:
+        """lambda of this optimizer step: TRL's `entropy_coef`, or, with TRL's adaptive coefficient, the value TRL
+        applies to its bonus this step (0 while the last step's entropy is above `entropy_target`). Read before TRL
+        updates the coefficient at the step's last micro-batch, so both EPO terms use one lambda per step."""
+        if self.use_adaptive_entropy and self._last_world_entropy > self.args.entropy_target:
+            return 0.0
+        return self.entropy_coef
+
     # --- loss -----------------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs):
-        loss = super()._compute_loss(model, inputs)
+        lam = self.entropy_weight()  # before TRL's adaptive update inside super()._compute_loss
+        loss = super()._compute_loss(model, inputs)  # L_policy - lam * L_H (E5: TRL's own bonus is L_H)
         entropies, self._last_entropies = self._last_entropies, None
         mode = "train" if self.model.training else "eval"
         mask = inputs["completion_mask"]
         if "tool_mask" in inputs:
             mask = mask * inputs["tool_mask"]
         turn_ids = turn_ids_from_mask(mask, inputs.get("turn_ids"))  # (E1)
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
 
         reference, has_reference = self.entropy_history.reference()  # (E3), fixed during the step
         penalty, active = smoothing_penalty(  # (E4)
@@ -165,17 +192,28 @@ class EPOTrainer(GRPOTrainer):
             self.args.smoothing_kappa_high,
             self.args.smoothing_start_turn,
         )
-        weight = self.entropy_coef * self.args.smoothing_coef * self.schedule_weight()
+        weight = lam * self.args.smoothing_coef * self.schedule_weight()
+        smooth = 0.0
         if self.args.smoothing and weight != 0.0:
             # Same normalisation as TRL's entropy bonus: a token mean per micro-batch, scaled for accumulation.
-            accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-            loss = loss + weight * masked_token_mean(penalty, mask) / accumulation  # (E5), total loss
+            smooth = weight * masked_token_mean(penalty, mask) / accumulation  # (E5): + lam * c * beta_k * L_smooth
 
         if mode == "train":
             self._accumulate_step_stats(entropies, turn_ids, penalty, active, mask)
             if self.accelerator.sync_gradients:
                 self._finish_step()
-        return loss * self._loss_weight if self._loss_weight != 1.0 else loss
+        if self._chunk_weights is None:
+            return loss + smooth
+        # A row chunk of a micro-batch: the policy term is weighted by the chunk's policy share, the token-mean
+        # entropy terms by its token share, so the chunks' gradients sum to the single pass's for every loss type:
+        #   w_pol * (L_policy - lam * L_H) + (w_pol - w_tok) * lam * L_H = w_pol * L_policy - w_tok * lam * L_H
+        w_pol, w_tok = self._chunk_weights
+        if lam != 0.0 and w_pol != w_tok:
+            bonus_mask = mask
+            if self.top_entropy_quantile < 1.0:  # TRL's bonus covers the high-entropy tokens only
+                bonus_mask = mask * self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+            loss = loss + (1.0 - w_tok / w_pol) * lam * masked_token_mean(entropies, bonus_mask) / accumulation
+        return w_pol * loss + w_tok * smooth
 
     def _accumulate_step_stats(self, entropies, turn_ids, penalty, active, mask) -> None:
         num_turns = int(turn_ids.max().item()) + 1 if turn_ids.numel() else 0

@@ -223,7 +223,8 @@ def _step_mode_batch(tok, rows=5):
     }
 
 
-@pytest.mark.parametrize("loss_type,entropy_coef", [("dapo", 0.5), ("bnpo", 0.5), ("grpo", 0.0)])
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.5])
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "luspo", "sapo", "bnpo", "dapo", "cispo"])
 def test_row_chunked_backward_gives_the_same_gradient(tiny_model, tmp_path, loss_type, entropy_coef):
     grads, losses = {}, {}
     for limit in (0, 2):  # 0 = one pass over 5 rows; 2 = passes of 2 + 2 + 1 rows
@@ -244,3 +245,38 @@ def test_row_chunked_backward_gives_the_same_gradient(tiny_model, tmp_path, loss
     assert losses[0] == pytest.approx(losses[2], rel=1e-5, abs=1e-7)
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[2][name], g, rtol=1e-4, atol=1e-7)
+
+
+def _adaptive_step_loss(tiny_model, out, smoothing, world_entropy, delta):
+    """One training step of a 5-row batch (every turn far above its band) under TRL's adaptive entropy coefficient."""
+    trainer = EPOTrainer(
+        tiny_model,
+        length_reward,
+        args=tiny_args(EPOConfig, out, use_adaptive_entropy=True, entropy_coef=0.5, entropy_coef_delta=delta,
+                       entropy_coef_max=10.0, entropy_target=100.0, smoothing=smoothing, smoothing_coef=1.0,
+                       entropy_schedule="constant", max_rows_per_backward=0),
+        train_dataset=prompt_dataset(),
+    )  # fmt: skip
+    trainer.entropy_history.update({0: 1e-3, 1: 1e-3, 2: 1e-3})
+    trainer._last_world_entropy = world_entropy  # the entropy TRL's controller measured at the previous step
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    loss = trainer.training_step(trainer.model, _step_mode_batch(trainer.processing_class), None).item()
+    return loss, trainer.entropy_coef
+
+
+def test_adaptive_entropy_coef_drives_both_epo_terms(tiny_model, tmp_path):
+    # Entropy above TRL's target: TRL applies no bonus this step, so EPO's smoothing is off too (one lambda = 0).
+    on, _ = _adaptive_step_loss(tiny_model, tmp_path / "a", True, world_entropy=500.0, delta=0.0)
+    off, _ = _adaptive_step_loss(tiny_model, tmp_path / "b", False, world_entropy=500.0, delta=0.0)
+    assert on == pytest.approx(off, abs=1e-7)
+    # Entropy below the target: TRL applies lambda = 0.5 and raises it by delta at the end of the step; the smoothing
+    # term must use the lambda the step's bonus used (0.5), whatever delta is.
+    diffs = []
+    for delta in (0.0, 2.0):
+        on, coef = _adaptive_step_loss(tiny_model, tmp_path / f"c{delta}", True, world_entropy=0.1, delta=delta)
+        off, _ = _adaptive_step_loss(tiny_model, tmp_path / f"d{delta}", False, world_entropy=0.1, delta=delta)
+        assert coef == pytest.approx(0.5 + delta)  # TRL did update its coefficient during the step
+        diffs.append(on - off)
+    assert diffs[0] > 0.1  # lambda * c * L_smooth with every token far above its band
+    assert diffs[1] == pytest.approx(diffs[0], rel=1e-5)
