@@ -1,0 +1,123 @@
+"""A few EPO optimizer steps on 2 ranks that see different data, under any accelerate config (DDP, ZeRO-2/3).
+
+Launched by `launch()` (tests) as `accelerate launch --config_file CONFIG --num_processes 2 epo_steps.py MODEL OUT`.
+Rank r plays 2 + r turns per episode, so ranks hold different numbers of turns; smoothing is on, so from step 2
+on the loss uses the shared entropy history as reference. Each rank writes OUT/rank{r}.json (entropy history,
+prompts seen, per-step EPO metrics, the distributed setup) and OUT/rank{r}.pt (every parameter, gathered in full
+under ZeRO-3).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = os.path.join(os.path.dirname(TESTS), "recipes", "accelerate")
+NUM_STEPS = 3
+
+
+def launch(config: str, model_path: str, out: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run this script on 2 CPU processes under recipes/accelerate/CONFIG.yaml (shipped file, CPU overrides)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.join(RECIPES, f"{config}.yaml"),
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port),
+        os.path.abspath(__file__), model_path, out,
+    ]  # fmt: skip
+    # DeepSpeed's CPU accelerator (gloo); one thread per rank: 2 ranks share the 2 cores.
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+_RUNS: dict[str, str] = {}
+
+
+def run_once(config: str, model_path: str, tmp_path_factory) -> str:
+    """OUT folder of a finished launch under CONFIG, run at most once per test session (DDP is everyone's baseline)."""
+    if config not in _RUNS:
+        out = str(tmp_path_factory.mktemp(f"epo_steps_{config}"))
+        proc = launch(config, model_path, out)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        _RUNS[config] = out
+    return _RUNS[config]
+
+
+def load_run(out: str) -> tuple[list[dict], list[dict]]:
+    """(per-rank json records, per-rank parameter dicts) written by `main`."""
+    import torch
+
+    records = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in (0, 1)]
+    return records, [torch.load(os.path.join(out, f"rank{r}.pt")) for r in (0, 1)]
+
+
+def full_parameters(trainer) -> dict:
+    """name -> full parameter tensor, on every rank (ZeRO-3 shards parameters: gather them first)."""
+    import contextlib
+
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    params = dict(trainer.accelerator.unwrap_model(trainer.model_wrapped).named_parameters())
+    gather = contextlib.nullcontext()
+    if plugin is not None and plugin.zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(params.values()))
+    with gather:
+        return {name: p.detach().clone() for name, p in params.items()}
+
+
+def cpu_args() -> dict:
+    """Trainer args for CPU ranks. accelerate drops DeepSpeed under `use_cpu=True`; without it DeepSpeed needs the
+    gloo backend named, else accelerate counts 1 process and DeepSpeed's batch-size check fails (4 != 4 * 1 * 2)."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true":
+        return {"use_cpu": False, "ddp_backend": "gloo"}
+    return {"use_cpu": True}
+
+
+def main(model_path: str, out: str) -> None:
+    import torch
+    from datasets import Dataset
+
+    from epo_trl import EPOConfig, EPOTrainer
+
+    sys.path.insert(0, TESTS)
+    from helpers import length_reward, scripted_rollout, tiny_args
+
+    seen = []
+
+    def rollout(prompts, trainer):
+        seen.extend(prompts)
+        return scripted_rollout(num_turns=2 + trainer.accelerator.process_index)(prompts, trainer)
+
+    # A zero-width band (kappa 1, 1) makes every token pay |H - H_ref|: the penalty has a gradient from step 2 on.
+    args = tiny_args(
+        EPOConfig, out, max_steps=NUM_STEPS, entropy_coef=0.05, smoothing_coef=1.0, smoothing_kappa_low=1.0,
+        smoothing_kappa_high=1.0, **cpu_args(),
+    )  # fmt: skip
+    ds = Dataset.from_dict({"prompt": [f"go north {i}" for i in range(16)]})
+    trainer = EPOTrainer(model_path, length_reward, args=args, train_dataset=ds, rollout_func=rollout)
+    trainer.train()
+    acc = trainer.accelerator
+    plugin = acc.state.deepspeed_plugin
+    params = full_parameters(trainer)
+    torch.save(params, os.path.join(out, f"rank{acc.process_index}.pt"))
+    steps = [log for log in trainer.state.log_history if "epo/smooth_penalty" in log]
+    with open(os.path.join(out, f"rank{acc.process_index}.json"), "w") as f:
+        json.dump(
+            {
+                "history": trainer.entropy_history.state_dict(),
+                "prompts": seen,
+                "world": acc.num_processes,
+                "distributed_type": str(acc.distributed_type),
+                "zero_stage": plugin.zero_stage if plugin is not None else None,
+                "steps": steps,
+            },
+            f,
+        )
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
