@@ -9,6 +9,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
+from envs_for_tests import ScriptedFactory  # noqa: E402
+from envs_for_tests import task as scripted_task  # noqa: E402
 from fake_vllm import WORDS, CountdownFactory, CountingBackend, FakeVLLMGeneration, scripted_backend  # noqa: E402
 
 from epo_trl.envs.base import TaskSpec  # noqa: E402
@@ -172,6 +174,65 @@ def test_raising_and_hanging_envs_fail_the_episode_not_the_run(tokenizer):
     engine.run(factory.tasks()[:4], scripted_backend(tokenizer), "step")
     assert all(e.closed for e in factory.made[:before] if e.task.task == "raise")
     assert len(factory.made) >= before
+
+
+def test_raising_project_action_fails_only_its_episode(tokenizer):
+    factory = ScriptedFactory()
+    tasks = [scripted_task("count", 2, 0), scripted_task("project_raise", 2, 1), scripted_task("count", 2, 2)]
+    engine = RolloutEngine(factory, tokenizer, RolloutConfig(max_turns=4, max_turn_tokens=16))
+    try:
+        ok, bad, ok2 = engine.run(tasks, scripted_backend(tokenizer), "step").episodes
+    finally:
+        engine.close()
+    assert ok.won and ok2.won and not bad.won
+    assert bad.failed and "scripted projection failure" in bad.failure
+
+
+@pytest.mark.parametrize(
+    "kind, field",
+    [
+        ("bad_won", "won"),
+        ("bad_reward", "reward"),
+        ("bad_obs", "observation"),
+        ("bad_admissible", "admissible"),
+        ("bad_goal", "goal"),
+        ("bad_info", "info"),
+        ("bad_project", "project_action"),
+    ],
+)
+def test_garbage_from_an_env_fails_its_episode_naming_env_and_field(tokenizer, kind, field):
+    factory = ScriptedFactory()
+    tasks = [scripted_task("count", 1, 0), scripted_task(kind, 1, 1)]
+    engine = RolloutEngine(factory, tokenizer, RolloutConfig(max_turns=3, max_turn_tokens=16))
+    try:
+        ok, bad = engine.run(tasks, scripted_backend(tokenizer), "step").episodes
+    finally:
+        engine.close()
+    assert ok.won and not bad.won and bad.episode_return(engine.config) == 0.0
+    assert bad.failed and "scripted" in bad.failure and field in bad.failure, bad.failure
+
+
+def test_a_hung_env_does_not_keep_the_process_alive(tmp_path):
+    """A rollout whose env never returns ends, and so does the interpreter (no engine.close(), as in a trainer)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+from envs_for_tests import WORDS, ScriptedFactory, task
+from epo_trl.rollout import CallableBackend, RolloutConfig, RolloutEngine
+from epo_trl.testing import build_tokenizer
+
+tok = build_tokenizer(WORDS)
+ids = tok("<action> go </action>", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+engine = RolloutEngine(ScriptedFactory(), tok, RolloutConfig(max_turns=3, step_timeout_s=0.5, num_workers=2))
+result = engine.run([task("hang_forever"), task("count")], CallableBackend(lambda p, n, t: [ids for _ in p]))
+print("failed:", [e.failed for e in result.episodes], flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "failed: [True, False]" in proc.stdout
 
 
 def test_budgets_are_enforced_and_reported(tokenizer):

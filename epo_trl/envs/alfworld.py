@@ -44,10 +44,6 @@ _SOLVABLE_RE = re.compile(r'"solvable"\s*:\s*(true|false)')
 _BANNER = "-= Welcome to TextWorld, ALFRED! =-"
 _GAMES_CACHE: dict[tuple[str, str], list[str]] = {}  # (data root, split) -> game folders relative to the root
 _GAMES_LOCK = threading.Lock()
-# TextWorld parses commands with one module-level parser: two threads stepping games at once corrupt it
-# ("IndexError: pop from empty list"). Engine calls are serialised; throughput does not scale with threads anyway
-# (docs/benchmarks.md), so the lock costs nothing measurable.
-_ENGINE_LOCK = threading.RLock()
 
 
 def _import_textworld():
@@ -109,7 +105,7 @@ def _scan_games(root: str, split: str) -> list[str]:
 
 
 class ALFWorldTextEnv(TextEnv):
-    """One live ALFWorld game engine (in-process TextWorld). Not thread-safe; one per rollout worker."""
+    """One live ALFWorld game engine (in-process TextWorld). Not thread-safe: run envs in worker processes."""
 
     def __init__(self, data_path: str, expert: str | None = None, drop_help: bool = True):
         self.data_path = data_path
@@ -146,9 +142,8 @@ class ALFWorldTextEnv(TextEnv):
                 f"ALFWorld game {task.task!r} not found: no file {game_file}. The task list and the data folder "
                 "disagree; build tasks with the same data_path / ALFWORLD_DATA that the envs use."
             )
-        with _ENGINE_LOCK:
-            self._load(game_file)
-            state = self._env.reset()
+        self._load(game_file)
+        state = self._env.reset()
         self._state = state
         self._done = False
         obs = state.feedback.replace(_BANNER, "").strip()
@@ -164,8 +159,7 @@ class ALFWorldTextEnv(TextEnv):
     def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
         if self._state is None or self._done:
             raise RuntimeError("step() called on a finished (or never started) ALFWorld episode; call reset().")
-        with _ENGINE_LOCK:
-            state, _score, done = self._env.step(action)
+        state, _score, done = self._env.step(action)
         self._state = state
         won = bool(state["won"])
         self._done = bool(done) or won
@@ -221,6 +215,9 @@ class ALFWorldFactory(EnvFactory):
 
     name = "alfworld"
     prompt_header = ALFWORLD_PROMPT_HEADER
+    # TextWorld parses commands with one module-level parser: two threads stepping games at once corrupt it
+    # ("IndexError: pop from empty list"). Envs run in worker processes (one parser each), which also scales.
+    thread_safe = False
 
     def __init__(
         self,

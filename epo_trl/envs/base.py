@@ -10,7 +10,8 @@ rollout engine:
     env.close()                               # release resources, exactly once
 
 `info` carries at least `won` (bool) once the episode is over, and `goal` (the task description) on
-reset. Rewards returned by `step` are the environment's own; the rollout turns episodes into the
+reset. The rollout checks the types (observation str, reward a finite number, done/won real bools, goal str,
+admissible actions a list of str) and fails an episode whose env returns anything else. Rewards returned by `step` are the environment's own; the rollout turns episodes into the
 training return (default 10 x won, plus invalid-action penalties).
 """
 
@@ -89,6 +90,10 @@ class EnvFactory(ABC):
     name: str = "env"
     #: First lines of every turn's prompt: what the agent is and what the world is (paper-style header).
     prompt_header: str = "You are an expert agent operating in a text environment."
+    #: True: separate envs may run concurrently in threads of one process (cheap pure-Python envs); the rollout's
+    #: `env_workers="auto"` then uses threads. False: process-global state or a JVM; envs run in worker processes
+    #: (the factory must then be picklable, i.e. defined in an importable module). See docs/rollouts.md.
+    thread_safe: bool = True
 
     @abstractmethod
     def make(self) -> TextEnv:

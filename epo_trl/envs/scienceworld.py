@@ -341,6 +341,7 @@ class ScienceWorldFactory(EnvFactory):
 
     name = "scienceworld"
     prompt_header = SCIENCEWORLD_PROMPT_HEADER
+    thread_safe = False  # one JVM per env, driven over py4j: worker processes give real parallelism
 
     def __init__(
         self,

@@ -1,7 +1,7 @@
 """The lockstep multi-turn rollout engine.
 
 Every turn, the prompts of all still-active episodes go to the generation backend in ONE batched call; the
-parsed actions are applied to the episodes' environments in parallel (a thread pool, one env per episode);
+parsed actions are applied to the episodes' environments in parallel (threads or worker processes: `workers.py`);
 finished episodes drop out; the loop ends when every episode is done or out of budget. With a `lockstep`
 backend (vLLM server mode, sharded HF models) the loop also keeps every rank making the same calls with the
 same number of prompts, padding with dummy prompts, until no rank has an active episode.
@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..envs.base import EnvFactory, TaskSpec, TextEnv
+from ..envs.base import EnvFactory, TaskSpec
 from .backends import GenerationBackend, RankSync
 from .parsing import ActionParser
 from .prompts import PromptBuilder
+from .workers import WORKER_KINDS, EnvHandle, EnvPool
 
 MODES = ("step", "trajectory")
 
@@ -82,6 +82,12 @@ class RolloutConfig:
         },
     )
     num_workers: int = field(default=8, metadata={"help": "Workers (>= 1) stepping environments in parallel."})
+    env_workers: str = field(
+        default="auto",
+        metadata={
+            "help": "Who runs the envs: 'threads' (in this process; cheap pure-Python envs), 'processes' (worker processes owning their envs; envs that are not thread-safe or hold a JVM) or 'auto' = the factory's `thread_safe` (docs/rollouts.md)."
+        },
+    )
     action_tags: tuple[str, str] = field(
         default=("<action>", "</action>"),
         metadata={"help": "Opening and closing tags around the action in the model's output."},
@@ -104,6 +110,8 @@ class RolloutConfig:
             )
         if self.step_timeout_s <= 0 or self.num_workers < 1:
             raise ValueError("step_timeout_s must be > 0 and num_workers >= 1.")
+        if self.env_workers not in WORKER_KINDS:
+            raise ValueError(f"env_workers={self.env_workers!r}: use one of {WORKER_KINDS}.")
 
 
 @dataclass
@@ -133,7 +141,7 @@ class Episode:
     failed: bool = False
     failure: str | None = None
     truncated: str | None = None  # "turn_limit" | "context" when a budget ended it
-    env: TextEnv | None = None
+    env: EnvHandle | None = None  # its live env, in the pool's threads or worker processes
     # trajectory mode: the single row being built
     prompt_ids: list[int] = field(default_factory=list)
     completion_ids: list[int] = field(default_factory=list)
@@ -168,84 +176,6 @@ class Episode:
         }
 
 
-class EnvPool:
-    """Live environments reused across rollouts, and the worker threads that call them with a timeout.
-
-    A call that raises or runs past `timeout` fails; its env is closed in the background and never reused. A
-    hung call keeps its worker thread (Python cannot kill threads), so the executor is replaced to keep the
-    remaining calls moving; an env that hangs forever also delays interpreter exit — make `step` interruptible.
-    """
-
-    def __init__(self, factory: EnvFactory, num_workers: int = 8, timeout: float = 60.0):
-        self.factory, self.num_workers, self.timeout = factory, num_workers, timeout
-        self.idle: list[TextEnv] = []
-        self.executor = self._new_executor()
-
-    def _new_executor(self) -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(self.num_workers, thread_name_prefix="epo-env")
-
-    def acquire(self) -> TextEnv:
-        return self.idle.pop() if self.idle else self.factory.make()
-
-    def release(self, env: TextEnv) -> None:
-        self.idle.append(env)
-
-    def discard(self, env: TextEnv | None) -> None:
-        if env is not None:
-            # Never block on a broken env: close it on a worker and forget it.
-            self.executor.submit(_quiet_close, env)
-
-    def run(self, calls: Sequence[Callable[[], Any]]) -> list[tuple[bool, Any]]:
-        """Run `calls` concurrently; return (ok, value-or-exception) per call, timeouts as TimeoutError."""
-        results: list[tuple[bool, Any] | None] = [None] * len(calls)
-        started: dict[int, float] = {}
-        pending: dict[Any, int] = {}
-
-        def submit(i: int) -> None:
-            def timed():
-                started[i] = time.monotonic()
-                return calls[i]()
-
-            pending[self.executor.submit(timed)] = i
-
-        for i in range(len(calls)):
-            submit(i)
-        while pending:
-            done, _ = wait(list(pending), timeout=min(self.timeout / 4, 1.0), return_when=FIRST_COMPLETED)
-            for future in done:
-                i = pending.pop(future)
-                error = future.exception()
-                results[i] = (False, error) if error is not None else (True, future.result())
-            now = time.monotonic()
-            hung = [f for f, i in pending.items() if i in started and now - started[i] > self.timeout]
-            if not hung:
-                continue
-            for future in hung:
-                results[pending.pop(future)] = (False, TimeoutError(f"env call exceeded {self.timeout:.1f}s"))
-            # Hung threads keep their workers: move calls that have not started yet to a fresh executor.
-            old, self.executor = self.executor, self._new_executor()
-            requeue = [i for f, i in list(pending.items()) if f.cancel()]
-            for f in [f for f in pending if f.cancelled()]:
-                pending.pop(f)
-            old.shutdown(wait=False)
-            for i in requeue:
-                submit(i)
-        return results  # type: ignore[return-value]
-
-    def close(self) -> None:
-        for env in self.idle:
-            _quiet_close(env)
-        self.idle.clear()
-        self.executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _quiet_close(env: TextEnv) -> None:
-    try:
-        env.close()
-    except Exception:  # noqa: BLE001 - a broken env's close must not break training
-        pass
-
-
 @dataclass
 class RolloutResult:
     episodes: list[Episode]
@@ -266,7 +196,7 @@ class RolloutEngine:
         c = self.config
         self.parser = ActionParser(c.action_tags, c.think_tags, c.require_think, c.require_tags)
         self.prompts = PromptBuilder(tokenizer, factory.prompt_header, self.parser, c.prompt_history_pairs)
-        self.pool = EnvPool(factory, c.num_workers, c.step_timeout_s)
+        self.pool = EnvPool.create(factory, c.num_workers, c.step_timeout_s, c.env_workers)
         # Fallback for backends that declare no EOS ids; trainer backends carry the trainer's `eos_token_ids`.
         eos = tokenizer.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
@@ -289,32 +219,37 @@ class RolloutEngine:
     def _reset_all(self, episodes: list[Episode]) -> None:
         for e in episodes:
             e.env = self.pool.acquire()
-
-        def reset(e: Episode):
-            obs, info = e.env.reset(e.task)
-            return obs, info, e.env.admissible_actions()
-
-        for e, (ok, value) in zip(episodes, self.pool.run([lambda e=e: reset(e) for e in episodes])):
+        for e, (ok, value) in zip(episodes, self.pool.reset([(e.env, e.task) for e in episodes])):
             if not ok:
                 self._fail(e, value)
                 continue
-            obs, info, admissible = value
-            e.observation, e.goal, e.admissible = obs, str(info.get("goal", "")), admissible
+            e.observation, e.goal, e.admissible = value["obs"], value["goal"], value["admissible"]
 
     def _step_all(self, pairs: list[tuple[Episode, str]]) -> None:
-        def step(e: Episode, action: str):
-            obs, _reward, done, info = e.env.step(action)
-            return obs, done, info, None if done else e.env.admissible_actions()
+        """Apply each episode's action text (`project_action`, then `step` if accepted) next to its env.
 
-        outcomes = self.pool.run([lambda e=e, a=a: step(e, a) for e, a in pairs])
-        for (e, _), (ok, value) in zip(pairs, outcomes):
+        A raising `project_action` fails its episode like a raising `step`; one it rejects is an invalid turn.
+        """
+        for (e, _), (ok, value) in zip(pairs, self.pool.act([(e.env, text) for e, text in pairs])):
             if not ok:
                 self._fail(e, value)
                 continue
-            obs, done, info, admissible = value
-            e.observation, e.admissible = obs, admissible
-            if done:
-                e.done, e.won = True, bool(info.get("won", False))
+            turn = e.turns[-1]
+            if value["action"] is None:
+                turn.error = "the env did not accept the action"
+                self._invalid_turn(e)
+                continue
+            turn.action = value["action"]
+            e.history.append((e.observation, turn.action))
+            e.observation, e.admissible = value["obs"], value["admissible"]
+            if value["done"]:
+                e.done, e.won = True, value["won"]
+
+    @staticmethod
+    def _invalid_turn(e: Episode) -> None:
+        """No env step: the agent sees the same observation with a note."""
+        e.history.append((e.observation, "invalid action"))
+        e.observation = f"invalid action . {e.observation.removeprefix('invalid action . ')}"
 
     # ----- prompts -----------------------------------------------------------------------------------------
     def _step_prompt(self, e: Episode) -> list[int] | None:
@@ -404,23 +339,20 @@ class RolloutEngine:
                 lps = list(gen.logprobs[i]) if gen.logprobs is not None else [0.0] * len(ids)
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 parsed = self.parser(text)
-                action = e.env.project_action(parsed.text) if parsed.valid else None
-                error = parsed.error or (None if action else "the env did not accept the action")
                 turn = Turn(
                     prompt_ids=prompts[i] if mode == "step" else [],
                     completion_ids=ids,
                     logprobs=lps,
                     text=text,
-                    action=action,
-                    error=error,
+                    action=None,  # set by _step_all once the env accepts it (`project_action` runs next to the env)
+                    error=parsed.error,
                     hit_token_limit=not ids or ids[-1] not in eos_ids,
                 )
                 e.turns.append(turn)
-                e.history.append((e.observation, action or "invalid action"))
-                if action is not None:
-                    to_step.append((e, action))
-                else:  # no env step: the agent sees the same observation with a note
-                    e.observation = f"invalid action . {e.observation.removeprefix('invalid action . ')}"
+                if parsed.valid:
+                    to_step.append((e, parsed.text))
+                else:
+                    self._invalid_turn(e)
             t0 = time.perf_counter()
             if to_step:
                 self._step_all(to_step)

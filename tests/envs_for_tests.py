@@ -1,0 +1,80 @@
+"""Scripted environments for the env-isolation tests (picklable: they also run inside worker processes).
+
+`ScriptedEnv` counts down `task.variation` valid steps to a win. The task name picks a misbehaviour:
+
+    count           a well-behaved env
+    raise           step raises                      hang       step sleeps `HANG_S`
+    hang_forever    step never returns (an hour)     die        step kills its own process (worker mode only)
+    project_raise   project_action raises            reset_raise  reset raises
+    bad_<field>     returns garbage in <field>: won, reward, obs, admissible, goal, info, project
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from epo_trl.envs.base import EnvFactory, TaskSpec, TextEnv
+
+HANG_S = 3.0
+WORDS = ["count", "zero", "won", "down", "go", "reach", "ok"]
+
+
+class ScriptedEnv(TextEnv):
+    def reset(self, task: TaskSpec):
+        self.task, self.left = task, task.variation
+        if task.task == "reset_raise":
+            raise RuntimeError("scripted reset failure")
+        goal = 42 if task.task == "bad_goal" else "reach zero"
+        return f"count {self.left}", {"goal": goal}
+
+    def admissible_actions(self):
+        return ["go", 7] if self.task.task == "bad_admissible" else ["go"]
+
+    def project_action(self, action: str):
+        if self.task.task == "project_raise":
+            raise ValueError("scripted projection failure")
+        if self.task.task == "bad_project":
+            return 3
+        return super().project_action(action)
+
+    def step(self, action: str):
+        kind = self.task.task
+        if kind == "raise":
+            raise RuntimeError("scripted env failure")
+        if kind == "hang":
+            time.sleep(HANG_S)
+        if kind == "hang_forever":
+            time.sleep(3600)
+        if kind == "die":
+            os._exit(3)
+        self.left -= 1
+        done = self.left <= 0
+        obs = "won" if done else f"count {self.left}"
+        info = {"won": done}
+        if kind == "bad_won":
+            info = {"won": "false"}  # a truthy string: must not count as a win
+            done = True
+        elif kind == "bad_reward":
+            return obs, "1.0", done, info
+        elif kind == "bad_obs":
+            return None, 0.0, done, info
+        elif kind == "bad_info":
+            info = ["won"]
+        return obs, float(done), done, info
+
+
+class ScriptedFactory(EnvFactory):
+    name = "scripted"
+    prompt_header = "you count down to zero ."
+    thread_safe = True
+
+    def make(self) -> ScriptedEnv:
+        return ScriptedEnv()
+
+    def tasks(self, split: str = "train") -> list[TaskSpec]:
+        return [TaskSpec("scripted", "count", n, seed) for seed, n in enumerate([1, 2, 3, 4, 1, 2, 3, 4])]
+
+
+def task(kind: str, turns: int = 2, seed: int = 0) -> TaskSpec:
+    return TaskSpec("scripted", kind, turns, seed)
