@@ -2,9 +2,11 @@
 
     epo-trl eval --model runs/maze-epo/checkpoint-20 --env maze --split valid_unseen --k 4 --output eval.json
 
-Flags are `--field value` for the fields of `EvalArguments` and of `RolloutConfig` (budgets, temperature).
-Episodes are played by the same rollout engine as training: vLLM when installed with a GPU, HF `generate`
-otherwise (`--backend hf|vllm|auto`).
+Flags are `--field value` for the fields of `EvalArguments` and of `RolloutConfig` (budgets, temperature), parsed
+like `epo-trl train` (TRL's parser; `--config FILE` works). Episodes are played by the same rollout engine as
+training: vLLM when installed with a GPU, HF `generate` otherwise (`--backend hf|vllm|auto`). With `--output`, the
+JSON is rewritten after every batch of `--batch_size` episodes, so Ctrl-C keeps every finished batch and prints
+the table so far.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import os
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
+from .cli import ConfigParser, check_model_reference, read_config_file, split_config_path
 from .envs import EnvFactory, TaskSpec, make_factory
+from .errors import UsageError, require_module, user_errors
 from .rollout import HFBackend, RolloutConfig, run_episodes
-from .train import _tuples, parse_overrides, split_fields
+
+FAST_LIMIT = 4  # EPO_TRL_DOCS_FAST=1 (see epo_trl.train.FAST_ENV): evaluate at most this many tasks
 
 
 @dataclass
@@ -29,10 +34,15 @@ class EvalArguments:
     env: str = field(default="maze", metadata={"help": "Registered environment name."})
     env_kwargs: dict = field(default_factory=dict, metadata={"help": "Keyword options of the env factory."})
     split: str = field(default="valid_seen", metadata={"help": "Task split to evaluate on."})
-    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N tasks."})
+    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N tasks (>= 1)."})
     k: int = field(default=1, metadata={"help": "Samples per task (pass@k)."})
-    mode: str = field(default="step", metadata={"help": "Prompt layout: 'step' or 'trajectory'."})
-    backend: str = field(default="auto", metadata={"help": "'auto' (vLLM if installed with a GPU), 'hf', 'vllm'."})
+    mode: str = field(
+        default="step", metadata={"help": "Prompt layout: 'step' or 'trajectory'.", "choices": ["step", "trajectory"]}
+    )
+    backend: str = field(
+        default="auto",
+        metadata={"help": "'auto' (vLLM if installed with a GPU), 'hf', 'vllm'.", "choices": ["auto", "hf", "vllm"]},
+    )
     batch_size: int = field(default=64, metadata={"help": "Episodes played in lockstep at once."})
     output: str | None = field(default=None, metadata={"help": "JSON file for the summary and every episode."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
@@ -47,6 +57,10 @@ class EvalArguments:
     def __post_init__(self):
         if self.k < 1 or self.batch_size < 1:
             raise ValueError(f"k ({self.k}) and batch_size ({self.batch_size}) must be >= 1.")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit={self.limit}: evaluate at least 1 task (or leave limit unset for all).")
+        if self.mode not in ("step", "trajectory"):
+            raise ValueError(f"Invalid mode={self.mode!r}: use 'step' or 'trajectory'.")
         if self.backend not in ("auto", "hf", "vllm"):
             raise ValueError(f"Invalid backend={self.backend!r}: use 'auto', 'hf' or 'vllm'.")
 
@@ -78,6 +92,8 @@ def summarize(records: Sequence[dict[str, Any]], factory: EnvFactory, k: int) ->
             "failed": sum(bool(r["failed"]) for r in recs),
         }
 
+    if not records:
+        raise ValueError("No episode to summarise.")
     summary = {"tasks": len(by_task), "k": k, **stats(list(records))}
     summary[f"pass@{k}"] = sum(pass_at_k(len(v), sum(r["won"] for r in v), k) for v in by_task.values()) / len(by_task)
     summary["per_type"] = {t: stats(v) for t, v in sorted(by_type.items())}
@@ -94,8 +110,10 @@ def evaluate(
     mode: str = "step",
     batch_size: int = 64,
     progress: bool = True,
+    on_batch=None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Play every task k times (lockstep batches of `batch_size` episodes); return (summary, records)."""
+    """Play every task k times (lockstep batches of `batch_size` episodes); return (summary, records).
+    `on_batch(records)` is called with all records so far after every batch (streaming, Ctrl-C safety)."""
     from tqdm.auto import tqdm
 
     episodes = [t for t in tasks for _ in range(k)]
@@ -105,6 +123,8 @@ def evaluate(
             chunk = episodes[start : start + batch_size]
             records.extend(run_episodes(backend, factory, chunk, tokenizer, config, mode))
             bar.update(len(chunk))
+            if on_batch is not None:
+                on_batch(records)
     return summarize(records, factory, k), records
 
 
@@ -172,37 +192,89 @@ def make_backend(args: EvalArguments, temperature: float):
     return HFBackend(model, AutoTokenizer.from_pretrained(args.model), temperature=temperature)
 
 
+def eval_parser() -> ConfigParser:
+    return ConfigParser([EvalArguments, RolloutConfig], "epo-trl eval")
+
+
+def parse_args(argv: list[str]) -> tuple[EvalArguments, RolloutConfig]:
+    """Flags (and an optional YAML file) -> (EvalArguments, RolloutConfig); mistakes raise `UsageError`."""
+    path, argv = split_config_path(argv)
+    parser = eval_parser()
+    values, _ = parser.parse(argv, read_config_file(path), path)
+    if not values["model"]:
+        raise UsageError(
+            "--model is required.", "fix: --model runs/maze-epo (a model or checkpoint folder, or hub id)."
+        )
+    check_model_reference(values["model"], "model")
+    if values["backend"] == "vllm":
+        require_module("vllm", "--backend vllm", 'pip install "epo-trl[vllm]" (a CUDA machine), or --backend hf')
+    from .train import fast_mode
+
+    if fast_mode() and (values["limit"] is None or values["limit"] > FAST_LIMIT):
+        print(f"epo-trl eval: EPO_TRL_DOCS_FAST=1: limit {values['limit']} -> {FAST_LIMIT}")
+        values["limit"] = FAST_LIMIT
+    args, config = parser.build(values)
+    return args, config
+
+
+def write_json(path: str, summary: dict | None, args: EvalArguments, records: list[dict], complete: bool) -> None:
+    """Write atomically: an interrupt during the write leaves the previous complete file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    data = {"summary": summary, "complete": complete, "args": vars(args), "episodes": records}
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv or "-h" in argv or "--help" in argv:
         print(__doc__)
-        for cls in (EvalArguments, RolloutConfig):
-            for f in fields(cls):
-                print(f"  --{f.name}  {f.metadata.get('help', '')}")
+        print(eval_parser().format_help())
         return 0 if argv else 2
-    parts = split_fields(parse_overrides(argv), {"eval": EvalArguments, "rollout": RolloutConfig})
-    args, config = EvalArguments(**parts["eval"]), RolloutConfig(**_tuples(parts["rollout"]))
-    if not args.model or not os.path.exists(args.model) and "/" not in args.model:
-        raise ValueError(f"--model {args.model!r}: pass a model folder, a training checkpoint folder or a hub id.")
+    args, config = parse_args(argv)
     import torch
     from transformers import AutoTokenizer
 
     torch.manual_seed(args.seed)
-    factory = make_factory(args.env, **args.env_kwargs)
-    tasks = factory.tasks(args.split)[: args.limit]
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if args.policy:
-        import importlib
+    with user_errors(f"env {args.env!r}"):
+        factory = make_factory(args.env, **args.env_kwargs)
+        tasks = factory.tasks(args.split)[: args.limit]
+        if not tasks:
+            raise ValueError(f"no tasks in split {args.split!r}.")
+    with user_errors(f"model {args.model!r}"):
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        if args.policy:
+            import importlib
 
-        module, _, name = args.policy.partition(":")
-        backend = getattr(importlib.import_module(module), name)(factory, tokenizer)
-    else:
-        backend = make_backend(args, config.temperature if config.temperature is not None else 1.0)
-    summary, records = evaluate(backend, factory, tasks, tokenizer, config, args.k, args.mode, args.batch_size)
+            module, _, name = args.policy.partition(":")
+            backend = getattr(importlib.import_module(module), name)(factory, tokenizer)
+        else:
+            backend = make_backend(args, config.temperature if config.temperature is not None else 1.0)
+    done: list[dict[str, Any]] = []
+
+    def stream(records: list[dict[str, Any]]) -> None:
+        done[:] = records
+        if args.output:
+            write_json(args.output, summarize(records, factory, args.k), args, records, complete=False)
+
+    try:
+        summary, records = evaluate(
+            backend, factory, tasks, tokenizer, config, args.k, args.mode, args.batch_size, on_batch=stream
+        )
+    except KeyboardInterrupt:
+        if not done:
+            print("\nepo-trl eval: interrupted before the first batch finished; nothing to report.", file=sys.stderr)
+            return 130
+        summary = summarize(done, factory, args.k)
+        print(f"\ninterrupted: {len(done)} of {len(tasks) * args.k} episodes finished")
+        print(format_table(summary))
+        if args.output:
+            write_json(args.output, summary, args, done, complete=False)
+            print(f"wrote {args.output} (partial)")
+        return 130
     print(format_table(summary))
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump({"summary": summary, "args": vars(args), "episodes": records}, f, indent=1, default=str)
+        write_json(args.output, summary, args, records, complete=True)
         print(f"wrote {args.output}")
     return 0

@@ -95,7 +95,9 @@ def write_run_plots(
         ax = fig.add_subplot()
         if kappa_high is not None:
             low = [(kappa_low or 0.0) * r for r in ref]
-            ax.fill_between(ref_steps, low, [kappa_high * r for r in ref], alpha=0.15, label="band κ_low..κ_high × ref")
+            ax.fill_between(
+                ref_steps, low, [kappa_high * r for r in ref], alpha=0.15, label="band κ_low..κ_high × ref"
+            )
         ax.plot(ref_steps, ref, color="black", linestyle="--", label="reference H_ref (mean over turns)")
         for key, label in (
             ("entropy", "current (token mean)"),

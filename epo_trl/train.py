@@ -1,45 +1,74 @@
 """`epo-trl train CONFIG.yaml [--field value ...]`: train an agent on an environment from one YAML file.
 
-One flat YAML holds script fields (model, env, algorithm), rollout fields (`RolloutConfig`) and trainer
-fields (`EPOConfig` / `GRPOConfig`); `--field value` flags override it (values are parsed as YAML, so
-`--max_steps 10`, `--smoothing false`, `--env_kwargs '{size: 4}'` work). Unknown keys are an error that
-names the closest valid key. `--algo grpo|epo|epo-base|aepo` picks the method; everything else is shared,
-so baselines differ only in the loss.
+One flat YAML file (the first argument, or `--config FILE` as with `trl grpo`) holds the script fields below,
+the rollout fields (`RolloutConfig`) and the trainer fields (`EPOConfig` / `AEPOConfig`, i.e. every
+`GRPOConfig` field); `--field value` flags override it. Parsing is TRL's `TrlParser` (epo_trl.cli): flags are
+typed by their field, a misspelled key names the closest valid one, mistakes exit with status 2 and one line.
+`--algo grpo|epo|epo-base|aepo` picks the method; everything else is shared, so baselines differ only in the
+loss. `--tasks_per_step` fixes the episodes per optimizer step over all processes (see docs/configuration.md).
 """
 
 from __future__ import annotations
 
-import difflib
+import json
 import os
-import re
 import sys
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import yaml
-
+from .cli import (
+    DEFAULT,
+    FILE,
+    FLAG,
+    ConfigParser,
+    check_model_reference,
+    flag_value,
+    read_config_file,
+    split_config_path,
+)
+from .errors import UsageError, require_module, user_errors
 from .rollout import RolloutConfig
 
 ALGOS = ("grpo", "epo", "epo-base", "aepo")
 TINY_MODEL = "builtin-tiny"
+# Documented in docs/configuration.md: caps long runs so every command in the docs runs in CI.
+FAST_ENV = "EPO_TRL_DOCS_FAST"
+FAST_CAPS = {"max_steps": 2, "warmstart_steps": 10}
 
 
 @dataclass
 class ScriptArguments:
     """Fields of the run that are neither rollout nor trainer settings."""
 
-    algo: str = field(default="epo", metadata={"help": f"Method: one of {ALGOS}."})
+    algo: str = field(default="epo", metadata={"help": "Method.", "choices": list(ALGOS)})
     model_name_or_path: str = field(
         default=TINY_MODEL,
-        metadata={"help": f"Model path or hub id; {TINY_MODEL!r} builds an offline tiny model covering the env."},
+        metadata={
+            "help": f"Model folder or hub id; {TINY_MODEL!r} builds an offline tiny model covering the env's words."
+        },
     )
     env: str = field(default="maze", metadata={"help": "Registered environment name (epo_trl.envs.ENV_REGISTRY)."})
-    env_kwargs: dict = field(default_factory=dict, metadata={"help": "Keyword options of the env factory."})
+    env_kwargs: dict = field(
+        default_factory=dict,
+        metadata={"help": "Keyword options of the env factory, a YAML mapping: --env_kwargs '{size: 4}'."},
+    )
     train_split: str = field(default="train", metadata={"help": "Task split to train on."})
     task_limit: int | None = field(default=None, metadata={"help": "Use only the first N tasks of the split."})
-    rollout_mode: str = field(default="step", metadata={"help": "'step' (one row per turn) or 'trajectory'."})
-    resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "Checkpoint folder to resume from, or 'true' for the latest in output_dir."}
+    rollout_mode: str = field(
+        default="step",
+        metadata={
+            "help": "'step' (one row per turn, the paper's setup) or 'trajectory'.",
+            "choices": ["step", "trajectory"],
+        },
+    )
+    tasks_per_step: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tasks (GRPO groups) per optimizer step over ALL processes: episodes per step = tasks_per_step x "
+            "num_generations, split evenly over processes x gradient_accumulation_steps to set "
+            "per_device_train_batch_size (a split that is not even is an error). None = per_device_train_batch_size "
+            "as given (TRL's per-process meaning)."
+        },
     )
     tiny_hidden_size: int = field(default=32, metadata={"help": f"Hidden size of the {TINY_MODEL!r} model."})
     warmstart_steps: int = field(
@@ -55,15 +84,23 @@ class ScriptArguments:
             raise ValueError(f"Invalid algo={self.algo!r}: must be one of {ALGOS}.")
         if self.rollout_mode not in ("step", "trajectory"):
             raise ValueError(f"Invalid rollout_mode={self.rollout_mode!r}: must be 'step' or 'trajectory'.")
+        if self.tasks_per_step is not None and self.tasks_per_step < 1:
+            raise ValueError(f"tasks_per_step={self.tasks_per_step} must be >= 1 (or unset).")
 
 
-# What each algorithm pins (everything else comes from the YAML / flags).
+# What each algorithm pins. A pinned key set with equal or more precedence than `algo` itself (a flag, or
+# the same file as `algo`) is a conflict and an error; one inherited from a file under `--algo` yields.
 ALGO_OVERRIDES: dict[str, dict[str, Any]] = {
     "grpo": {"entropy_coef": 0.0, "smoothing": False},  # EPOTrainer with EPO off == GRPOTrainer (tested)
     "epo-base": {"smoothing": False},
     "epo": {},
     "aepo": {},
 }
+_PRECEDENCE = {FLAG: 2, FILE: 1, DEFAULT: 0}
+
+# Keys two configs define, kept off the command line (each key must route to one config): the rollout's
+# temperature must equal the trainer's anyway, so the CLI sets only the trainer's `temperature`.
+HIDDEN_ROLLOUT_FIELDS = {"temperature": "the rollout samples at the trainer's `temperature`"}
 
 
 def trainer_classes(algo: str):
@@ -76,80 +113,183 @@ def trainer_classes(algo: str):
     return EPOConfig, EPOTrainer
 
 
-# YAML 1.1 reads `1e-2` (no dot) as a string; every user writes learning rates that way.
-_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+def config_parser(algo: str, prog: str = "epo-trl train") -> ConfigParser:
+    """The parser over (ScriptArguments, RolloutConfig, the algorithm's config)."""
+    config_cls, _ = trainer_classes(algo)
+    aepo_only = {}
+    if algo != "aepo":
+        from .aepo import AEPOConfig
+
+        own = {f.name for f in fields(config_cls)}
+        aepo_only = {f.name: "an AEPO field: use --algo aepo" for f in fields(AEPOConfig) if f.name not in own}
+    return ConfigParser(
+        [ScriptArguments, RolloutConfig, config_cls],
+        prog,
+        hidden={RolloutConfig: HIDDEN_ROLLOUT_FIELDS},
+        extra_known=aepo_only,
+    )
 
 
-def _yaml_value(value: Any) -> Any:
-    if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
-        return float(value)
+def apply_algo_presets(values: dict[str, Any], sources: dict[str, str]) -> list[str]:
+    """Pin the algorithm's fields in `values`; return notes for values it replaced (or raise on a conflict)."""
+    algo, notes = values["algo"], []
+    for key, pinned in ALGO_OVERRIDES[algo].items():
+        if values[key] == pinned:
+            continue
+        where = "on the command line" if sources[key] == FLAG else "in the config file"
+        if _PRECEDENCE[sources[key]] >= _PRECEDENCE[sources["algo"]] and sources[key] != DEFAULT:
+            raise UsageError(
+                f"algo={algo} pins {key}={pinned!r}, but {key}={values[key]!r} is set {where}.",
+                f"fix: drop {key}, or pick the algorithm that uses it (epo-base: entropy bonus only; epo: bonus + "
+                "smoothing).",
+            )
+        if sources[key] != DEFAULT:
+            notes.append(f"--algo {algo} sets {key}={pinned!r} (the config file had {values[key]!r})")
+        values[key] = pinned
+    return notes
+
+
+def world_size() -> int:
+    """Processes of this launch (accelerate/torchrun export WORLD_SIZE), read before any config builds state."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def derive_batch(values: dict[str, Any], sources: dict[str, str], notes: list[str]) -> None:
+    """Global batch semantics: tasks_per_step x num_generations episodes per optimizer step, on any world size.
+
+    tasks_per_step and per_device_train_batch_size set at the same level (both flags, or both in the file)
+    conflict; otherwise the more explicit one wins (a flag over the file), with a note."""
+    tasks = values.get("tasks_per_step")
+    if tasks is None:
+        return
+    per_device_source = sources["per_device_train_batch_size"]
+    if per_device_source != DEFAULT:
+        if _PRECEDENCE[per_device_source] == _PRECEDENCE[sources["tasks_per_step"]]:
+            raise UsageError(
+                f"both tasks_per_step={tasks} and per_device_train_batch_size="
+                f"{values['per_device_train_batch_size']} are set.",
+                "fix: set one: tasks_per_step (global, what recipes use) or per_device_train_batch_size (per process).",
+            )
+        if _PRECEDENCE[per_device_source] > _PRECEDENCE[sources["tasks_per_step"]]:
+            notes.append(
+                f"per_device_train_batch_size={values['per_device_train_batch_size']} replaces tasks_per_step"
+            )
+            values["tasks_per_step"] = None
+            return
+    group, accum, world = values["num_generations"], values["gradient_accumulation_steps"], world_size()
+    episodes = tasks * group
+    if episodes % (world * accum):
+        options = [n for n in range(1, episodes + 1) if episodes % n == 0]
+        raise UsageError(
+            f"tasks_per_step={tasks} x num_generations={group} = {episodes} episodes per step cannot be split evenly "
+            f"over {world} processes x gradient_accumulation_steps={accum}.",
+            f"fix: launch a number of processes x accumulation steps in {options}, or change tasks_per_step.",
+        )
+    values["per_device_train_batch_size"] = episodes // (world * accum)
+
+
+def resolve_resume(value: str | None, output_dir: str) -> str | None:
+    """`resume_from_checkpoint`: None/false, `true` (latest checkpoint-* in output_dir) or a folder; checked now,
+    before the model is built, so a typo cannot restart at step 0 and overwrite the run's checkpoints."""
+    if value is None or str(value).lower() in ("", "false", "none", "no"):
+        return None
+    if str(value).lower() in ("true", "yes", "latest"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise UsageError(
+                f"resume_from_checkpoint=true: no checkpoint-* folder in output_dir={output_dir!r}.",
+                "fix: pass the checkpoint folder, or the output_dir of the run to resume.",
+            )
+        return last
+    if not os.path.isdir(value):
+        raise UsageError(f"resume_from_checkpoint={value!r}: no such checkpoint folder.")
+    if not os.path.exists(os.path.join(value, "trainer_state.json")):
+        raise UsageError(f"resume_from_checkpoint={value!r} is not a training checkpoint (no trainer_state.json).")
     return value
 
 
-def parse_overrides(argv: list[str]) -> dict[str, Any]:
-    """`--key value` / `--key=value` pairs -> dict, values parsed as YAML scalars/collections."""
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ValueError(f"Unexpected argument {arg!r}: flags look like --field value.")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                value = "true"  # a bare flag is a boolean switch
-            else:
-                i += 1
-                value = argv[i]
-        out[key.replace("-", "_")] = _yaml_value(yaml.safe_load(value))
-        i += 1
-    return out
+def check_optional_dependencies(values: dict[str, Any]) -> None:
+    if values.get("use_vllm"):
+        require_module("vllm", "use_vllm=true", 'pip install "epo-trl[vllm]" (a CUDA machine), or --use_vllm false')
+    ds = values.get("deepspeed")
+    if ds:
+        require_module("deepspeed", f"deepspeed={ds}", 'pip install "epo-trl[deepspeed]", or drop --deepspeed')
+        if isinstance(ds, str) and not ds.lstrip().startswith("{") and not os.path.isfile(ds):
+            raise UsageError(f"deepspeed={ds!r}: no such DeepSpeed config file.")
 
 
-def split_fields(values: dict[str, Any], groups: dict[str, type]) -> dict[str, dict[str, Any]]:
-    """Route each key to the dataclass that owns it; unknown keys raise with the closest valid name."""
-    owners = {f.name: name for name, cls in groups.items() for f in fields(cls) if f.init}
-    out: dict[str, dict[str, Any]] = {name: {} for name in groups}
-    unknown = [k for k in values if k not in owners]
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, owners, n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(f"Unknown config key(s): {', '.join(hints)}. Run `epo-trl train --help` for the fields.")
-    for key, value in values.items():
-        out[owners[key]][key] = value
-    return out
+def check_env_name(name: str) -> None:
+    import difflib
+
+    from .envs import ENV_REGISTRY
+
+    if name not in ENV_REGISTRY:
+        close = difflib.get_close_matches(name, ENV_REGISTRY, n=1)
+        raise UsageError(
+            f"env={name!r} is not a registered environment" + (f" (did you mean {close[0]!r}?)." if close else "."),
+            f"fix: use one of {', '.join(sorted(ENV_REGISTRY))}, or register yours in epo_trl.envs.ENV_REGISTRY.",
+        )
 
 
-def load_config(argv: list[str]):
-    """Parse `CONFIG.yaml [--field value ...]` into (ScriptArguments, RolloutConfig, trainer config)."""
-    values: dict[str, Any] = {}
-    if argv and not argv[0].startswith("--"):
-        path, argv = argv[0], argv[1:]
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"Config file {path!r} not found.")
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of field: value at the top level.")
-        values = {k: _yaml_value(v) for k, v in values.items()}
-    values.update(parse_overrides(argv))
-    algo = values.get("algo", "epo")
+def fast_mode() -> bool:
+    return os.environ.get(FAST_ENV, "").lower() in ("1", "true", "yes")
+
+
+def load_config(argv: list[str], notes: list[str] | None = None):
+    """Parse `[CONFIG.yaml | --config CONFIG.yaml] [--field value ...]` into (ScriptArguments, RolloutConfig,
+    trainer config). Every mistake raises `UsageError` before a model is built."""
+    notes = [] if notes is None else notes
+    path, argv = split_config_path(argv)
+    file_values = read_config_file(path)
+    algo = flag_value(argv, "algo") or file_values.get("algo", "epo")
     if algo not in ALGOS:
-        raise ValueError(f"Invalid algo={algo!r}: must be one of {ALGOS}.")
-    config_cls, _ = trainer_classes(algo)
-    parts = split_fields(values, {"script": ScriptArguments, "rollout": RolloutConfig, "trainer": config_cls})
-    script = ScriptArguments(**parts["script"])
-    rollout = RolloutConfig(**_tuples(parts["rollout"]))
-    trainer_kwargs = {**parts["trainer"], **ALGO_OVERRIDES[algo]}
-    trainer_kwargs.setdefault("output_dir", os.path.join("runs", f"{script.env}-{algo}"))
-    return script, rollout, config_cls(**trainer_kwargs)
+        raise UsageError(f"algo={algo!r} is not a method here.", f"fix: use one of {', '.join(ALGOS)}.")
+    parser = config_parser(algo)
+    values, sources = parser.parse(argv, file_values, path)
+    notes += apply_algo_presets(values, sources)
+    if sources["output_dir"] == DEFAULT:
+        values["output_dir"] = os.path.join("runs", f"{values['env']}-{algo}")
+    if fast_mode():
+        for key, cap in FAST_CAPS.items():
+            if values[key] > cap or (key == "max_steps" and values[key] < 0):
+                notes.append(f"{FAST_ENV}=1: {key} {values[key]} -> {cap}")
+                values[key] = cap
+    derive_batch(values, sources, notes)
+    check_env_name(values["env"])
+    check_model_reference(values["model_name_or_path"], "model_name_or_path")
+    check_optional_dependencies(values)
+    values["resume_from_checkpoint"] = resolve_resume(values["resume_from_checkpoint"], values["output_dir"])
+    script, rollout, args = parser.build(values)
+    return script, rollout, args
 
 
-def _tuples(kwargs: dict[str, Any]) -> dict[str, Any]:
-    # YAML has no tuples; RolloutConfig's tag pairs are tuples.
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+def describe(script: ScriptArguments, args) -> list[str]:
+    """The resolved numbers of the run, printed at start."""
+    world, accum = max(args.world_size, 1), args.gradient_accumulation_steps
+    episodes = args.per_device_train_batch_size * world * accum
+    lines = [
+        f"algo {script.algo} | env {script.env} ({script.train_split}) | model {script.model_name_or_path} | "
+        f"rollout {script.rollout_mode}",
+        f"batch: {episodes} episodes per optimizer step = {episodes // args.num_generations} tasks x "
+        f"{args.num_generations} generations = {world} process(es) x {args.per_device_train_batch_size} episodes x "
+        f"{accum} accumulation step(s)",
+        f"max_steps {args.max_steps} | learning_rate {args.learning_rate:g} ({getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}) | "
+        f"temperature {args.temperature:g} | output_dir {args.output_dir}",
+    ]
+    if args.entropy_coef or args.smoothing:
+        band = "off"
+        if args.smoothing:
+            window = args.entropy_history_window or "cumulative"
+            band = (
+                f"coef {args.smoothing_coef:g}, kappa [{args.smoothing_kappa_low:g}, {args.smoothing_kappa_high:g}], "
+                f"entropy_history_window {window}, schedule {args.entropy_schedule}"
+            )
+        lines.append(f"EPO: entropy_coef {args.entropy_coef:g} | smoothing {band}")
+    if args.resume_from_checkpoint:
+        lines.append(f"resuming from {args.resume_from_checkpoint}")
+    return lines
 
 
 def resolve_model(script: ScriptArguments, factory, output_dir: str, rollout_config: RolloutConfig) -> str:
@@ -178,40 +318,109 @@ def resolve_model(script: ScriptArguments, factory, output_dir: str, rollout_con
     return path
 
 
-def build_trainer(script: ScriptArguments, rollout_config: RolloutConfig, args):
+def preflight(factory) -> None:
+    """Make and close one env before the model loads: a missing runtime (Java, game files) fails here, in one
+    line, not in a rollout worker (where it would count as failed episodes)."""
+    env = factory.make()
+    close = getattr(env, "close", None)
+    if close is not None:
+        close()
+
+
+def build_trainer(script: ScriptArguments, rollout_config: RolloutConfig, args, callbacks=None):
     from .envs import make_factory, task_dataset
     from .rollout import StepRollout, TrajectoryRollout, episode_return_reward
 
-    factory = make_factory(script.env, **script.env_kwargs)
-    dataset = task_dataset(factory, script.train_split, script.task_limit)
+    with user_errors(f"env {script.env!r}"):
+        factory = make_factory(script.env, **script.env_kwargs)
+        dataset = task_dataset(factory, script.train_split, script.task_limit)
+        preflight(factory)
     rollout_cls = StepRollout if script.rollout_mode == "step" else TrajectoryRollout
     rollout = rollout_cls(factory, rollout_config)
     _, trainer_cls = trainer_classes(script.algo)
-    model = resolve_model(script, factory, args.output_dir, rollout_config)
-    return trainer_cls(model, [episode_return_reward], args=args, train_dataset=dataset, rollout_func=rollout)
+    with user_errors("model"):
+        model = resolve_model(script, factory, args.output_dir, rollout_config)
+    return trainer_cls(
+        model, [episode_return_reward], args=args, train_dataset=dataset, rollout_func=rollout, callbacks=callbacks
+    )
 
 
-def print_help(config_cls) -> None:
-    print(__doc__)
-    for title, cls in (("script", ScriptArguments), ("rollout", RolloutConfig), ("trainer", config_cls)):
-        print(f"\n[{title} fields: {cls.__name__}]")
-        for f in fields(cls):
-            if f.init:
-                print(f"  --{f.name}  {f.metadata.get('help', '')}"[:160])
+def _jsonl_callback(path: str):
+    from transformers import TrainerCallback
+
+    class JsonlLog(TrainerCallback):
+        """Append every log to `logs.jsonl` with its step (a resumed run continues the file)."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and logs:
+                with open(path, "a") as f:
+                    f.write(json.dumps({"step": state.global_step, **logs}, default=float) + "\n")
+
+    return JsonlLog()
+
+
+def last_values(log_history: list[dict]) -> dict[str, float]:
+    """The last logged value of every metric."""
+    out: dict[str, float] = {}
+    for entry in log_history:
+        out.update({k: v for k, v in entry.items() if isinstance(v, (int, float))})
+    return out
+
+
+def write_outputs(trainer, script: ScriptArguments, train_metrics: dict) -> list[str]:
+    """`final_metrics.json` and the plots (epo_trl.plots) in the run folder; returns the files written."""
+    from .plots import write_run_plots
+
+    args, history = trainer.args, trainer.state.log_history
+    smoothing = getattr(args, "smoothing", False)
+    plots = write_run_plots(
+        history,
+        args.output_dir,
+        kappa_low=args.smoothing_kappa_low if smoothing else None,
+        kappa_high=args.smoothing_kappa_high if smoothing else None,
+    )
+    path = os.path.join(args.output_dir, "final_metrics.json")
+    summary = {
+        "algo": script.algo,
+        "env": script.env,
+        "model": script.model_name_or_path,
+        "global_step": trainer.state.global_step,
+        "episodes_per_step": args.per_device_train_batch_size
+        * max(args.world_size, 1)
+        * args.gradient_accumulation_steps,
+        "train": train_metrics,
+        "last": last_values(history),
+        "plots": [os.path.basename(p) for p in plots],
+    }
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=1, default=float)
+    return [path, *plots]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print_help(trainer_classes("epo")[0])
+    if not argv or argv[0] in ("-h", "--help") or "--help" in argv or "-h" in argv:
+        path, rest = split_config_path([a for a in argv if a not in ("-h", "--help")])
+        print(__doc__)
+        print(config_parser(flag_value(rest, "algo") or "epo").format_help())
         return 0 if argv else 2
-    script, rollout_config, args = load_config(argv)
-    trainer = build_trainer(script, rollout_config, args)
-    resume = script.resume_from_checkpoint
-    resume = True if str(resume).lower() == "true" else resume
+    notes: list[str] = []
+    script, rollout_config, args = load_config(argv, notes)
+    main_process = args.process_index == 0
+    if main_process:
+        print("\n".join(f"epo-trl train: {line}" for line in [*notes, *describe(script, args)]), flush=True)
+    trainer = build_trainer(
+        script, rollout_config, args, callbacks=[_jsonl_callback(os.path.join(args.output_dir, "logs.jsonl"))]
+    )
     try:
-        trainer.train(resume_from_checkpoint=resume)
+        output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
         trainer.save_model(args.output_dir)
     finally:
         trainer.rollout_func.close()
+    if trainer.is_world_process_zero():
+        written = write_outputs(trainer, script, output.metrics)
+        from .plots import plots_available
+
+        extra = "" if plots_available() else ' (no plots: pip install "epo-trl[plots]")'
+        print(f"epo-trl train: wrote {', '.join(written)}{extra}", flush=True)
     return 0
