@@ -1,0 +1,136 @@
+"""The GPU training path, driven end to end on CPU: real EPOTrainer / AEPOTrainer steps through TRL 1.16's real
+`VLLMGeneration` over the vLLM stand-in (tests/vllm_standin.py), whose engine samples from the weights TRL pushed.
+
+For every generate call we know the optimizer step it served and the weights vLLM held at that moment; they must be
+the trainer's weights after exactly that many optimizer steps (sync once per step, before its first generate).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from transformers import TrainerCallback
+from vllm_standin import model_checksums, vllm_standin
+
+from epo_trl import EPOConfig, EPOTrainer
+from epo_trl.aepo import AEPOConfig, AEPOTrainer
+from epo_trl.envs import task_dataset
+from epo_trl.envs.maze import MazeFactory
+from epo_trl.rollout import RolloutConfig, StepRollout, TrajectoryRollout, episode_return_reward
+from epo_trl.rollout.prompts import PromptBuilder
+from epo_trl.testing import build_tiny_model, build_tokenizer, words_of
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def maze_model(tmp_path_factory):
+    words = [*MazeFactory().vocabulary(), *words_of(PromptBuilder(build_tokenizer(), "h").vocabulary_texts())]
+    return build_tiny_model(str(tmp_path_factory.mktemp("maze")), extra_words=words, hidden_size=16)
+
+
+class WeightsPerStep(TrainerCallback):
+    """The trainer's parameter checksums after 0, 1, 2, ... optimizer steps."""
+
+    def __init__(self):
+        self.after: list[dict[str, float]] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.after = [model_checksums(model)]
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.after.append(model_checksums(model))
+
+
+def train_through_vllm(model_path, out, trainer_cls, config_cls, mode, **overrides):
+    """Train STEPS optimizer steps; return (engine, weights per step, generate calls as (step, weights held))."""
+    factory = MazeFactory(size=2, task="reach")
+    rollout_cls = StepRollout if mode == "step" else TrajectoryRollout
+    rollout = rollout_cls(factory, RolloutConfig(max_turns=3, max_turn_tokens=6, require_tags=False, num_workers=2))
+    options = dict(
+        output_dir=str(out),
+        max_steps=STEPS,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        learning_rate=5e-2,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        use_vllm=True,
+        vllm_mode="colocate",
+        seed=3,
+    )
+    options.update(overrides)
+    weights = WeightsPerStep()
+    with vllm_standin() as standin:
+        trainer = trainer_cls(
+            model=model_path,
+            reward_funcs=[episode_return_reward],
+            args=config_cls(**options),
+            train_dataset=task_dataset(factory),
+            rollout_func=rollout,
+            callbacks=[weights],
+        )
+        (engine,) = standin.engines
+        generate, calls = trainer.vllm_generation.generate, []
+
+        def spy(*args, **kwargs):  # the step this call serves, and the weights vLLM holds when it starts
+            out = generate(*args, **kwargs)
+            calls.append((trainer.state.global_step, engine.synced[-1] if engine.synced else None))
+            return out
+
+        trainer.vllm_generation.generate = spy
+        try:
+            trainer.train()
+        finally:
+            rollout.close()
+    return engine, weights.after, calls
+
+
+@pytest.mark.parametrize("mode", ["step", "trajectory"])
+def test_epo_samples_from_the_current_weights_every_step(maze_model, tmp_path, mode):
+    engine, weights, calls = train_through_vllm(maze_model, tmp_path, EPOTrainer, EPOConfig, mode)
+    assert len(weights) == STEPS + 1 and weights[1] != weights[0]  # training does move the weights
+    # exactly one push per optimizer step, of that step's weights
+    assert engine.synced == weights[:STEPS]
+    # every generate of step k ran on step k's weights, and each step generated (a sync precedes the first one)
+    assert sorted({step for step, _ in calls}) == list(range(STEPS))
+    for step, held in calls:
+        assert held == weights[step], f"a generate of step {step} sampled from other weights"
+    kinds = [e[0] for e in engine.events if e[0] in ("sync", "generate")]
+    assert kinds[0] == "sync" and kinds.count("sync") == STEPS
+
+
+def test_sleep_mode_resyncs_on_every_wake_with_current_weights(maze_model, tmp_path):
+    engine, weights, calls = train_through_vllm(
+        maze_model, tmp_path, EPOTrainer, EPOConfig, "step", vllm_enable_sleep_mode=True
+    )
+    # sleep level 2 discards the weights after every generate: the step's push serves its first generate, TRL's
+    # re-push on wake every later one (the engine refuses to generate from discarded weights)
+    assert len(engine.synced) == len(calls) > STEPS
+    for step, held in calls:
+        assert held == weights[step]
+    assert all(e != ("generate", 0) for e in engine.events)
+
+
+def test_aepo_resamples_use_the_steps_weights(maze_model, tmp_path):
+    engine, weights, calls = train_through_vllm(
+        maze_model,
+        tmp_path,
+        AEPOTrainer,
+        AEPOConfig,
+        "trajectory",
+        aepo_coef=0.5,
+        aepo_num_resamples=2,
+        aepo_resample_share=0.5,
+    )
+    assert engine.synced == weights[:STEPS]
+    per_step = [sum(1 for s, _ in calls if s == k) for k in range(STEPS)]
+    assert all(n >= 2 for n in per_step), per_step  # the rollout's turns and AEPO's re-sampled episodes
+    for step, held in calls:
+        assert held == weights[step]
