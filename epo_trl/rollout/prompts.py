@@ -1,4 +1,17 @@
-"""Rendering the per-turn prompt (paper layout) and tokenising it through the chat template."""
+"""Rendering the per-turn prompt (paper layout) and tokenising it through the chat template.
+
+Most of a step-mode prompt is the same every turn: the chat template around the message, the env's header, the
+goal line, the format instruction. `encode_prompt` tokenises those once (the header + goal once per goal) and
+only the turn's own lines (step, history, observation, admissible actions) every turn, then splices the ids:
+
+    ids = ids(template prefix + header + goal line + "\n") + ids(turn lines + "\n") + ids(instruction + template suffix)
+
+Both cuts sit right after a newline and before a letter, where byte-level BPE tokenizers with a split regex
+(GPT-2, Qwen2, Llama 3, cl100k-style) always start a new pre-token, so the ids equal the full encoding's. This is
+checked, not assumed: the first prompt of every new goal is also encoded in full and compared; one mismatch (e.g.
+SentencePiece's leading-space marker, a template that edits the message) turns splicing off for good and every
+prompt is encoded in full, as before. A turn whose lines start or end with unusual whitespace is encoded in full.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +20,17 @@ from collections.abc import Sequence
 from .parsing import ActionParser
 
 _A, _B = "\x01ASSISTANT\x01", "\x01USER\x01"  # markers for splitting the chat template
+_MAX_CACHED_GOALS = 4096
+
+
+class TurnText(str):
+    """A step prompt's user message (a plain str) that remembers where its constant parts end.
+
+    `head` = header + goal line + newline, `body` = the turn's own lines + newline, the rest = the instruction.
+    """
+
+    head: str
+    body: str
 
 
 class PromptBuilder:
@@ -28,6 +52,11 @@ class PromptBuilder:
         self.parser = parser or ActionParser()
         self.prompt_history_pairs = prompt_history_pairs
         self._suffix_template: str | None = None
+        #: None = not decided yet; False after a spliced prompt differed from the full encoding (then never again)
+        self.splicing: bool | None = None
+        self._wrap: tuple[str, str] | None = None  # the chat template around one user message
+        self._heads: dict[str, list[int]] = {}  # template prefix + head -> ids
+        self._tails: dict[str, list[int]] = {}  # instruction + template suffix -> ids
 
     # ----- text ---------------------------------------------------------------------------------------------
     def turn_text(
@@ -37,8 +66,9 @@ class PromptBuilder:
         observation: str,
         admissible: Sequence[str] | None,
         history: Sequence[tuple[str, str]] = (),
-    ) -> str:
-        lines = [self.header, f"your task is to : {goal}"]
+    ) -> TurnText:
+        head = f"{self.header}\nyour task is to : {goal}\n"
+        lines = []
         recent = list(history)[-self.prompt_history_pairs :] if self.prompt_history_pairs > 0 else []
         if step > 0:
             lines.append(f"you have taken {step} steps .")
@@ -48,8 +78,10 @@ class PromptBuilder:
                 lines.append(f"observation : {obs}")
                 lines.append(f"action : {action}")
         lines.append(self.observation_text(step, observation, admissible))
-        lines.append(self.parser.instruction())
-        return "\n".join(lines)
+        body = "\n".join(lines) + "\n"
+        text = TurnText(head + body + self.parser.instruction())
+        text.head, text.body = head, body
+        return text
 
     def observation_text(self, step: int, observation: str, admissible: Sequence[str] | None) -> str:
         text = f"you are now at step {step + 1} . current observation : {observation}"
@@ -70,11 +102,52 @@ class PromptBuilder:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def encode_prompt(self, user_text: str) -> list[int]:
-        """A single-message chat, ready for the assistant's reply."""
+        """A single-message chat, ready for the assistant's reply (spliced from cached parts when exact)."""
+        if isinstance(user_text, TurnText) and self.splicing is not False:
+            ids = self._spliced(user_text)
+            if ids is not None:
+                return ids
+        return self._encode_full(user_text)
+
+    def _encode_full(self, user_text: str) -> list[int]:
         text = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
         )
         return self.encode_text(text)
+
+    def _spliced(self, text: TurnText) -> list[int] | None:
+        """Cached head ids + this turn's ids + cached tail ids; None = encode this one in full."""
+        if self._wrap is None:
+            full = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": _B}], tokenize=False, add_generation_prompt=True
+            )
+            if full.count(_B) != 1:
+                self.splicing = False
+                return None
+            pre, post = full.split(_B)
+            self._wrap = (pre, post)
+        pre, post = self._wrap
+        body, tail = text.body, text[len(text.head) + len(text.body) :]
+        # cut right after a newline and before a letter; odd whitespace at a cut could merge across it
+        if not (body[:1].isalpha() and tail[:1].isalpha() and not body[-2:-1].isspace()):
+            return None
+        head_ids = self._heads.get(text.head)
+        new_head = head_ids is None
+        if new_head:
+            if len(self._heads) >= _MAX_CACHED_GOALS:
+                self._heads.clear()
+            head_ids = self._heads[text.head] = self.encode_text(pre + text.head)
+        tail_ids = self._tails.get(tail)
+        if tail_ids is None:
+            tail_ids = self._tails[tail] = self.encode_text(tail + post)
+        ids = head_ids + self.encode_text(body) + tail_ids
+        if new_head:  # check against the full encoding once per goal; any difference turns splicing off
+            full = self._encode_full(text)
+            if full != ids:
+                self.splicing = False
+                return full
+            self.splicing = True
+        return ids
 
     def continuation_ids(self, user_text: str, ended_with_eos: bool) -> list[int]:
         """Tokens that close the assistant turn and open the next one with `user_text` (trajectory mode).
