@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -11,7 +12,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from envs_for_tests import ScriptedFactory  # noqa: E402
 from envs_for_tests import task as scripted_task  # noqa: E402
-from fake_vllm import WORDS, CountdownFactory, CountingBackend, FakeVLLMGeneration, scripted_backend  # noqa: E402
+from fake_vllm import WORDS, CountdownFactory, CountingBackend, scripted_backend  # noqa: E402
 
 from epo_trl.envs.base import TaskSpec  # noqa: E402
 from epo_trl.envs.maze import MazeFactory  # noqa: E402
@@ -259,15 +260,20 @@ def test_budgets_are_enforced_and_reported(tokenizer):
 
 
 # ----- vLLM backend (single process) ---------------------------------------------------------------------------
-def test_vllm_backend_colocate_with_fake(tokenizer):
+def test_vllm_backend_colocate_through_trls_vllm_generation(tokenizer):
+    from accelerate import Accelerator
+    from vllm_standin import make_vllm_generation, vllm_standin
+
     ids = tokenizer("<action> go </action>", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    fake = FakeVLLMGeneration(lambda p: ids + [7, 7], mode="colocate")
-    backend = VLLMBackend(fake, lockstep=False, eos_ids=[tokenizer.eos_token_id])
-    factory = CountdownFactory()
-    engine = RolloutEngine(factory, tokenizer, RolloutConfig(max_turns=10, max_turn_tokens=32))
-    result = engine.run(factory.tasks(), backend, "trajectory")
-    assert fake.calls == [8, 6, 4, 2]
-    assert fake.max_completion_length == 16  # restored after each call
+    with vllm_standin(policy=lambda p: ids + [7, 7]) as standin:
+        model = SimpleNamespace(name_or_path="scripted", named_modules=lambda: [])
+        vllm = make_vllm_generation(model, Accelerator(cpu=True), tokenizer, mode="colocate", max_completion_length=16)
+        backend = VLLMBackend(vllm, lockstep=False, eos_ids=[tokenizer.eos_token_id])
+        factory = CountdownFactory()
+        engine = RolloutEngine(factory, tokenizer, RolloutConfig(max_turns=10, max_turn_tokens=32))
+        result = engine.run(factory.tasks(), backend, "trajectory")
+    assert [n for kind, *n in standin.engines[0].events if kind == "generate"] == [[8], [6], [4], [2]]
+    assert vllm.max_completion_length == 16  # restored after each call
     turn = result.episodes[0].turns[0]
     assert turn.completion_ids == ids and turn.logprobs == [-0.5] * len(ids)  # cut at EOS
 

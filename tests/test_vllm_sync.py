@@ -134,3 +134,15 @@ def test_aepo_resamples_use_the_steps_weights(maze_model, tmp_path):
     assert all(n >= 2 for n in per_step), per_step  # the rollout's turns and AEPO's re-sampled episodes
     for step, held in calls:
         assert held == weights[step]
+
+
+def test_a_rollout_temperature_other_than_the_trainers_is_refused(maze_model, tmp_path):
+    factory = MazeFactory(size=2, task="reach")
+    rollout = StepRollout(factory, RolloutConfig(max_turns=2, max_turn_tokens=4, require_tags=False, temperature=0.7))
+    args = EPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, num_generations=4,
+                     use_cpu=True, bf16=False, report_to=[], save_strategy="no", temperature=1.0)  # fmt: skip
+    trainer = EPOTrainer(maze_model, [episode_return_reward], args=args, train_dataset=task_dataset(factory),
+                         rollout_func=rollout)  # fmt: skip
+    with pytest.raises(ValueError, match=r"RolloutConfig.temperature=0.7 differs from the trainer's temperature=1.0"):
+        trainer.train()
+    rollout.close()
