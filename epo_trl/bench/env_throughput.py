@@ -1,45 +1,114 @@
-"""Benchmark 3: environment steps/s with 1 vs N parallel envs (threads, as the rollout engine's EnvPool).
+"""Benchmark 3: environment steps/s through the rollout's env pools, 1 / 2 / 4 workers, threads vs processes.
 
-ScienceWorld: one JVM per env; three ways to step: `lean` (the adapter's `step`: server step + score +
-completed), `full` (lean step + `admissible_actions()` every step, what a rollout that shows the action list
-pays), `package` (the `scienceworld` package's own `step`, which rebuilds the full valid-action list every
-call). ALFWorld: the in-process TextWorld engine on the generated sample games (`write_sample_games`); its
-steps run under one lock, because TextWorld's PDDL text generator is a module-global tatsu parser that is not
-thread-safe (unlocked concurrent steps crash with tatsu errors; the bench records whether they did).
-Envs are started once and reused across settings; start-up is not timed; each setting starts with a short
-untimed warm-up.
+What is timed is what the rollout engine pays per turn: one batched `pool.act` over every episode's env
+(`project_action` + `step` + `admissible_actions()` next to the env), a finished game restarting with a `reset`.
+`ENVS` episodes are spread over the workers. Threads = `ThreadEnvPool` (ALFWorld's envs behind one lock: TextWorld's
+parser is module-global and not thread-safe); processes = `ProcessEnvPool` (each worker owns its envs). Start-up
+(JVMs, game loading) and a few warm-up turns are not timed. Also measured: how long worker processes take to
+start per start method (in a fresh interpreter that has already imported torch and TRL, as a trainer has).
 """
 
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from .common import md_table
 
 WORKERS = (1, 2, 4)
-STEPS = {"full": 160, "quick": 60, "smoke": 8}  # total steps per setting, split across the parallel envs
+ENVS = 4  # episodes stepped each turn, spread over the workers
+STEPS = {"full": 240, "quick": 80, "smoke": 8}  # total env steps per setting
+WARMUP_TURNS = 3
 # Commands valid in any ScienceWorld room that neither end the episode nor need an object.
 SW_ACTIONS = ("look around", "inventory", "wait1", "look around", "go to hallway", "go to kitchen")
 SW_TASK = "boil"
+ALFWORLD_TARGET = 1.7  # 2 process workers vs 1, ALFWorld, on 2 cores
 
 
-def _parallel(envs, steps_per_env: int, step) -> float:
-    """Wall time for every env to take `steps_per_env` steps, the envs stepping concurrently."""
+class _Locked:
+    """An env whose calls hold one process-wide lock (threads sharing TextWorld's parser)."""
 
-    def loop(i_env):
-        i, env = i_env
-        for k in range(steps_per_env):
-            step(env, i, k)
+    lock = threading.Lock()
 
-    with ThreadPoolExecutor(len(envs)) as pool:
-        list(pool.map(lambda i_env: step(i_env[1], i_env[0], -1), enumerate(envs)))  # warm-up (JIT, caches)
-        t0 = time.perf_counter()
-        list(pool.map(loop, enumerate(envs)))
-        return time.perf_counter() - t0
+    def __init__(self, env):
+        self.env = env
+
+    def __getattr__(self, name):
+        fn = getattr(self.env, name)
+        if not callable(fn):
+            return fn
+
+        def locked(*args, **kwargs):
+            with self.lock:
+                return fn(*args, **kwargs)
+
+        return locked
+
+
+class _LockedFactory:
+    def __init__(self, inner):
+        self.inner, self.name, self.thread_safe = inner, inner.name, True
+
+    def make(self):
+        return _Locked(self.inner.make())
+
+
+def _pool_steps_per_s(pool, tasks, total_steps: int, choose) -> tuple[float, int]:
+    """Step `ENVS` episodes in lockstep turns through `pool` until `total_steps`; return (steps/s, steps)."""
+    handles = [pool.acquire() for _ in range(ENVS)]
+    rngs = [random.Random(i) for i in range(ENVS)]
+    admissible: list = [None] * ENVS
+
+    def restart(ids):
+        for i, (ok, value) in zip(ids, pool.reset([(handles[i], tasks[i % len(tasks)]) for i in ids])):
+            if not ok:
+                raise RuntimeError(f"env reset failed: {value}")
+            admissible[i] = value["admissible"]
+
+    def turn(k: int) -> int:
+        items = [(handles[i], choose(rngs[i], admissible[i], i + k)) for i in range(ENVS)]
+        finished = []
+        for i, (ok, value) in enumerate(pool.act(items)):
+            if not ok:
+                raise RuntimeError(f"env step failed: {value}")
+            admissible[i] = value.get("admissible")
+            if value.get("done"):
+                finished.append(i)
+        if finished:  # a finished game restarts; the reset is part of the cost
+            restart(finished)
+        return len(items)
+
+    restart(range(ENVS))
+    for k in range(WARMUP_TURNS):
+        turn(-k - 1)
+    steps, k, t0 = 0, 0, time.perf_counter()
+    while steps < total_steps:
+        steps += turn(k)
+        k += 1
+    return steps / (time.perf_counter() - t0), steps
+
+
+def _sweep(factory, locked_threads: bool, tasks, total_steps: int, workers, choose) -> dict:
+    from ..rollout.workers import ProcessEnvPool, ThreadEnvPool
+
+    out = {}
+    for kind in ("threads", "processes"):
+        for n in workers:
+            if kind == "threads":
+                pool = ThreadEnvPool(_LockedFactory(factory) if locked_threads else factory, n, timeout=120)
+            else:
+                pool = ProcessEnvPool(factory, n, timeout=120)
+            try:
+                rate, steps = _pool_steps_per_s(pool, tasks, total_steps, choose)
+            finally:
+                pool.close()
+            mode = "threads (locked)" if kind == "threads" and locked_threads else kind
+            out[f"{kind}/{n}"] = {"mode": mode, "workers": n, "steps": steps, "steps_per_s": rate}
+    return out
 
 
 def scienceworld(total_steps: int, workers=WORKERS) -> dict:
@@ -47,37 +116,8 @@ def scienceworld(total_steps: int, workers=WORKERS) -> dict:
     from ..envs.scienceworld import ScienceWorldFactory
 
     factory = ScienceWorldFactory(task_names=[SW_TASK], held_out_tasks=(), env_step_limit=100_000)
-    task = TaskSpec("scienceworld", SW_TASK, 0, 0)
-    with ThreadPoolExecutor(max(workers)) as pool:  # JVMs start in parallel
-        envs = list(pool.map(lambda _: factory.make(), range(max(workers))))
-    try:
-        list(ThreadPoolExecutor(max(workers)).map(lambda e: e.reset(task), envs))
-        for env in envs:  # JVM JIT warm-up, so the first timed mode is not penalised
-            for k in range(20):
-                env.step(SW_ACTIONS[k % len(SW_ACTIONS)])
-                env.admissible_actions()
-
-        def lean(env, i, k):
-            env.step(SW_ACTIONS[(i + k) % len(SW_ACTIONS)])
-
-        def full(env, i, k):
-            lean(env, i, k)
-            env.admissible_actions()
-
-        def package(env, i, k):
-            env.simulator.step(SW_ACTIONS[(i + k) % len(SW_ACTIONS)])
-
-        out = {}
-        for name, fn in (("lean", lean), ("full", full), ("package", package)):
-            for n in workers:
-                per_env = max(total_steps // n, 1)
-                wall = _parallel(envs[:n], per_env, fn)
-                out[f"{name}/{n}"] = {"mode": name, "envs": n, "steps": per_env * n, "wall_s": wall,
-                                      "steps_per_s": per_env * n / wall}  # fmt: skip
-        return out
-    finally:
-        for env in envs:
-            env.close()
+    tasks = [TaskSpec("scienceworld", SW_TASK, 0, 0)]
+    return _sweep(factory, False, tasks, total_steps, workers, lambda rng, adm, k: SW_ACTIONS[k % len(SW_ACTIONS)])
 
 
 def alfworld(total_steps: int, workers=WORKERS) -> dict:
@@ -88,38 +128,43 @@ def alfworld(total_steps: int, workers=WORKERS) -> dict:
         write_sample_games(root)
         factory = ALFWorldFactory(data_path=root)
         tasks = factory.tasks("train")
-        envs = [factory.make() for _ in range(max(workers))]
-        try:
-            for i, env in enumerate(envs):
-                env.reset(tasks[i % len(tasks)])
-            rngs = [random.Random(i) for i in range(len(envs))]
-            lock = threading.Lock()
+        # a random admissible command (the sample games are small: random play wins and restarts now and then)
+        return _sweep(factory, True, tasks, total_steps, workers, lambda rng, adm, k: rng.choice(adm or ["look"]))
 
-            def unlocked(env, i, k):
-                # A random admissible command; a finished game restarts (the reset is part of the cost).
-                if env._done:
-                    env.reset(tasks[(i + k) % len(tasks)])
-                env.step(rngs[i].choice(env.admissible_actions()))
 
-            def locked(env, i, k):
-                with lock:
-                    unlocked(env, i, k)
+_STARTUP_SCRIPT = """
+import sys, time
+import torch, trl  # a trainer has these loaded before its rollout starts workers
+from epo_trl.envs.maze import MazeFactory
+from epo_trl.rollout.workers import ProcessEnvPool
 
-            out = {}
-            for n in workers:
-                per_env = max(total_steps // n, 1)
-                wall = _parallel(envs[:n], per_env, locked)
-                out[f"textworld/{n}"] = {"mode": "textworld (locked)", "envs": n, "steps": per_env * n,
-                                         "wall_s": wall, "steps_per_s": per_env * n / wall}  # fmt: skip
-            try:  # does unlocked concurrent stepping survive? (it should not be relied on)
-                _parallel(envs[:2], max(total_steps // 2, 4), unlocked)
-                out["unlocked_threads"] = "survived this run"
-            except Exception as e:  # noqa: BLE001 - the crash is the finding
-                out["unlocked_threads"] = f"crashed: {type(e).__name__}: {e}"[:200]
-            return out
-        finally:
-            for env in envs:
-                env.close()
+if __name__ == "__main__":
+    factory, task = MazeFactory(), MazeFactory().tasks()[0]
+    t0 = time.perf_counter()
+    pool = ProcessEnvPool(factory, 2, start_method=sys.argv[1])
+    assert all(ok for ok, _ in pool.reset([(pool.acquire(), task), (pool.acquire(), task)]))
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pool.workers[0].kill()  # as after a hang: the replacement's start-up is on the critical path
+    assert pool.reset([(pool.acquire(), task)])[0][0]
+    print(first, time.perf_counter() - t0)
+    pool.close()
+"""
+
+
+def startup(methods=("fork", "forkserver", "spawn")) -> dict:
+    """Seconds until 2 fresh workers answered a reset, and until a killed worker's replacement did."""
+    out = {}
+    for method in methods:
+        proc = subprocess.run(
+            [sys.executable, "-c", _STARTUP_SCRIPT, method], capture_output=True, text=True, timeout=600
+        )
+        if proc.returncode != 0:
+            out[method] = {"error": proc.stderr.strip().splitlines()[-1][:200] if proc.stderr else "failed"}
+            continue
+        first, replacement = (float(x) for x in proc.stdout.split())
+        out[method] = {"first_two_workers_s": first, "replacement_worker_s": replacement}
+    return out
 
 
 def _guarded(fn, *args) -> dict:
@@ -133,20 +178,49 @@ def run(quick: bool = False, smoke: bool = False, envs: tuple[str, ...] = ("scie
     steps = STEPS["smoke" if smoke else "quick" if quick else "full"]
     workers = (1, 2) if smoke else WORKERS
     fns = {"scienceworld": scienceworld, "alfworld": alfworld}
-    return {name: _guarded(fns[name], steps, workers) for name in envs}
+    out = {name: _guarded(fns[name], steps, workers) for name in envs}
+    out["worker_startup"] = _guarded(startup, ("forkserver",) if smoke else ("fork", "forkserver", "spawn"))
+    return out
 
 
 def to_markdown(results: dict) -> str:
-    rows = []
+    from ..rollout.workers import DEFAULT_START_METHOD
+
+    rows, lines = [], []
     for env, settings in results.items():
+        if env == "worker_startup":
+            continue
         if "error" in settings:
             rows.append([env, "—", "—", "—", "—", f"not run: {settings['error']}"])
             continue
-        rows_of = [r for r in settings.values() if isinstance(r, dict)]
-        single = {r["mode"]: r["steps_per_s"] for r in rows_of if r["envs"] == 1}
-        for r in rows_of:
+        single = {r["mode"]: r["steps_per_s"] for r in settings.values() if r["workers"] == 1}
+        for r in settings.values():
             speedup = r["steps_per_s"] / single[r["mode"]]
-            rows.append([env, r["mode"], r["envs"], r["steps"], f"{r['steps_per_s']:.1f}", f"{speedup:.2f}x"])
-    table = md_table(["env", "stepping", "parallel envs", "steps", "steps/s", "vs 1 env"], rows)
-    note = results.get("alfworld", {}).get("unlocked_threads")
-    return table + (f"\n\nALFWorld, 2 envs stepping concurrently without the lock: {note}." if note else "")
+            rows.append([env, r["mode"], r["workers"], r["steps"], f"{r['steps_per_s']:.1f}", f"{speedup:.2f}x"])
+        two = settings.get("processes/2")
+        if env == "alfworld" and two:
+            ratio = two["steps_per_s"] / settings["processes/1"]["steps_per_s"]
+            met = "met" if ratio >= ALFWORLD_TARGET else "NOT met"
+            lines.append(
+                f"- alfworld: 2 process workers = {ratio:.2f}x one worker ({met}, target >= {ALFWORLD_TARGET}x)"
+            )
+    table = md_table(["env", "workers", "n", "steps", "steps/s", "vs 1 worker"], rows)
+    startup_rows = [
+        [m, f"{r['first_two_workers_s']:.2f}", f"{r['replacement_worker_s']:.2f}"]
+        if "error" not in r
+        else [m, "—", r["error"]]
+        for m, r in results.get("worker_startup", {}).items()
+        if isinstance(r, dict)
+    ]
+    parts = [table, *([""] + lines if lines else [])]
+    if startup_rows:
+        parts += [
+            "",
+            f"Worker start-up by start method (default: `{DEFAULT_START_METHOD}`; `fork` is not used: the trainer's "
+            "torch / CUDA / tokenizer threads may hold locks a forked child inherits):",
+            "",
+            md_table(
+                ["start method", "2 workers answered a reset (s)", "replacement worker answered (s)"], startup_rows
+            ),
+        ]
+    return "\n".join(parts)

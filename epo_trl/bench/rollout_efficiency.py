@@ -47,6 +47,9 @@ def _rollout(engine, tasks, backend, mode: str, seed: int) -> dict:
     saved = {name: getattr(prompts, name) for name in ("turn_text", "encode_prompt", "continuation_ids")}
     for name, fn in saved.items():
         setattr(prompts, name, watch.wrap("prompt", fn))
+    texts = []  # the step prompts' user messages, to time their encoding spliced vs in full afterwards
+    encode = prompts.encode_prompt
+    prompts.encode_prompt = lambda text: texts.append(text) or encode(text)
     recorder = RecordingBackend(backend)
     torch.manual_seed(seed)
     try:
@@ -66,7 +69,20 @@ def _rollout(engine, tasks, backend, mode: str, seed: int) -> dict:
         "tokens": recorder.tokens,
         "calls": recorder.calls,
         "turns": sum(len(e.turns) for e in result.episodes),
+        "texts": texts,
     }
+
+
+def _encoding_cost(builder, texts) -> dict:
+    """Seconds per prompt to tokenise the recorded user messages: spliced (cached parts) vs full encoding."""
+    out = {}
+    for name, encode in (("spliced", builder.encode_prompt), ("full", builder._encode_full)):
+        encode(texts[0])  # caches warm, as in a rollout after its first turn
+        t0 = time.perf_counter()
+        for text in texts:
+            encode(text)
+        out[f"{name}_ms_per_prompt"] = 1000 * (time.perf_counter() - t0) / len(texts)
+    return out
 
 
 def _replay(backend, calls, seed: int) -> tuple[float, int]:
@@ -99,7 +115,9 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
             rollouts, replays = [], []
             try:
                 # Warm-up, and the calls to replay: the same seed every rep makes every rep the same work.
-                calls = _rollout(engine, tasks, backend, mode, seed=0)["calls"]
+                warm = _rollout(engine, tasks, backend, mode, seed=0)
+                calls = warm["calls"]
+                encoding = _encoding_cost(engine.prompts, warm["texts"]) if mode == "step" else {}
                 for rep in range(reps):
                     if rep % 2:  # alternate which of the pair runs first, so order effects cancel
                         direct_s, direct_tokens = _replay(backend, calls, seed=0)
@@ -133,6 +151,7 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
                 "direct_s": direct_s,
                 **{k: med[k] for k in ("wall_s", "gen_s", "env_s", "prompt_s", "other_s")},
                 "torch_threads": torch.get_num_threads(),
+                **encoding,
             }
     return results
 
@@ -158,4 +177,11 @@ def to_markdown(results: dict) -> str:
         )
     header = ["mode", "episodes x turns", "generate calls", "tokens", "rollout tok/s", "direct tok/s",
               "ratio (target >= 0.9)", "gen s", "env s", "prompt render s", "other s"]  # fmt: skip
-    return md_table(header, rows)
+    lines = [
+        f"- {mode} prompts: tokenising one prompt takes {r['spliced_ms_per_prompt']:.3f} ms with the cached constant "
+        f"parts spliced in vs {r['full_ms_per_prompt']:.3f} ms encoding it in full "
+        f"({r['full_ms_per_prompt'] / r['spliced_ms_per_prompt']:.1f}x)"
+        for mode, r in results.items()
+        if "spliced_ms_per_prompt" in r
+    ]
+    return "\n".join([md_table(header, rows), *([""] + lines if lines else [])])

@@ -218,6 +218,7 @@ class ALFWorldFactory(EnvFactory):
     # TextWorld parses commands with one module-level parser: two threads stepping games at once corrupt it
     # ("IndexError: pop from empty list"). Envs run in worker processes (one parser each), which also scales.
     thread_safe = False
+    worker_imports = ("textworld", "alfworld.agents.environment.alfred_tw_env")
 
     def __init__(
         self,

@@ -94,6 +94,8 @@ class EnvFactory(ABC):
     #: `env_workers="auto"` then uses threads. False: process-global state or a JVM; envs run in worker processes
     #: (the factory must then be picklable, i.e. defined in an importable module). See docs/rollouts.md.
     thread_safe: bool = True
+    #: Modules worker processes import once up front (the forkserver preloads them, so each worker starts warm).
+    worker_imports: tuple[str, ...] = ()
 
     @abstractmethod
     def make(self) -> TextEnv:

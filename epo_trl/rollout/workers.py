@@ -466,7 +466,8 @@ class ProcessEnvPool(EnvPool):
         self.ctx = mp.get_context(self.start_method)
         if self.start_method == "forkserver":
             # The server imports these once; every worker forks from it with them loaded.
-            self.ctx.set_forkserver_preload([__name__, type(factory).__module__])
+            preload = [__name__, type(factory).__module__, *getattr(factory, "worker_imports", ())]
+            self.ctx.set_forkserver_preload(preload)
         self.live: list[set[EnvHandle]] = [set() for _ in range(num_workers)]
         self.next_slot = 0
         self.workers = [_Worker(self.ctx, factory, i) for i in range(num_workers)]
