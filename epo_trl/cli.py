@@ -158,9 +158,13 @@ class ConfigParser:
             tp = self.field_types.get(action.dest)
             if tp is dict or typing.get_origin(tp) is dict:
                 action.type = yaml_mapping
-            elif typing.get_origin(tp) is tuple and action.type is tp:
+            elif typing.get_origin(tp) is tuple and typing.get_origin(action.type) is tuple:
                 args = typing.get_args(tp)
                 action.type, action.nargs = args[0], len(args)
+
+    def _takes_list(self, key: str) -> bool:
+        tp = self.field_types.get(key)
+        return typing.get_origin(tp) is list or any(typing.get_origin(a) is list for a in typing.get_args(tp))
 
     @property
     def keys(self) -> list[str]:
@@ -207,8 +211,8 @@ class ConfigParser:
                 raise UsageError(f"{key}: {value!r} in {path} is not {'an integer' if tp is int else 'a number'}.")
 
     def _list_literals(self, argv: Sequence[str]) -> tuple[list[str], dict[str, list]]:
-        """List fields (nargs="+") also take a YAML flow list, `--report_to []` or `--report_to '[a, b]'`: argparse
-        cannot express an empty list."""
+        """List fields also take a YAML flow list, `--report_to []` or `--report_to '[a, b]'` (argparse cannot
+        express an empty list)."""
         import yaml
 
         out, lists, i = [], {}, 0
@@ -217,12 +221,11 @@ class ConfigParser:
             name, eq, inline = token.partition("=")
             action = self.parser._option_string_actions.get(name) if token.startswith("--") else None
             value = inline if eq else (argv[i + 1] if i + 1 < len(argv) else "")
-            if action is not None and action.nargs == "+" and value.startswith("["):
+            if action is not None and value.startswith("[") and self._takes_list(action.dest):
                 items = yaml.safe_load(value) or []
-                if items:
-                    out += [name, *map(str, items)]
-                else:
-                    lists[action.dest] = []
+                if not isinstance(items, list):
+                    raise UsageError(f"{action.dest}={value}: not a YAML list.", "fix: e.g. '[a, b]' or '[]'.")
+                lists[action.dest] = [str(item) for item in items]
                 i += 1 if eq else 2
                 continue
             out.append(token)

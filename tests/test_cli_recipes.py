@@ -1,41 +1,119 @@
-"""`epo-trl train`, the shipped recipes and accelerate configs (issue: recipes, CLI, scale-out)."""
+"""`epo-trl train` as a user runs it: every shipped recipe through the CLI path, typed flags, algorithm presets,
+global batch semantics, train / stop / resume, and the run folder's outputs."""
 
+import dataclasses
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from epo_trl.cli import ConfigParser, shared_fields
 from epo_trl.envs import make_factory
+from epo_trl.errors import UsageError
 from epo_trl.rollout import HFBackend, RolloutConfig, run_episodes
-from epo_trl.train import load_config, main, parse_overrides
+from epo_trl.train import (
+    HIDDEN_ROLLOUT_FIELDS,
+    ScriptArguments,
+    config_parser,
+    derive_batch,
+    load_config,
+    main,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "recipes", "**", "*.yaml"), recursive=True))
 RUN_RECIPES = [r for r in RECIPES if os.sep + "accelerate" + os.sep not in r]
+PAPER_RECIPES = [r for r in RUN_RECIPES if os.sep + "cpu" + os.sep not in r]
 ACCELERATE = [r for r in RECIPES if os.sep + "accelerate" + os.sep in r]
-CPU = ["--use_cpu", "true", "--bf16", "false"]  # GPU recipes validated on this CPU machine
+CPU = ["--use_cpu", "true", "--bf16", "false", "--use_vllm", "false"]  # GPU recipes validated on this CPU machine
+MAZE = os.path.join(ROOT, "recipes", "cpu", "maze_epo.yaml")
 
 
 def test_recipes_are_found():
-    assert len(RUN_RECIPES) >= 9 and len(ACCELERATE) >= 5
+    assert len(RUN_RECIPES) >= 9 and len(PAPER_RECIPES) >= 5 and len(ACCELERATE) >= 5
+
+
+def _owner_values(objs, key):
+    """The value of `key` in the one config object whose class accepts it."""
+    owners = [o for o in objs if key in {f.name for f in dataclasses.fields(o) if f.init}]
+    assert len(owners) == 1, f"{key} is accepted by {[type(o).__name__ for o in owners]}"
+    value = getattr(owners[0], key)
+    return getattr(value, "value", value)  # TrainingArguments turns some strings into enums
 
 
 @pytest.mark.parametrize("recipe", RUN_RECIPES, ids=lambda p: os.path.relpath(p, ROOT))
-def test_every_recipe_loads_and_validates(recipe, tmp_path):
+def test_every_recipe_routes_each_value_to_its_config(recipe, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # hub ids are validated offline elsewhere; nothing loads here
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    raw = yaml.safe_load(open(recipe))
     script, rollout, args = load_config([recipe, *CPU, "--output_dir", str(tmp_path)])
-    assert script.algo in ("grpo", "epo", "epo-base", "aepo")
+    objs = (script, rollout, args)
+    derived = {"tasks_per_step", "output_dir", "use_cpu", "bf16", "use_vllm"}
+    for key, value in raw.items():
+        if key in derived:
+            continue
+        got = _owner_values(objs, key)
+        if isinstance(value, float) or isinstance(got, float):
+            assert got == pytest.approx(float(value)), key
+        elif isinstance(value, list) and isinstance(got, tuple):
+            assert list(got) == value, key
+        else:
+            assert got == value, key
+    # the values the paper recipes are about, where they must land
+    episodes = args.per_device_train_batch_size * args.gradient_accumulation_steps  # 1 process here
+    assert episodes == raw["tasks_per_step"] * raw["num_generations"]
+    assert rollout.prompt_history_pairs == 2 and rollout.temperature is None  # the trainer's temperature rules
     if script.algo == "grpo":
         assert args.entropy_coef == 0.0 and args.smoothing is False
     if script.algo == "epo-base":
-        assert args.smoothing is False
-    if "alfworld" in recipe or "scienceworld" in recipe:  # released hyper-parameters
-        assert args.learning_rate == 5e-6 and args.num_generations == 8 and rollout.max_turn_tokens == 512
-        assert rollout.max_turns == (50 if "alfworld" in recipe else 30)
-        assert args.max_steps == (150 if "alfworld" in recipe else 125)
+        assert args.smoothing is False and args.entropy_coef > 0
+    if recipe in PAPER_RECIPES:
+        alfworld = "alfworld" in recipe
+        assert episodes == 128 and args.num_generations == 8
+        assert args.learning_rate == 5e-6 and args.lr_scheduler_kwargs == {"min_lr_rate": 0.2}
+        assert rollout.max_turn_tokens == 512 and rollout.max_turns == (50 if alfworld else 30)
+        assert args.max_steps == (150 if alfworld else 125)
+        assert args.entropy_history_window is None  # released: cumulative reference
+        if script.algo == "epo":
+            assert (args.smoothing_kappa_low, args.smoothing_kappa_high) == (0.0, 2.0)
+            assert args.entropy_coef == 0.001 and args.smoothing_coef == 0.1 and args.smoothing
+        # every field line says where its value comes from: [R] released or [ours]
+        for line in open(recipe).read().splitlines():
+            if line and not line.startswith((" ", "#", "output_dir", "env_kwargs")):
+                assert "# [R]" in line or "# [ours]" in line, line
+
+
+def test_paper_batch_is_global_on_any_world_size(monkeypatch):
+    """16 tasks x 8 = 128 episodes per step on 1, 8 or 16 processes; 24 processes is refused with the fix."""
+    for world, per_device in ((1, 128), (8, 16), (16, 8)):
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        values = {"tasks_per_step": 16, "num_generations": 8, "gradient_accumulation_steps": 1,
+                  "per_device_train_batch_size": 8}  # fmt: skip
+        sources = {"tasks_per_step": "file", "per_device_train_batch_size": "default"}
+        derive_batch(values, sources, [])
+        assert values["per_device_train_batch_size"] == per_device
+    monkeypatch.setenv("WORLD_SIZE", "24")
+    with pytest.raises(UsageError, match=r"128 episodes per step cannot be split evenly over 24 processes") as e:
+        derive_batch(values, sources, [])
+    assert "16" in e.value.hint and "32" in e.value.hint
+
+
+def test_batch_conflicts_and_precedence(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    values = {"tasks_per_step": 2, "num_generations": 4, "gradient_accumulation_steps": 1,
+              "per_device_train_batch_size": 16}  # fmt: skip
+    with pytest.raises(UsageError, match="both tasks_per_step=2 and per_device_train_batch_size=16"):
+        derive_batch(dict(values), {"tasks_per_step": "file", "per_device_train_batch_size": "file"}, [])
+    notes = []
+    flag_wins = dict(values)
+    derive_batch(flag_wins, {"tasks_per_step": "file", "per_device_train_batch_size": "flag"}, notes)
+    assert flag_wins["per_device_train_batch_size"] == 16 and flag_wins["tasks_per_step"] is None and notes
 
 
 @pytest.mark.parametrize("path", ACCELERATE, ids=os.path.basename)
@@ -49,48 +127,123 @@ def test_accelerate_configs_parse_with_accelerates_loader(path):
         assert cfg.deepspeed_config["zero_stage"] == (2 if "zero2" in path else 3)
 
 
-def test_warmstart_needs_the_builtin_model(tmp_path):
-    from epo_trl.train import build_trainer
+def test_no_key_is_shared_by_two_configs():
+    """Every key routes to exactly one config; a key two configs define cannot come back unnoticed."""
+    from epo_trl.aepo import AEPOConfig
 
-    recipe = os.path.join(ROOT, "recipes", "cpu", "maze_epo.yaml")
-    script, rollout, args = load_config([recipe, "--model_name_or_path", "some/model", "--warmstart_steps", "5",
-                                         "--output_dir", str(tmp_path), "--use_cpu", "true", "--bf16", "false"])  # fmt: skip
-    with pytest.raises(ValueError, match="warmstart_steps"):
-        build_trainer(script, rollout, args)
+    for algo in ("epo", "aepo"):
+        assert shared_fields(config_parser(algo).types) == {}
+    # the one overlap (the rollout's temperature must equal the trainer's) is kept off the command line
+    assert set(shared_fields([ScriptArguments, RolloutConfig, AEPOConfig])) == set(HIDDEN_ROLLOUT_FIELDS)
 
+    @dataclasses.dataclass
+    class A:
+        lr: float = 1.0
 
-def test_unknown_key_names_the_closest_field(tmp_path):
-    with pytest.raises(ValueError, match=r"'smoothing_kapa_high' \(did you mean 'smoothing_kappa_high'\?\)"):
-        load_config([RUN_RECIPES[0], "--smoothing_kapa_high", "2.0"])
-    with pytest.raises(ValueError, match="algo"):
-        load_config(["--algo", "ppo"])
+    @dataclasses.dataclass
+    class B:
+        lr: float = 2.0
 
-
-def test_overrides_parse_yaml_values():
-    assert parse_overrides(["--max_steps", "3", "--smoothing=false", "--env_kwargs", "{size: 4}", "--x"]) == {
-        "max_steps": 3,
-        "smoothing": False,
-        "env_kwargs": {"size": 4},
-        "x": True,
-    }
-    # YAML 1.1 would read these as strings
-    assert parse_overrides(["--learning_rate", "1e-2", "--lr2=5E-6", "--name", "e5"]) == {
-        "learning_rate": 0.01,
-        "lr2": 5e-06,
-        "name": "e5",
-    }
+    with pytest.raises(UsageError, match=r"lr \(A and B\)"):
+        ConfigParser([A, B], "prog")
 
 
-def test_yaml_file_scientific_notation(tmp_path):
+def test_flags_are_typed_by_the_dataclass(tmp_path):
+    script, rollout, args = load_config(
+        ["--config", MAZE, "--output_dir", str(tmp_path), "--run_name", "no", "--save_strategy", "no",
+         "--learning_rate", "1e-2", "--env_kwargs", "{size: 3, task: key}", "--report_to", "[]",
+         "--action_tags", "<a>", "</a>", "--no_smoothing", "--task_limit", "5", "--require_tags=true"]
+    )  # fmt: skip
+    assert args.run_name == "no" and args.save_strategy.value == "no" and args.learning_rate == 0.01
+    assert script.env_kwargs == {"size": 3, "task": "key"} and script.task_limit == 5
+    assert args.report_to == [] and args.smoothing is False
+    assert rollout.action_tags == ("<a>", "</a>") and rollout.require_tags is True
+
+
+def test_yaml_values_keep_yaml_types_and_flags_override(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("learning_rate: 1e-2\nuse_cpu: true\nbf16: false\n")
-    assert load_config([str(recipe), "--output_dir", str(tmp_path)])[2].learning_rate == 0.01
+    recipe.write_text("learning_rate: 1e-2\nuse_cpu: true\nbf16: false\nmax_steps: 7\nenv_kwargs: {size: 3}\n")
+    script, _, args = load_config([str(recipe), "--output_dir", str(tmp_path), "--max_steps", "9"])
+    assert args.learning_rate == 0.01 and args.max_steps == 9 and script.env_kwargs == {"size": 3}
+    # `--config FILE` and the file as first argument are the same
+    assert load_config(["--config", str(recipe), "--output_dir", str(tmp_path)])[2].max_steps == 7
 
 
-def test_cli_trains_the_cpu_recipe(tmp_path):
+def test_algo_preset_vs_explicit_values(tmp_path):
+    out = ["--output_dir", str(tmp_path)]
+    with pytest.raises(UsageError, match=r"algo=grpo pins entropy_coef=0.0, but entropy_coef=0.01 is set on the"):
+        load_config([MAZE, "--algo", "grpo", "--entropy_coef", "0.01", *out])
+    notes = []
+    _, _, args = load_config([MAZE, "--algo", "grpo", *out], notes)  # the file's EPO values yield to --algo
+    assert args.entropy_coef == 0.0 and args.smoothing is False
+    assert notes == ["--algo grpo sets entropy_coef=0.0 (the config file had 0.01)"]
+    same_file = tmp_path / "r.yaml"
+    same_file.write_text("algo: epo-base\nsmoothing: true\nuse_cpu: true\nbf16: false\n")
+    with pytest.raises(UsageError, match="algo=epo-base pins smoothing=False, but smoothing=True is set in the"):
+        load_config([str(same_file), *out])
+
+
+def test_resume_from_checkpoint_is_checked_before_the_model_is_built(tmp_path):
     out = tmp_path / "run"
-    recipe = os.path.join(ROOT, "recipes", "cpu", "maze_epo.yaml")
-    rc = main([recipe, "--max_steps", "2", "--output_dir", str(out), "--report_to", "[]", "--task_limit", "8",
+    base = [MAZE, "--output_dir", str(out)]
+    with pytest.raises(UsageError, match="no such checkpoint folder"):
+        load_config([*base, "--resume_from_checkpoint", str(tmp_path / "nope")])
+    with pytest.raises(UsageError, match="no checkpoint-\\* folder in output_dir"):
+        load_config([*base, "--resume_from_checkpoint", "true"])
+    for step in (2, 10):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        (out / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert load_config([*base, "--resume_from_checkpoint", "true"])[2].resume_from_checkpoint == str(
+        out / "checkpoint-10"
+    )
+    assert load_config([*base, "--resume_from_checkpoint", "false"])[2].resume_from_checkpoint is None
+    assert not (out / "tiny-model").exists()
+
+
+TIMING = ("time", "runtime", "per_second")
+SMALL = ["--task_limit", "4", "--max_turns", "3", "--max_turn_tokens", "6", "--report_to", "none",
+         "--disable_tqdm", "true", "--tiny_hidden_size", "16"]  # fmt: skip
+
+
+def _logs(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def _step_metrics(entry):
+    return {k: v for k, v in entry.items() if not any(t in k for t in TIMING)}
+
+
+def test_cli_stop_and_resume_continues_like_an_uninterrupted_run(tmp_path):
+    """Train with save_steps, stop after checkpoint k=1 (the run's folder is cut back to it, as after a crash),
+    resume from the CLI: the resumed run's first logged step is k+1 and its metrics equal the uninterrupted
+    run's. (Before the fix the flag never reached `train()`: the run restarted at step 1.)"""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    args = [MAZE, *SMALL, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1"]
+    assert main([*args, "--output_dir", str(straight)]) == 0
+    for name in ("checkpoint-1", "tiny-model"):
+        shutil.copytree(straight / name, stopped / name)
+    assert main([*args, "--output_dir", str(stopped), "--resume_from_checkpoint", "true"]) == 0
+
+    resumed = [e for e in _logs(stopped / "logs.jsonl") if "loss" in e]
+    reference = {e["step"]: e for e in _logs(straight / "logs.jsonl") if "loss" in e}
+    assert [e["step"] for e in resumed] == [2] and sorted(reference) == [1, 2]
+    got, want = _step_metrics(resumed[0]), _step_metrics(reference[2])
+    assert set(got) == set(want) and "rollout/success_rate" in got and "epo/ref_entropy_mean" in got
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+
+    final = json.load(open(straight / "final_metrics.json"))
+    assert final["global_step"] == 2 and final["episodes_per_step"] == 8 and final["algo"] == "epo"
+    assert final["last"]["loss"] == pytest.approx(reference[2]["loss"])
+    pytest.importorskip("matplotlib")
+    assert set(final["plots"]) == {"success_rate.png", "return.png", "turn_entropy.png", "entropy_band.png"}
+    for name in final["plots"]:
+        assert (straight / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_trains_the_cpu_recipe_with_a_warm_start(tmp_path):
+    out = tmp_path / "run"
+    rc = main([MAZE, "--max_steps", "1", "--output_dir", str(out), "--report_to", "none", "--task_limit", "8",
                "--warmstart_steps", "80", "--require_tags", "true"])  # fmt: skip
     assert rc == 0
     # the warm start cloned the expert: the tiny model now writes the strict action format
@@ -101,34 +254,31 @@ def test_cli_trains_the_cpu_recipe(tmp_path):
     config = RolloutConfig(max_turns=2, max_turn_tokens=12)
     records = run_episodes(backend, factory, factory.tasks("train")[:8], tokenizer, config)
     assert sum(r["invalid"] for r in records) < sum(r["length"] for r in records)
-    state = json.load(open(out / "trainer_state.json")) if (out / "trainer_state.json").exists() else None
-    assert state is None or state["global_step"] == 2
+    assert json.load(open(out / "final_metrics.json"))["global_step"] == 1
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_process_cli_run_checkpoints_and_resumes(tmp_path):
     out = tmp_path / "run"
-    recipe = os.path.join(ROOT, "recipes", "cpu", "maze_epo.yaml")
     launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
-        "-m", "epo_trl", "train", recipe, "--output_dir", str(out), "--report_to", "[]", "--task_limit", "16",
+        "-m", "epo_trl", "train", MAZE, "--output_dir", str(out), "--report_to", "none", "--task_limit", "16",
         "--save_strategy", "steps", "--save_steps", "2",
     ]  # fmt: skip
     first = subprocess.run([*launch, "--max_steps", "2"], capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-4000:]
+    assert "8 episodes per optimizer step = 2 tasks x 4 generations = 2 process(es) x 4 episodes" in first.stdout
     ckpt = out / "checkpoint-2"
-    assert (ckpt / "epo_state.json").exists()
     history = json.load(open(ckpt / "epo_state.json"))["entropy_history"]
     assert history["num_steps"] == 2
     second = subprocess.run(
-        [*launch, "--max_steps", "4", "--resume_from_checkpoint", str(ckpt)],
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [*launch, "--max_steps", "4", "--resume_from_checkpoint", "true"], capture_output=True, text=True, timeout=600
     )
     assert second.returncode == 0, second.stderr[-4000:]
+    assert f"resuming from {ckpt}" in second.stdout
     resumed = json.load(open(out / "checkpoint-4" / "epo_state.json"))["entropy_history"]
     assert resumed["num_steps"] == 4  # continued from step 2's history, did not restart
     assert json.load(open(out / "checkpoint-4" / "trainer_state.json"))["global_step"] == 4
+    assert [e["step"] for e in _logs(out / "logs.jsonl") if "loss" in e] == [1, 2, 3, 4]
