@@ -241,6 +241,7 @@ def test_cli_stop_and_resume_continues_like_an_uninterrupted_run(tmp_path):
         assert (straight / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # 80 behaviour-cloning steps
 def test_cli_trains_the_cpu_recipe_with_a_warm_start(tmp_path):
     out = tmp_path / "run"
     rc = main([MAZE, "--max_steps", "1", "--output_dir", str(out), "--report_to", "none", "--task_limit", "8",
