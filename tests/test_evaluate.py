@@ -82,7 +82,45 @@ def test_eval_cli_writes_json(tmp_path, capsys):
     assert data["summary"]["episodes"] == 6 == len(data["episodes"])
     won = sum(e["won"] for e in data["episodes"])
     assert data["summary"]["success_rate"] == pytest.approx(won / 6)
+    assert data["complete"] is True
     assert "pass@2 over 3 tasks" in capsys.readouterr().out
+
+
+def scripted_policy(factory, tokenizer):
+    """`--policy test_evaluate:scripted_policy`: the last admissible action, as a generation backend."""
+    return CallableBackend(last_admissible_policy(tokenizer))
+
+
+def test_eval_streams_its_json_and_ctrl_c_keeps_finished_episodes(tmp_path, capsys, monkeypatch):
+    """The JSON is rewritten after every batch; Ctrl-C during batch 2 keeps batch 1 and prints its table."""
+    import epo_trl.evaluate as evaluate_module
+    from epo_trl.testing import build_tiny_model
+
+    factory = make_factory("maze", size=2, task="reach", distractors=0)
+    model = build_tiny_model(str(tmp_path / "m"), extra_words=factory.vocabulary())
+    out = tmp_path / "eval.json"
+    real, seen_before_interrupt = evaluate_module.run_episodes, []
+
+    def interrupted_on_second_batch(*args, **kwargs):
+        if seen_before_interrupt or out.exists():
+            seen_before_interrupt.append(json.loads(out.read_text()))
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "run_episodes", interrupted_on_second_batch)
+    rc = main(
+        ["--model", model, "--env_kwargs", "{size: 2, task: reach, distractors: 0}", "--limit", "4", "--batch_size",
+         "2", "--max_turns", str(MAX_TURNS), "--policy", "test_evaluate:scripted_policy", "--output", str(out)]
+    )  # fmt: skip
+    assert rc == 130
+    streamed = seen_before_interrupt[0]  # written after batch 1, before the interrupt
+    assert len(streamed["episodes"]) == 2 and streamed["complete"] is False
+    data = json.loads(out.read_text())
+    assert [e["task"] for e in data["episodes"]] == [t.key() for t in factory.tasks("valid_seen")[:2]]
+    wins = sum(simulate_last_admissible(factory, t)[0] for t in factory.tasks("valid_seen")[:2])
+    assert data["summary"]["episodes"] == 2 and data["summary"]["success_rate"] == pytest.approx(wins / 2)
+    printed = capsys.readouterr().out
+    assert "interrupted: 2 of 4 episodes finished" in printed and "pass@1 over 2 tasks" in printed
 
 
 GOLD_TASKS = ("find-plant", "boil")  # the scripted policy knows these tasks' gold paths, not the third one
