@@ -301,12 +301,11 @@ def resolve_model(script: ScriptArguments, factory, output_dir: str, rollout_con
         return script.model_name_or_path
     if script.warmstart_steps and not hasattr(factory, "solve"):
         raise ValueError(f"warmstart_steps needs an env with an expert (`solve`); {script.env!r} has none.")
-    from accelerate import PartialState
-
+    from .distributed import on_main_process_first
     from .testing import build_tiny_model
 
     path = os.path.join(output_dir, "tiny-model")
-    with PartialState().main_process_first():
+    with on_main_process_first():  # ZeRO-3 init off: rank 0 builds alone while the others wait
         if not os.path.exists(os.path.join(path, "config.json")):
             vocab = factory.vocabulary() if hasattr(factory, "vocabulary") else []
             build_tiny_model(path, extra_words=vocab, hidden_size=script.tiny_hidden_size)

@@ -5,9 +5,12 @@ ranks playing 2 and 3 turns, smoothing on. The DeepSpeed CPU op DeepSpeed builds
 2 cores) is cached in ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR), so only the first run pays for it.
 """
 
+import json
+import os
+
 import pytest
 import torch
-from scripts.epo_steps import NUM_STEPS, load_run, run_once
+from scripts.epo_steps import DEEPSPEED_CPU_ARGS, NUM_STEPS, accelerate_launch, load_run, run_once
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -46,3 +49,18 @@ def test_zero_trains_epo_like_ddp(config, stage, tiny_model, tmp_path_factory):
     assert p0.keys() == ddp_params.keys()
     for name, value in ddp_params.items():
         torch.testing.assert_close(p0[name], value, atol=PARAM_ATOL, rtol=0, msg=name)
+
+
+def test_cli_warm_start_under_zero3_does_not_deadlock(tmp_path):
+    """Rank 0 builds and warm-starts the tiny model while rank 1 waits: ZeRO-3's collective init must stay out of it
+    (defect 12: rank 0 blocked in a zero.Init broadcast, rank 1 at the barrier, for ever)."""
+    pytest.importorskip("deepspeed")
+    recipe = os.path.join(os.path.dirname(os.path.dirname(__file__)), "recipes", "cpu", "maze_epo.yaml")
+    flags = [f"--{key}={value}" for key, value in DEEPSPEED_CPU_ARGS.items()]
+    argv = ["-m", "epo_trl", "train", recipe, "--warmstart_steps", "2", "--max_steps", "1", *flags]
+    argv += ["--output_dir", str(tmp_path), "--report_to", "[]"]
+    proc = accelerate_launch("zero3", argv, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(tmp_path / "final_metrics.json") as f:
+        assert json.load(f)["global_step"] == 1
+    assert (tmp_path / "tiny-model" / "config.json").exists()

@@ -1,36 +1,51 @@
 """A few EPO optimizer steps on 2 ranks that see different data, under any accelerate config (DDP, ZeRO-2/3).
 
-Launched by `launch()` (tests) as `accelerate launch --config_file CONFIG --num_processes 2 epo_steps.py MODEL OUT`.
+Launched by `run_once()` (tests) as `accelerate launch --config_file CONFIG --num_processes 2 epo_steps.py MODEL OUT`.
 Rank r plays 2 + r turns per episode, so ranks hold different numbers of turns; smoothing is on, so from step 2
 on the loss uses the shared entropy history as reference. Each rank writes OUT/rank{r}.json (entropy history,
 prompts seen, per-step EPO metrics, the distributed setup) and OUT/rank{r}.pt (every parameter, gathered in full
 under ZeRO-3).
 """
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+from subprocess import PIPE
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(os.path.dirname(TESTS), "recipes", "accelerate")
 NUM_STEPS = 3
 
 
-def launch(config: str, model_path: str, out: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run this script on 2 CPU processes under recipes/accelerate/CONFIG.yaml (shipped file, CPU overrides)."""
+def accelerate_launch(config: str, argv: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """`accelerate launch` of ARGV (a script and its args, or `-m module ...`) on 2 CPU processes under the shipped
+    recipes/accelerate/CONFIG.yaml. On timeout every process it started is killed (a deadlock fails, not hangs)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.join(RECIPES, f"{config}.yaml"),
-        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port),
-        os.path.abspath(__file__), model_path, out,
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port), *argv,
     ]  # fmt: skip
     # DeepSpeed's CPU accelerator (gloo); one thread per rank: 2 ranks share the 2 cores.
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.Popen(cmd, stdout=PIPE, stderr=PIPE, text=True, env=env)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        import psutil  # an accelerate dependency
+
+        # torchrun puts each rank in a session of its own: kill the whole tree, whose ranks hold our pipes open.
+        launcher = psutil.Process(proc.pid)
+        for process in [*launcher.children(recursive=True), launcher]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{config}: no exit after {timeout} s (deadlock?)\n{stderr[-4000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 _RUNS: dict[str, str] = {}
@@ -40,7 +55,7 @@ def run_once(config: str, model_path: str, tmp_path_factory) -> str:
     """OUT folder of a finished launch under CONFIG, run at most once per test session (DDP is everyone's baseline)."""
     if config not in _RUNS:
         out = str(tmp_path_factory.mktemp(f"epo_steps_{config}"))
-        proc = launch(config, model_path, out)
+        proc = accelerate_launch(config, [os.path.abspath(__file__), model_path, out])
         assert proc.returncode == 0, proc.stderr[-4000:]
         _RUNS[config] = out
     return _RUNS[config]
@@ -56,8 +71,6 @@ def load_run(out: str) -> tuple[list[dict], list[dict]]:
 
 def full_parameters(trainer) -> dict:
     """name -> full parameter tensor, on every rank (ZeRO-3 shards parameters: gather them first)."""
-    import contextlib
-
     plugin = trainer.accelerator.state.deepspeed_plugin
     params = dict(trainer.accelerator.unwrap_model(trainer.model_wrapped).named_parameters())
     gather = contextlib.nullcontext()
@@ -69,12 +82,10 @@ def full_parameters(trainer) -> dict:
         return {name: p.detach().clone() for name, p in params.items()}
 
 
-def cpu_args() -> dict:
-    """Trainer args for CPU ranks. accelerate drops DeepSpeed under `use_cpu=True`; without it DeepSpeed needs the
-    gloo backend named, else accelerate counts 1 process and DeepSpeed's batch-size check fails (4 != 4 * 1 * 2)."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true":
-        return {"use_cpu": False, "ddp_backend": "gloo"}
-    return {"use_cpu": True}
+# Trainer args for DeepSpeed on CPU ranks. accelerate drops DeepSpeed under `use_cpu=True` (the device is the CPU
+# anyway); without it the gloo backend must be named, else accelerate counts 1 process and DeepSpeed's batch-size
+# check fails (4 != 4 * 1 * 2). DDP on CPU ranks needs `use_cpu=True`.
+DEEPSPEED_CPU_ARGS = {"use_cpu": False, "ddp_backend": "gloo"}
 
 
 def main(model_path: str, out: str) -> None:
@@ -92,10 +103,11 @@ def main(model_path: str, out: str) -> None:
         seen.extend(prompts)
         return scripted_rollout(num_turns=2 + trainer.accelerator.process_index)(prompts, trainer)
 
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
     # A zero-width band (kappa 1, 1) makes every token pay |H - H_ref|: the penalty has a gradient from step 2 on.
     args = tiny_args(
         EPOConfig, out, max_steps=NUM_STEPS, entropy_coef=0.05, smoothing_coef=1.0, smoothing_kappa_low=1.0,
-        smoothing_kappa_high=1.0, **cpu_args(),
+        smoothing_kappa_high=1.0, **(DEEPSPEED_CPU_ARGS if deepspeed else {"use_cpu": True}),
     )  # fmt: skip
     ds = Dataset.from_dict({"prompt": [f"go north {i}" for i in range(16)]})
     trainer = EPOTrainer(model_path, length_reward, args=args, train_dataset=ds, rollout_func=rollout)

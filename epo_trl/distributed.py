@@ -1,0 +1,65 @@
+"""Multi-process helpers: work that one process does while the others wait."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def zero3_init_disabled() -> Iterator[None]:
+    """Build and load models as plain, unsharded modules inside the block, even under DeepSpeed ZeRO-3.
+
+    Under an accelerate ZeRO-3 config, `TrainingArguments` registers a global DeepSpeed config with transformers
+    (a weak reference read by `is_deepspeed_zero3_enabled()`), and every `from_pretrained` then enters
+    `deepspeed.zero.Init`, whose parameter partitioning is a collective call of all ranks. Unregistering it here
+    is what accelerate's `DeepSpeedPlugin.zero3_init_context_manager(enable=False)` does, without needing the plugin.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = ref() if ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            hf_deepspeed.set_hf_deepspeed_config(config)
+
+
+@contextmanager
+def on_main_process_first() -> Iterator[None]:
+    """accelerate's `main_process_first()` for work the main process does alone (e.g. building and warm-starting a
+    model that the others then load): ZeRO-3 init is off inside, since its collectives would wait forever for the
+    ranks held at the barrier."""
+    from accelerate import PartialState
+
+    with PartialState().main_process_first(), zero3_init_disabled():
+        yield
+
+
+def vllm_parallelism(
+    num_heads: int, num_kv_heads: int, gpus: int, intermediate_size: int | None = None
+) -> tuple[int, int]:
+    """(tensor_parallel_size, data_parallel_size) for a vLLM server on `gpus` GPUs.
+
+    vLLM splits attention heads evenly over tensor-parallel ranks: TP must divide the head count and the MLP width,
+    and either divide the KV-head count or be a multiple of it (KV heads are then replicated). Qwen2.5-7B (28 heads,
+    4 KV heads) cannot use TP 8; it gets TP 4 x 2 replicas. The largest valid TP is chosen (the least memory per
+    GPU); the node's remaining GPUs serve as data-parallel replicas.
+    """
+    for tp in range(gpus, 0, -1):
+        kv_ok = num_kv_heads % tp == 0 if num_kv_heads >= tp else tp % num_kv_heads == 0
+        if gpus % tp == 0 and num_heads % tp == 0 and kv_ok and (intermediate_size or 0) % tp == 0:
+            return tp, gpus // tp
+    raise AssertionError("unreachable: TP 1 always fits")
+
+
+def model_vllm_parallelism(model: str, gpus: int) -> tuple[int, int]:
+    """`vllm_parallelism` for a model path or hub id, read from its config."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return vllm_parallelism(heads, kv_heads, gpus, getattr(config, "intermediate_size", None))
