@@ -50,7 +50,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     import json
 
     from accelerate import Accelerator
-    from fake_vllm import WORDS, CountdownFactory, FakeVLLMGeneration
+    from fake_vllm import WORDS, CountdownFactory, CountingBackend
+    from vllm_standin import make_vllm_generation, vllm_standin
 
     from epo_trl.envs.base import TaskSpec
     from epo_trl.rollout import RankSync, RolloutConfig, RolloutEngine, StepRollout, VLLMBackend
@@ -64,23 +65,44 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     turns = [1, 1, 1, 1] if rank == 0 else [4, 4, 4, 2]
     tasks = [TaskSpec("countdown", "count", n, i) for i, n in enumerate(turns)]
 
-    fake = FakeVLLMGeneration(lambda p: answer, mode="server")
-    backend = VLLMBackend(fake, lockstep=True, eos_ids=[tokenizer.eos_token_id])
-    engine = RolloutEngine(CountdownFactory(), tokenizer, RolloutConfig(max_turns=6, max_turn_tokens=8))
-    result = engine.run(tasks, backend, "trajectory", RankSync(accelerator))
-    lengths = [len(e.turns) for e in result.episodes]
+    def backend(**vllm_options):
+        """TRL's real VLLMGeneration (stand-in engine) behind our backend, lockstep decided as for a trainer."""
+        model = SimpleNamespace(name_or_path="scripted", named_modules=lambda: [])
+        vllm = make_vllm_generation(model, accelerator, tokenizer, max_completion_length=16, **vllm_options)
+        args = SimpleNamespace(
+            vllm_mode=vllm_options["mode"],
+            vllm_tensor_parallel_size=vllm_options.get("tensor_parallel_size", 1),
+            vllm_enable_sleep_mode=False,
+        )
+        trainer = SimpleNamespace(accelerator=accelerator, args=args, vllm_generation=vllm, eos_token_ids=[0])
+        return CountingBackend(VLLMBackend.from_trainer(trainer))
 
-    # step mode: groups of 4 span the two ranks' 8 episodes; rows padded equally on both ranks
-    fake2 = FakeVLLMGeneration(lambda p: answer, mode="server")
-    rollout = StepRollout(
-        CountdownFactory(), RolloutConfig(max_turns=6, max_turn_tokens=8), VLLMBackend(fake2, True, [0]), tokenizer
-    )
-    trainer = stub_trainer(accelerator, tokenizer, steps_per_generation=4)
-    batch = rollout.build_training_batch([{"prompt": t.key()} for t in tasks], trainer)
+    def play(backend, mode="trajectory"):
+        engine = RolloutEngine(CountdownFactory(), tokenizer, RolloutConfig(max_turns=6, max_turn_tokens=8))
+        try:
+            return [len(e.turns) for e in engine.run(tasks, backend, mode, RankSync(accelerator)).episodes]
+        finally:
+            engine.close()
+
+    with vllm_standin(policy=lambda p: answer):
+        server = backend(mode="server")
+        lengths = play(server)
+        # colocate with tensor parallelism: every generate all-gathers prompts in the TP group and slices equal parts
+        tp = backend(mode="colocate", tensor_parallel_size=2)
+        tp_lengths = play(tp, "step")
+        # step mode: groups of 4 span the two ranks' 8 episodes; rows padded equally on both ranks
+        step_backend = backend(mode="server")
+        rollout = StepRollout(
+            CountdownFactory(), RolloutConfig(max_turns=6, max_turn_tokens=8), step_backend, tokenizer
+        )
+        trainer = stub_trainer(accelerator, tokenizer, steps_per_generation=4)
+        batch = rollout.build_training_batch([{"prompt": t.key()} for t in tasks], trainer)
     out = {
-        "calls": fake.calls,
+        "calls": server.calls,
         "lengths": lengths,
-        "step_calls": fake2.calls,
+        "tp_calls": tp.calls,
+        "tp_lengths": tp_lengths,
+        "step_calls": step_backend.calls,
         "rows": int(batch["advantages"].numel()),
         "real_rows": int((batch["completion_mask"].sum(1) > 0).sum()),
         "num_items": int(batch["num_items_in_batch"]),
@@ -93,7 +115,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
 
 
 @pytest.mark.slow
-def test_server_mode_makes_equal_calls_on_both_ranks(tmp_path):
+@pytest.mark.timeout(300)  # a rank left out of a collective hangs: fail instead
+def test_collective_vllm_modes_make_equal_calls_on_both_ranks(tmp_path):
     import json
 
     import torch.multiprocessing as mp
@@ -104,6 +127,8 @@ def test_server_mode_makes_equal_calls_on_both_ranks(tmp_path):
     # rank 0 keeps calling with dummy prompts until rank 1 is done: same calls, same prompt counts (the max
     # number of active episodes over ranks: rank 1 has 4, 4, 3, 3 active)
     assert r0["calls"] == r1["calls"] == [4, 4, 3, 3]
+    assert (r0["tp_lengths"], r1["tp_lengths"]) == ([1, 1, 1, 1], [4, 4, 4, 2])
+    assert r0["tp_calls"] == r1["tp_calls"] == [4, 4, 3, 3]  # colocate TP is lockstepped like server mode
     assert r0["step_calls"] == r1["step_calls"]
     # rows: rank 0 has 4, rank 1 has 14 -> both padded to 16 (multiple of steps_per_generation=4, max over ranks)
     assert (r0["real_rows"], r1["real_rows"]) == (4, 14)
