@@ -96,6 +96,12 @@ class RolloutConfig:
         default=("<think>", "</think>"), metadata={"help": "Opening and closing tags around the model's reasoning."}
     )
     require_think: bool = field(default=False, metadata={"help": "True = a turn without the think tags is invalid."})
+    gigpo_omega: float = field(
+        default=0.0,
+        metadata={
+            "help": "Step mode: weight omega of GiGPO's anchor-state step advantage added to the episode's GRPO advantage (arXiv 2505.10978; paper: 1.0). 0 = plain GRPO (epo_trl/advantages.py)."
+        },
+    )
     require_tags: bool = field(
         default=True,
         metadata={

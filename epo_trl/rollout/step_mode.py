@@ -3,6 +3,7 @@
     row (episode i, turn t):  prompt = turn t's rendered prompt (header, goal, step, last W pairs, observation,
                               admissible actions, format instruction); completion = the model's turn-t output
     advantage(row) = (R_i - mean_group(R)) / (std_group(R) + 1e-4)   -- the episode's, broadcast to its turns
+                     + omega * GiGPO step advantage of (i, t)        -- opt-in, `gigpo_omega` (epo_trl/advantages.py)
     turn_ids(row)  = t
 
 This does not fit `rollout_func`'s one-row-per-prompt contract, so a trainer that knows the hook (EPOTrainer)
@@ -70,6 +71,32 @@ class StepRollout(EnvRollout):
         rank = trainer.accelerator.process_index
         return advantages[rank * len(episodes) : (rank + 1) * len(episodes)], returns
 
+    def turn_advantages(self, episodes: list[Episode], advantages: torch.Tensor, trainer) -> list[list[float]]:
+        """Each turn's advantage: the episode's (GRPO), plus GiGPO's anchor-state step advantage when
+        `config.gigpo_omega > 0` (epo_trl/advantages.py). Step groups are formed from this rank's episodes: exact
+        when every rank holds whole GRPO groups (per-device batch a multiple of num_generations)."""
+        episode = advantages.tolist()
+        if self.config.gigpo_omega <= 0:
+            return [[a] * len(e.turns) for a, e in zip(episode, episodes)]
+        from ..advantages import combine, step_advantages
+
+        group = trainer.num_generations if trainer.model.training else trainer.num_generations_eval
+        offset = trainer.accelerator.process_index * len(episodes)
+        # Anchor state of turn t = the observation it acted on (history[t][0]); failed episodes join no group.
+        states = [[] if e.failed else [obs for obs, _ in e.history[: len(e.turns)]] for e in episodes]
+        states = [s + [object()] * (len(e.turns) - len(s)) if s else s for s, e in zip(states, episodes)]
+        rewards = [[] if e.failed else self._turn_rewards(e) for e in episodes]
+        steps = step_advantages([(offset + i) // group for i in range(len(episodes))], states, rewards)
+        steps = [s or [0.0] * len(e.turns) for s, e in zip(steps, episodes)]
+        return combine(episode, steps, self.config.gigpo_omega)
+
+    def _turn_rewards(self, episode: Episode) -> list[float]:
+        """Per-turn rewards whose sum is the episode return: invalid penalty per invalid turn, win on the last."""
+        rewards = [self.config.invalid_penalty * (t.action is None) for t in episode.turns]
+        if episode.won and rewards:
+            rewards[-1] += self.config.win_reward
+        return rewards
+
     # ----- the hook ----------------------------------------------------------------------------------------
     def build_training_batch(self, inputs: list[dict], trainer) -> dict[str, Any]:
         """Play this rank's generation batch and return step-wise training rows as TRL-style tensors."""
@@ -77,11 +104,12 @@ class StepRollout(EnvRollout):
         mode = "train" if trainer.model.training else "eval"
         result = self.play([x["prompt"] for x in inputs], trainer)
         advantages, returns = self.episode_advantages(result.episodes, trainer)
+        per_turn = self.turn_advantages(result.episodes, advantages, trainer)
 
         rows = [
-            (turn.prompt_ids, turn.completion_ids, turn.logprobs, float(adv), t)
-            for e, adv in zip(result.episodes, advantages.tolist())
-            for t, turn in enumerate(e.turns)
+            (turn.prompt_ids, turn.completion_ids, turn.logprobs, adv, t)
+            for e, advs in zip(result.episodes, per_turn)
+            for t, (turn, adv) in enumerate(zip(e.turns, advs))
         ]
         num_real = len(rows)
         # Same row count on every rank, a multiple of steps_per_generation (see the module docstring).
