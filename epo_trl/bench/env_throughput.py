@@ -22,7 +22,7 @@ from .common import md_table
 WORKERS = (1, 2, 4)
 ENVS = 4  # episodes stepped each turn, spread over the workers
 STEPS = {"full": 240, "quick": 80, "smoke": 8}  # total env steps per setting
-WARMUP_TURNS = 3
+WARMUP_TURNS = {"scienceworld": 20, "alfworld": 3}  # untimed; the JVMs' JIT needs a few dozen steps
 # Commands valid in any ScienceWorld room that neither end the episode nor need an object.
 SW_ACTIONS = ("look around", "inventory", "wait1", "look around", "go to hallway", "go to kitchen")
 SW_TASK = "boil"
@@ -57,7 +57,7 @@ class _LockedFactory:
         return _Locked(self.inner.make())
 
 
-def _pool_steps_per_s(pool, tasks, total_steps: int, choose) -> tuple[float, int]:
+def _pool_steps_per_s(pool, tasks, total_steps: int, choose, warmup: int) -> tuple[float, int]:
     """Step `ENVS` episodes in lockstep turns through `pool` until `total_steps`; return (steps/s, steps)."""
     handles = [pool.acquire() for _ in range(ENVS)]
     rngs = [random.Random(i) for i in range(ENVS)]
@@ -83,7 +83,7 @@ def _pool_steps_per_s(pool, tasks, total_steps: int, choose) -> tuple[float, int
         return len(items)
 
     restart(range(ENVS))
-    for k in range(WARMUP_TURNS):
+    for k in range(warmup):
         turn(-k - 1)
     steps, k, t0 = 0, 0, time.perf_counter()
     while steps < total_steps:
@@ -92,7 +92,7 @@ def _pool_steps_per_s(pool, tasks, total_steps: int, choose) -> tuple[float, int
     return steps / (time.perf_counter() - t0), steps
 
 
-def _sweep(factory, locked_threads: bool, tasks, total_steps: int, workers, choose) -> dict:
+def _sweep(factory, locked_threads: bool, tasks, total_steps: int, workers, choose, warmup: int) -> dict:
     from ..rollout.workers import ProcessEnvPool, ThreadEnvPool
 
     out = {}
@@ -103,7 +103,7 @@ def _sweep(factory, locked_threads: bool, tasks, total_steps: int, workers, choo
             else:
                 pool = ProcessEnvPool(factory, n, timeout=120)
             try:
-                rate, steps = _pool_steps_per_s(pool, tasks, total_steps, choose)
+                rate, steps = _pool_steps_per_s(pool, tasks, total_steps, choose, warmup)
             finally:
                 pool.close()
             mode = "threads (locked)" if kind == "threads" and locked_threads else kind
@@ -117,7 +117,8 @@ def scienceworld(total_steps: int, workers=WORKERS) -> dict:
 
     factory = ScienceWorldFactory(task_names=[SW_TASK], held_out_tasks=(), env_step_limit=100_000)
     tasks = [TaskSpec("scienceworld", SW_TASK, 0, 0)]
-    return _sweep(factory, False, tasks, total_steps, workers, lambda rng, adm, k: SW_ACTIONS[k % len(SW_ACTIONS)])
+    choose = lambda rng, adm, k: SW_ACTIONS[k % len(SW_ACTIONS)]  # noqa: E731
+    return _sweep(factory, False, tasks, total_steps, workers, choose, WARMUP_TURNS["scienceworld"])
 
 
 def alfworld(total_steps: int, workers=WORKERS) -> dict:
@@ -129,7 +130,8 @@ def alfworld(total_steps: int, workers=WORKERS) -> dict:
         factory = ALFWorldFactory(data_path=root)
         tasks = factory.tasks("train")
         # a random admissible command (the sample games are small: random play wins and restarts now and then)
-        return _sweep(factory, True, tasks, total_steps, workers, lambda rng, adm, k: rng.choice(adm or ["look"]))
+        choose = lambda rng, adm, k: rng.choice(adm or ["look"])  # noqa: E731
+        return _sweep(factory, True, tasks, total_steps, workers, choose, WARMUP_TURNS["alfworld"])
 
 
 _STARTUP_SCRIPT = """
