@@ -43,6 +43,9 @@ class EPOConfig(GRPOConfig):
             Memory bound for step-mode batches, whose row count (episodes x turns) varies: a micro-batch with more
             rows runs as several forward/backward passes of at most this many rows, with the loss weighted so the
             gradient equals the single pass. `None` = `per_device_train_batch_size`; `0` = never split.
+        vllm_server_base_urls (`list[str]` or `None`, *optional*, defaults to `None`):
+            Server mode with several `trl vllm-serve` servers: each generate call's prompts are split across them
+            (data-parallel generation) and every weight sync reaches all of them.
     """
 
     entropy_coef: float = field(
@@ -96,7 +99,26 @@ class EPOConfig(GRPOConfig):
         },
     )
 
+    vllm_server_base_urls: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Server mode: base URLs of several `trl vllm-serve` servers (data-parallel generation). Each "
+            "generate call's prompts are split across them and every weight sync reaches all of them. Overrides "
+            "vllm_server_base_url / vllm_server_host."
+        },
+    )
+
     def __post_init__(self):
+        if self.vllm_server_base_urls:
+            urls = list(self.vllm_server_base_urls)
+            _check(len(set(urls)) == len(urls), "vllm_server_base_urls", urls, "distinct URLs")
+            _check(
+                self.vllm_mode == "server",
+                "vllm_server_base_urls",
+                urls,
+                "used with vllm_mode='server' (colocate mode runs one engine per rank)",
+            )
+            self.vllm_server_base_url = urls[0]  # TRL connects the first; EPOTrainer adds the others
         super().__post_init__()
         _check(self.entropy_coef >= 0, "entropy_coef", self.entropy_coef, ">= 0 (use 0 to disable EPO's bonus)")
         _check(self.smoothing_coef >= 0, "smoothing_coef", self.smoothing_coef, ">= 0")

@@ -25,6 +25,7 @@ from .entropy import (
     smoothing_penalty,
     turn_ids_from_mask,
 )
+from .rollout.vllm_servers import attach_server_pool
 
 STATE_FILE = "epo_state.json"
 _PREPARED = "_epo_prepared"  # marks a micro-batch that `_prepare_inputs` already built
@@ -60,6 +61,7 @@ class EPOTrainer(GRPOTrainer):
                 f"Replace GRPOConfig(...) with {self.config_class.__name__}(...): it takes the same arguments."
             )
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        attach_server_pool(self)  # several vLLM servers (args.vllm_server_base_urls)
         self.entropy_history = EntropyHistory(args.entropy_history_window)
         self._last_entropies: torch.Tensor | None = None
         self._epo_step_stats: list[torch.Tensor] | None = None  # per-micro-batch stats of the current step

@@ -146,3 +146,30 @@ def test_a_rollout_temperature_other_than_the_trainers_is_refused(maze_model, tm
     with pytest.raises(ValueError, match=r"RolloutConfig.temperature=0.7 differs from the trainer's temperature=1.0"):
         trainer.train()
     rollout.close()
+
+
+def test_several_vllm_servers_share_each_generate_and_all_get_every_sync(maze_model, tmp_path):
+    urls = ["http://node-a:8000", "http://node-b:8000"]
+    factory = MazeFactory(size=2, task="reach")
+    rollout = StepRollout(factory, RolloutConfig(max_turns=2, max_turn_tokens=4, require_tags=False))
+    args = EPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, num_generations=4,
+                     learning_rate=5e-2, use_cpu=True, bf16=False, report_to=[], save_strategy="no",
+                     use_vllm=True, vllm_mode="server", vllm_server_base_urls=urls)  # fmt: skip
+    weights = WeightsPerStep()
+    with vllm_standin(model_path=maze_model) as standin:
+        trainer = EPOTrainer(maze_model, [episode_return_reward], args=args, train_dataset=task_dataset(factory),
+                             rollout_func=rollout, callbacks=[weights])  # fmt: skip
+        trainer.train()
+        rollout.close()
+    assert [c.base_url for c in trainer.vllm_generation.vllm_client.clients] == urls
+    a, b = standin.engines
+    assert a.synced == b.synced == weights.after[:2]  # every server gets each step's weights
+    sizes_a = [e[1] for e in a.events if e[0] == "generate"]
+    sizes_b = [e[1] for e in b.events if e[0] == "generate"]
+    assert len(sizes_a) == len(sizes_b) >= 2 and all(abs(x - y) <= 1 for x, y in zip(sizes_a, sizes_b))
+    assert sizes_a[0] + sizes_b[0] == 4  # the first turn's 4 episodes, split 2 + 2
+
+
+def test_server_urls_need_server_mode(tmp_path):
+    with pytest.raises(ValueError, match="vllm_server_base_urls"):
+        EPOConfig(output_dir=str(tmp_path), vllm_server_base_urls=["http://a:1", "http://b:1"], vllm_mode="colocate")
