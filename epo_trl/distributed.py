@@ -63,3 +63,9 @@ def model_vllm_parallelism(model: str, gpus: int) -> tuple[int, int]:
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     return vllm_parallelism(heads, kv_heads, gpus, getattr(config, "intermediate_size", None))
+
+
+if __name__ == "__main__":  # `python epo_trl/distributed.py MODEL GPUS` prints "TP DP", without importing trl
+    import sys
+
+    print(*model_vllm_parallelism(sys.argv[1], int(sys.argv[2])))
