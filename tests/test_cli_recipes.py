@@ -283,3 +283,17 @@ def test_two_process_cli_run_checkpoints_and_resumes(tmp_path):
     assert resumed["num_steps"] == 4  # continued from step 2's history, did not restart
     assert json.load(open(out / "checkpoint-4" / "trainer_state.json"))["global_step"] == 4
     assert [e["step"] for e in _logs(out / "logs.jsonl") if "loss" in e] == [1, 2, 3, 4]
+
+
+def test_programs_pass_python_values_as_overrides(tmp_path):
+    """`load_config(..., overrides=)` (bench/study): typed values count as flags, no string round trip."""
+    notes = []
+    script, _, args = load_config(
+        [MAZE], notes, overrides={"save_strategy": "no", "report_to": [], "per_device_train_batch_size": 16,
+                                  "env_kwargs": {"size": 3}, "output_dir": str(tmp_path)}
+    )  # fmt: skip
+    assert args.save_strategy.value == "no" and args.report_to == [] and script.env_kwargs == {"size": 3}
+    assert args.per_device_train_batch_size == 16 and script.tasks_per_step is None
+    assert notes == ["per_device_train_batch_size=16 replaces tasks_per_step"]
+    with pytest.raises(UsageError, match="unknown key 'max_step' .*in the overrides"):
+        load_config([MAZE], overrides={"max_step": 3})

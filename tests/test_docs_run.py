@@ -4,7 +4,8 @@ How (documented in docs/configuration.md, "Docs that run"):
 - Python blocks run each on its own (a fresh namespace, a fresh working folder): a fragment fails.
 - Shell blocks run with `bash -e` in a fresh folder that links `recipes/`, with `epo-trl` on PATH.
 - Hub ids (`Qwen/...`, `HuggingFaceTB/...`, ...) are replaced by a tiny local model: no network here.
-- EPO_TRL_DOCS_FAST=1 caps CLI runs (`epo-trl train`: max_steps 2, warmstart_steps 10; `epo-trl eval`: 4 tasks).
+- EPO_TRL_DOCS_FAST=1 caps CLI runs (`epo-trl train`: max_steps 2, warmstart_steps 10, max_turns 3; `epo-trl
+  eval`: 2 tasks, max_turns 3).
 - A block that cannot run here (GPU, vLLM, several nodes, network, installs) has `<!-- no-run: why -->` on the
   line before its fence; it is still syntax-checked. A block that installs, downloads or calls make/sbatch
   without the marker fails WITHOUT being run.
