@@ -9,7 +9,7 @@ warm-started model sees exactly the prompts RL will show it.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -33,16 +33,50 @@ class PlanBackend:
         active = [i for i, plan in enumerate(self.plans) if len(plan) > self.calls]
         if len(active) != len(prompts):
             raise RuntimeError(f"{len(prompts)} prompts for {len(active)} planned episodes: a plan did not win.")
-        eos = self.tokenizer.eos_token_id
-        ids = [
-            self.tokenizer(f"{self.tags[0]}{self.plans[i][self.calls]}{self.tags[1]}")["input_ids"][
-                : max_new_tokens - 1
-            ]
-            + [eos]
-            for i in active
-        ]
+        ids = [action_ids(self.tokenizer, self.plans[i][self.calls], self.tags, max_new_tokens) for i in active]
         self.calls += 1
         return Generation(ids, [[0.0] * len(x) for x in ids])
+
+
+def action_ids(tokenizer, action: str, tags: tuple[str, str], max_new_tokens: int) -> list[int]:
+    """The completion a model writes for `action`: tagged text, then EOS (within the turn's token budget)."""
+    return tokenizer(f"{tags[0]}{action}{tags[1]}")["input_ids"][: max_new_tokens - 1] + [tokenizer.eos_token_id]
+
+
+def noisy_demonstrator(
+    samples: Sequence[tuple[list[int], list[int], list[int]]],
+    factory: EnvFactory,
+    tasks: Sequence[TaskSpec],
+    tokenizer,
+    config: RolloutConfig,
+    noise: float,
+    seed: int = 0,
+) -> list[tuple[list[int], list[int], list[int]]]:
+    """Step-mode expert samples of `tasks` (from `expert_turns`) with a share `noise` of their labels replaced by a
+    uniformly random admissible action of the same state: a demonstrator that knows the valid moves but wanders.
+
+    The admissible actions come from replaying each expert plan in a fresh env (the samples' order).
+    """
+    rng = random.Random(seed)
+    env = factory.make()
+    admissible: list[list[str]] = []
+    try:
+        for task in tasks:
+            env.reset(task)
+            for action in factory.solve(task):
+                admissible.append(env.admissible_actions() or [action])
+                env.step(action)
+    finally:
+        env.close()
+    if len(admissible) != len(samples):
+        raise ValueError(f"{len(samples)} samples for {len(admissible)} expert turns: pass the samples of `tasks`.")
+    out = []
+    for (prompt, completion, mask), actions in zip(samples, admissible):
+        if rng.random() < noise:
+            completion = action_ids(tokenizer, rng.choice(actions), config.action_tags, config.max_turn_tokens)
+            mask = [1] * len(completion)
+        out.append((prompt, completion, mask))
+    return out
 
 
 def expert_turns(
@@ -72,13 +106,18 @@ def behaviour_clone(
     lr: float = 3e-3,
     seed: int = 0,
     pad_token_id: int = 0,
+    stop: Callable[[int], bool] | None = None,
+    check_every: int = 25,
 ) -> list[float]:
-    """Supervised steps on (prompt, completion, mask) samples (loss on masked completion tokens); returns losses."""
+    """Supervised steps on (prompt, completion, mask) samples (loss on masked completion tokens); returns losses.
+
+    `stop(step)`, called every `check_every` steps (model in eval mode), ends cloning early when it returns True.
+    """
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     losses = []
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         batch = [samples[rng.randrange(len(samples))] for _ in range(batch_size)]
         width = max(len(p) + len(c) for p, c, _ in batch)
         ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
@@ -94,18 +133,59 @@ def behaviour_clone(
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        if stop is not None and step % check_every == 0:
+            model.eval()
+            if stop(step):
+                break
+            model.train()
     model.eval()
     return losses
 
 
+def sampled_success(model, tokenizer, factory: EnvFactory, tasks: Sequence[TaskSpec], config: RolloutConfig,
+                    mode: str = "step", seed: int = 0) -> float:  # fmt: skip
+    """Share of `tasks` won by the model sampling at temperature 1 (the rollout's sampling), with HF generate."""
+    from .rollout import HFBackend, run_episodes
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        records = run_episodes(HFBackend(model, tokenizer, temperature=1.0), factory, tasks, tokenizer, config, mode)
+    return sum(r["won"] for r in records) / max(len(records), 1)
+
+
 def warm_start(model_dir: str, factory: EnvFactory, tasks: Sequence[TaskSpec], config: RolloutConfig,
-               steps: int, mode: str = "step", seed: int = 0) -> dict:  # fmt: skip
-    """Behaviour-clone the model saved in `model_dir` on expert episodes of `tasks`, in place; return a summary."""
+               steps: int, mode: str = "step", seed: int = 0, target_success: float | None = None,
+               check_every: int = 25, check_tasks: int = 32, noise: float = 0.0) -> dict:  # fmt: skip
+    """Behaviour-clone the model saved in `model_dir` on expert episodes of `tasks`, in place; return a summary.
+
+    With `target_success`, cloning stops at the first check (every `check_every` steps) where the model, sampling,
+    wins at least that share of the first `check_tasks` tasks: a start that reads the observation but is still
+    imperfect, whatever the seed (the step at which a tiny model "gets" the task varies a lot between seeds).
+    `steps` is then the cap. `noise` > 0 (step mode): clone a noisy demonstrator instead (`noisy_demonstrator`).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     samples = expert_turns(factory, tasks, tokenizer, config, mode)
+    if noise > 0:
+        if mode != "step":
+            raise ValueError("noise relabels single turns: it needs step-mode samples (mode='step').")
+        samples = noisy_demonstrator(samples, factory, tasks, tokenizer, config, noise, seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    losses = behaviour_clone(model, samples, steps=steps, seed=seed, pad_token_id=tokenizer.pad_token_id)
+    checks: list[tuple[int, float]] = []
+
+    def reached(step: int) -> bool:
+        checks.append((step, sampled_success(model, tokenizer, factory, tasks[:check_tasks], config, mode, seed)))
+        return checks[-1][1] >= target_success
+
+    torch.manual_seed(seed)
+    losses = behaviour_clone(model, samples, steps=steps, seed=seed, pad_token_id=tokenizer.pad_token_id,
+                             stop=reached if target_success is not None else None, check_every=check_every)  # fmt: skip
     model.save_pretrained(model_dir)
-    return {"steps": steps, "expert_samples": len(samples), "final_loss": losses[-1] if losses else None}
+    return {
+        "steps": len(losses),
+        "expert_samples": len(samples),
+        "final_loss": losses[-1] if losses else None,
+        "success_checks": checks,
+        "train_success": checks[-1][1] if checks else None,
+    }
