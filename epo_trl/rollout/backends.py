@@ -289,10 +289,13 @@ class CallableBackend:
 
 
 def backend_for_trainer(trainer) -> GenerationBackend:
-    """vLLM when the trainer uses it, HF generate otherwise."""
+    """vLLM when the trainer uses it, HF generate otherwise (reusing each episode's KV cache across turns: same
+    samples as `HFBackend`, see kv_cache.py)."""
     if getattr(trainer, "use_vllm", False):
         return VLLMBackend.from_trainer(trainer)
-    return HFBackend.from_trainer(trainer)
+    from .kv_cache import KVCacheHFBackend  # it imports this module
+
+    return KVCacheHFBackend.from_trainer(trainer)
 
 
 def _unwrap(model):
