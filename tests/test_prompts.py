@@ -44,7 +44,15 @@ ENV_TEXTS = {
     "edges": (
         "you count down to zero .",
         "reach zero",
-        ["count 3 ", "  leading spaces", "ends with a newline\n", "", "ünïcödé ✓ 日本 42 3.14", "tab\tand  gap ."],
+        [
+            "count 3 ",
+            "  leading spaces",
+            "ends with a newline\n",
+            "",
+            "ünïcödé ✓ 日本 42 3.14",
+            "tab\tand  gap .",
+            "line one.\nLine two\n\nthree \nfour\n\tfive",
+        ],
         None,
     ),
 }
@@ -107,6 +115,13 @@ def test_spliced_ids_equal_the_full_encoding(request, env, which):
     for text in _turns(builder, ENV_TEXTS[env]):
         assert builder.encode_prompt(text) == _full(builder, text)
     assert builder.splicing is True  # the fast path was really taken (and checked)
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_a_goal_ending_in_whitespace_is_encoded_in_full(request, which):
+    builder = PromptBuilder(request.getfixturevalue(which), "you count down to zero .")
+    texts = _turns(builder, ("", "reach zero \t", ["count 2 ."], ["go"]))
+    assert [builder.encode_prompt(t) for t in texts] == [_full(builder, t) for t in texts]
 
 
 def test_a_tokenizer_where_splicing_is_inexact_falls_back_to_full_encoding():

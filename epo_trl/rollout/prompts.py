@@ -1,26 +1,35 @@
 """Rendering the per-turn prompt (paper layout) and tokenising it through the chat template.
 
-Most of a step-mode prompt is the same every turn: the chat template around the message, the env's header, the
-goal line, the format instruction. `encode_prompt` tokenises those once (the header + goal once per goal) and
-only the turn's own lines (step, history, observation, admissible actions) every turn, then splices the ids:
+Most of a step-mode prompt repeats: the chat template around the message, the env's header, the goal line and the
+format instruction every turn; the history lines, actions and admissible lists over and over. `encode_prompt`
+tokenises each of those pieces once and splices the cached ids:
 
-    ids = ids(template prefix + header + goal line + "\n") + ids(turn lines + "\n") + ids(instruction + template suffix)
+    ids = ids(template prefix + header + goal line) + ids(line 1) + ... + ids(line n) + ids(instruction + suffix)
 
-Both cuts sit right after a newline and before a letter, where byte-level BPE tokenizers with a split regex
-(GPT-2, Qwen2, Llama 3, cl100k-style) always start a new pre-token, so the ids equal the full encoding's. This is
-checked, not assumed: the first prompt of every new goal is also encoded in full and compared; one mismatch (e.g.
-SentencePiece's leading-space marker, a template that edits the message) turns splicing off for good and every
-prompt is encoded in full, as before. A turn whose lines start or end with unusual whitespace is encoded in full.
+Every cut sits right after a newline that follows a non-space and right before an ASCII letter, where byte-level
+BPE tokenizers with a split regex (GPT-2, Qwen2, Llama 3, cl100k-style) always start a new pre-token, so the ids
+equal the full encoding's. This is checked, not assumed: the first prompt of every new goal is also encoded in full
+and compared; one mismatch (e.g. SentencePiece's leading-space marker, a template that edits the message) turns
+splicing off for good (`PromptBuilder.splicing = False`) and every prompt is encoded in full, as before.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from .parsing import ActionParser
 
 _A, _B = "\x01ASSISTANT\x01", "\x01USER\x01"  # markers for splitting the chat template
 _MAX_CACHED_GOALS = 4096
+_MAX_CACHED_PIECES = 65536
+# Safe cut points: right after a newline that follows a non-space, right before an ASCII letter. Split-regex
+# byte-level BPE tokenizers always start a new pre-token there, so the pieces' ids concatenate to the whole's.
+_CUTS = re.compile(r"(?<=\S\n)(?=[A-Za-z])")
+
+
+def _letter(text: str) -> bool:
+    return text[:1].isascii() and text[:1].isalpha()
 
 
 class TurnText(str):
@@ -57,6 +66,7 @@ class PromptBuilder:
         self._wrap: tuple[str, str] | None = None  # the chat template around one user message
         self._heads: dict[str, list[int]] = {}  # template prefix + head -> ids
         self._tails: dict[str, list[int]] = {}  # instruction + template suffix -> ids
+        self._pieces: dict[str, list[int]] = {}  # lines of turn texts -> ids
 
     # ----- text ---------------------------------------------------------------------------------------------
     def turn_text(
@@ -127,9 +137,9 @@ class PromptBuilder:
             pre, post = full.split(_B)
             self._wrap = (pre, post)
         pre, post = self._wrap
-        body, tail = text.body, text[len(text.head) + len(text.body) :]
-        # cut right after a newline and before a letter; odd whitespace at a cut could merge across it
-        if not (body[:1].isalpha() and tail[:1].isalpha() and not body[-2:-1].isspace()):
+        head, body, tail = text.head, text.body, text[len(text.head) + len(text.body) :]
+        # every cut: right after a newline that follows a non-space, right before an ASCII letter
+        if not (_letter(body) and _letter(tail) and not head[-2:-1].isspace() and not body[-2:-1].isspace()):
             return None
         head_ids = self._heads.get(text.head)
         new_head = head_ids is None
@@ -140,7 +150,15 @@ class PromptBuilder:
         tail_ids = self._tails.get(tail)
         if tail_ids is None:
             tail_ids = self._tails[tail] = self.encode_text(tail + post)
-        ids = head_ids + self.encode_text(body) + tail_ids
+        ids = list(head_ids)
+        for piece in _CUTS.split(body):  # the turn's lines: most recur (history, actions, admissible lists)
+            piece_ids = self._pieces.get(piece)
+            if piece_ids is None:
+                if len(self._pieces) >= _MAX_CACHED_PIECES:
+                    self._pieces.clear()
+                piece_ids = self._pieces[piece] = self.encode_text(piece)
+            ids += piece_ids
+        ids += tail_ids
         if new_head:  # check against the full encoding once per goal; any difference turns splicing off
             full = self._encode_full(text)
             if full != ids:
