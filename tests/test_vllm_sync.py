@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from helpers import tiny_args
 from transformers import TrainerCallback
 from vllm_standin import model_checksums, vllm_standin
 
@@ -49,29 +50,13 @@ def train_through_vllm(model_path, out, trainer_cls, config_cls, mode, **overrid
     factory = MazeFactory(size=2, task="reach")
     rollout_cls = StepRollout if mode == "step" else TrajectoryRollout
     rollout = rollout_cls(factory, RolloutConfig(max_turns=3, max_turn_tokens=6, require_tags=False, num_workers=2))
-    options = dict(
-        output_dir=str(out),
-        max_steps=STEPS,
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=6,
-        learning_rate=5e-2,
-        use_cpu=True,
-        bf16=False,
-        report_to=[],
-        save_strategy="no",
-        disable_tqdm=True,
-        use_vllm=True,
-        vllm_mode="colocate",
-        seed=3,
-    )
-    options.update(overrides)
+    options = dict(max_steps=STEPS, max_completion_length=6, use_vllm=True, vllm_mode="colocate", seed=3)
     weights = WeightsPerStep()
     with vllm_standin() as standin:
         trainer = trainer_cls(
             model=model_path,
             reward_funcs=[episode_return_reward],
-            args=config_cls(**options),
+            args=tiny_args(config_cls, out, **{**options, **overrides}),
             train_dataset=task_dataset(factory),
             rollout_func=rollout,
             callbacks=[weights],
@@ -139,8 +124,7 @@ def test_aepo_resamples_use_the_steps_weights(maze_model, tmp_path):
 def test_a_rollout_temperature_other_than_the_trainers_is_refused(maze_model, tmp_path):
     factory = MazeFactory(size=2, task="reach")
     rollout = StepRollout(factory, RolloutConfig(max_turns=2, max_turn_tokens=4, require_tags=False, temperature=0.7))
-    args = EPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, num_generations=4,
-                     use_cpu=True, bf16=False, report_to=[], save_strategy="no", temperature=1.0)  # fmt: skip
+    args = tiny_args(EPOConfig, tmp_path, max_steps=1, temperature=1.0)
     trainer = EPOTrainer(maze_model, [episode_return_reward], args=args, train_dataset=task_dataset(factory),
                          rollout_func=rollout)  # fmt: skip
     with pytest.raises(ValueError, match=r"RolloutConfig.temperature=0.7 differs from the trainer's temperature=1.0"):
@@ -152,9 +136,7 @@ def test_several_vllm_servers_share_each_generate_and_all_get_every_sync(maze_mo
     urls = ["http://node-a:8000", "http://node-b:8000"]
     factory = MazeFactory(size=2, task="reach")
     rollout = StepRollout(factory, RolloutConfig(max_turns=2, max_turn_tokens=4, require_tags=False))
-    args = EPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, num_generations=4,
-                     learning_rate=5e-2, use_cpu=True, bf16=False, report_to=[], save_strategy="no",
-                     use_vllm=True, vllm_mode="server", vllm_server_base_urls=urls)  # fmt: skip
+    args = tiny_args(EPOConfig, tmp_path, use_vllm=True, vllm_mode="server", vllm_server_base_urls=urls)
     weights = WeightsPerStep()
     with vllm_standin(model_path=maze_model) as standin:
         trainer = EPOTrainer(maze_model, [episode_return_reward], args=args, train_dataset=task_dataset(factory),
