@@ -11,12 +11,12 @@ import sys
 
 import pytest
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from epo_trl.cli import ConfigParser, shared_fields
 from epo_trl.envs import make_factory
 from epo_trl.errors import UsageError
-from epo_trl.rollout import HFBackend, RolloutConfig, run_episodes
+from epo_trl.rollout import RolloutConfig
 from epo_trl.train import (
     HIDDEN_ROLLOUT_FIELDS,
     ScriptArguments,
@@ -241,20 +241,22 @@ def test_cli_stop_and_resume_continues_like_an_uninterrupted_run(tmp_path):
         assert (straight / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow  # 80 behaviour-cloning steps
-def test_cli_trains_the_cpu_recipe_with_a_warm_start(tmp_path):
+def test_cli_warm_starts_the_builtin_model(tmp_path):
+    """`--warmstart_steps` reaches the warm start through the CLI path (its fit is tested in test_warmstart.py):
+    the run's tiny model is no longer the freshly built one."""
+    import torch
+
+    from epo_trl.testing import build_tiny_model
+
     out = tmp_path / "run"
-    rc = main([MAZE, "--max_steps", "1", "--output_dir", str(out), "--report_to", "none", "--task_limit", "8",
-               "--warmstart_steps", "80", "--require_tags", "true"])  # fmt: skip
+    rc = main([MAZE, *SMALL, "--max_steps", "1", "--output_dir", str(out), "--warmstart_steps", "5"])
     assert rc == 0
-    # the warm start cloned the expert: the tiny model now writes the strict action format
-    tiny = out / "tiny-model"
-    tokenizer = AutoTokenizer.from_pretrained(tiny)
     factory = make_factory("maze", size=2, task="reach", distractors=0)
-    backend = HFBackend(AutoModelForCausalLM.from_pretrained(tiny), tokenizer)
-    config = RolloutConfig(max_turns=2, max_turn_tokens=12)
-    records = run_episodes(backend, factory, factory.tasks("train")[:8], tokenizer, config)
-    assert sum(r["invalid"] for r in records) < sum(r["length"] for r in records)
+    fresh = build_tiny_model(str(tmp_path / "fresh"), extra_words=factory.vocabulary(), hidden_size=16)
+    warm = AutoModelForCausalLM.from_pretrained(out / "tiny-model").state_dict()
+    cold = AutoModelForCausalLM.from_pretrained(fresh).state_dict()
+    assert warm.keys() == cold.keys()
+    assert any(not torch.equal(warm[k], cold[k]) for k in cold)
     assert json.load(open(out / "final_metrics.json"))["global_step"] == 1
 
 
