@@ -150,9 +150,11 @@ def test_help_lists_every_field_with_help_text(capsys):
 
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
-    for cls in (ScriptArguments, RolloutConfig, EvalArguments):
+    from epo_trl.aepo import AEPOConfig  # every GRPOConfig, EPOConfig and AEPOConfig field
+
+    for cls in (ScriptArguments, RolloutConfig, EvalArguments, AEPOConfig):
         for f in cls.__dataclass_fields__.values():
-            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+            assert f.metadata.get("help") or not f.init, f"{cls.__name__}.{f.name} has no help text"
     for flag in ("--tasks_per_step", "--prompt_history_pairs", "--entropy_history_window", "--learning_rate"):
         assert flag in out
     assert "--temperature" in out and "Sampling temperature of training rollouts" not in out  # rollout's: hidden
