@@ -84,6 +84,19 @@ def yaml_mapping(text: str) -> dict:
 yaml_mapping.__name__ = "mapping"  # argparse names the type in its message: "invalid mapping value"
 
 
+def _unquoting(convert):
+    """A flag value still wrapped in quotes after the shell (`--save_strategy "'no'"`, as programs that YAML-dump
+    their values write) means the quoted text."""
+
+    def parse(text: str):
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            text = text[1:-1]
+        return convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its messages
+    return parse
+
+
 def _strip_optional(tp):
     args = typing.get_args(tp)
     if (typing.get_origin(tp) is typing.Union or isinstance(tp, types.UnionType)) and type(None) in args:
@@ -161,6 +174,8 @@ class ConfigParser:
             elif typing.get_origin(tp) is tuple and typing.get_origin(action.type) is tuple:
                 args = typing.get_args(tp)
                 action.type, action.nargs = args[0], len(args)
+            if callable(action.type):
+                action.type = _unquoting(action.type)
 
     def _takes_list(self, key: str) -> bool:
         tp = self.field_types.get(key)

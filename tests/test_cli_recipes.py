@@ -299,3 +299,9 @@ def test_programs_pass_python_values_as_overrides(tmp_path):
     assert notes == ["per_device_train_batch_size=16 replaces tasks_per_step"]
     with pytest.raises(UsageError, match="unknown key 'max_step' .*in the overrides"):
         load_config([MAZE], overrides={"max_step": 3})
+
+
+def test_yaml_quoted_flag_values_are_unquoted(tmp_path):
+    """Programs that YAML-dump their flag values (bench/common.recipe_config) quote YAML-ambiguous text."""
+    _, _, args = load_config([MAZE, "--save_strategy", "'no'", "--run_name", '"yes"', "--output_dir", str(tmp_path)])
+    assert args.save_strategy.value == "no" and args.run_name == "yes"
