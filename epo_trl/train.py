@@ -427,16 +427,18 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or "--help" in argv or "-h" in argv:
         path, rest = split_config_path([a for a in argv if a not in ("-h", "--help")])
         print(__doc__)
-        print(config_parser(flag_value(rest, "algo") or "epo").format_help())
+        algo = flag_value(rest, "algo") or read_config_file(path).get("algo", "epo")
+        print(config_parser(algo if algo in ALGOS else "epo").format_help())
         return 0 if argv else 2
     notes: list[str] = []
     script, rollout_config, args = load_config(argv, notes)
     main_process = args.process_index == 0
     if main_process:
         print("\n".join(f"epo-trl train: {line}" for line in [*notes, *describe(script, args)]), flush=True)
-    trainer = build_trainer(
-        script, rollout_config, args, callbacks=[_jsonl_callback(os.path.join(args.output_dir, "logs.jsonl"))]
-    )
+    log_file = os.path.join(args.output_dir, "logs.jsonl")
+    if main_process and not args.resume_from_checkpoint and os.path.exists(log_file):
+        os.remove(log_file)  # a new run in an old folder starts a new log; a resumed run continues it
+    trainer = build_trainer(script, rollout_config, args, callbacks=[_jsonl_callback(log_file)])
     try:
         output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
         trainer.save_model(args.output_dir)
