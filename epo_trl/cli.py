@@ -262,7 +262,12 @@ class ConfigParser:
             flags = [t.split("=", 1)[0][2:].replace("-", "_") for t in remaining if t.startswith("--")]
             if flags:
                 raise self.unknown_key_error(flags, "on the command line")
-            raise UsageError(f"unexpected argument {remaining[0]!r}: options look like --field value.")
+            hint = (
+                "fix: put the config file first, or pass it as --config FILE."
+                if remaining[0].endswith((".yaml", ".yml"))
+                else None
+            )
+            raise UsageError(f"unexpected argument {remaining[0]!r}: options look like --field value.", hint)
         explicit = self.explicit_keys(argv)
         values = {k: v for k, v in vars(namespace).items() if k in self.field_types}
         sources = {k: FLAG if k in explicit else FILE if k in file_values else DEFAULT for k in values}

@@ -40,6 +40,7 @@ TRAIN_CASES = [
     ("bad-choice", [MAZE, "--rollout_mode", "steps"], None, "rollout_mode: invalid choice: 'steps'"),
     ("bad-algo", [MAZE, "--algo", "ppo"], None, "algo='ppo' is not a method here."),
     ("missing-config-file", ["nope.yaml"], None, "config file 'nope.yaml' not found."),
+    ("config-file-last", ["--max_steps", "3", MAZE], None, "fix: put the config file first, or pass it as --config"),
     ("invalid-yaml", ["FILE"], "max_steps: [1\n", "is not valid YAML"),
     ("unknown-env", [MAZE, "--env", "mazee"], None, "env='mazee' is not a registered environment (did you mean 'maze'?)"),
     ("unknown-task", [MAZE, "--env_kwargs", "{task: fly}"], None, "env 'maze': Unknown maze task 'fly'"),
