@@ -51,6 +51,7 @@ def _rollout(engine, tasks, backend, mode: str, seed: int) -> dict:
     encode = prompts.encode_prompt
     prompts.encode_prompt = lambda text: texts.append(text) or encode(text)
     recorder = RecordingBackend(backend)
+    prompts.clear_cache()  # every rep replays the same texts: time it with cold caches, as if they were all new
     torch.manual_seed(seed)
     try:
         t0 = time.perf_counter()
@@ -74,10 +75,11 @@ def _rollout(engine, tasks, backend, mode: str, seed: int) -> dict:
 
 
 def _encoding_cost(builder, texts) -> dict:
-    """Seconds per prompt to tokenise the recorded user messages: spliced (cached parts) vs full encoding."""
+    """Milliseconds per prompt to tokenise one rollout's user messages: spliced (caches start cold) vs in full."""
     out = {}
     for name, encode in (("spliced", builder.encode_prompt), ("full", builder._encode_full)):
-        encode(texts[0])  # caches warm, as in a rollout after its first turn
+        encode(texts[0])  # the chat template's one-off set-up
+        builder.clear_cache()
         t0 = time.perf_counter()
         for text in texts:
             encode(text)

@@ -68,6 +68,12 @@ class PromptBuilder:
         self._tails: dict[str, list[int]] = {}  # instruction + template suffix -> ids
         self._pieces: dict[str, list[int]] = {}  # lines of turn texts -> ids
 
+    def clear_cache(self) -> None:
+        """Forget the cached ids (benchmarks: time a rollout as if its texts were all new)."""
+        self._heads.clear()
+        self._tails.clear()
+        self._pieces.clear()
+
     # ----- text ---------------------------------------------------------------------------------------------
     def turn_text(
         self,
