@@ -88,7 +88,7 @@ def _measure(turns: int, variant: str, steps: int, output_dir: str) -> dict:
         def on_step_begin(self, *_, **__):
             watch.totals.clear()
             counter.tokens = 0
-            self.t0 = time.perf_counter()
+            self.t0, self.cpu0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *_, **__):
             result = rollout.last_result
@@ -99,8 +99,9 @@ def _measure(turns: int, variant: str, steps: int, output_dir: str) -> dict:
                 tokens = sum(len(e.prompt_ids) + len(e.completion_ids) for e in result.episodes)
                 rows = len(result.episodes)
             step_s = time.perf_counter() - self.t0
+            cpu_s = time.process_time() - self.cpu0  # this process's CPU time: robust to other load on the machine
             play_s = watch.totals.get("rollout", 0.0)
-            records.append({"step_s": step_s, "rollout_s": play_s, "gen_s": result.gen_time_s,
+            records.append({"step_s": step_s, "cpu_s": cpu_s, "rollout_s": play_s, "gen_s": result.gen_time_s,
                             "env_s": result.env_time_s, "train_s": step_s - play_s, "rows": rows,
                             "train_tokens": tokens, "prefill_tokens": counter.tokens,
                             "mean_turns": statistics.fmean(len(e.turns) for e in result.episodes)})  # fmt: skip
@@ -146,7 +147,8 @@ def to_markdown(results: dict) -> str:
     lines = [
         f"- {v}: step time at {last[v]['turns']} turns = **{last[v]['step_s'] / first[v]['step_s']:.2f}x** the time at "
         f"{first[v]['turns']} turns (turns x{last[v]['turns'] / first[v]['turns']:.0f}; generation "
-        f"x{last[v]['gen_s'] / first[v]['gen_s']:.2f}, training x{last[v]['train_s'] / first[v]['train_s']:.2f})"
+        f"x{last[v]['gen_s'] / first[v]['gen_s']:.2f}, training x{last[v]['train_s'] / first[v]['train_s']:.2f}; "
+        f"process CPU time x{last[v]['cpu_s'] / first[v]['cpu_s']:.2f})"
         for v in first
         if v.startswith("trajectory") and last[v] is not first[v]
     ]
