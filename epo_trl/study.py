@@ -1,10 +1,13 @@
-"""`python -m epo_trl.study`: GRPO vs EPO-Base vs EPO (vs AEPO) on the built-in maze, several seeds, same budget.
+"""`python -m epo_trl.study`: GRPO vs EPO-Base vs EPO (vs EPO + GiGPO, the demo) on the built-in maze, several seeds.
 
 Every run goes through the real CLI path (`epo_trl.train.load_config` on `recipes/cpu/maze_<algo>.yaml` plus the
 shared overrides below, then `build_trainer`), so algorithms differ only in what their recipe/`--algo` pins.
-Per optimizer step it records train success (`rollout/success_rate`), TRL's token entropy (`entropy`) and the
-per-turn entropies (`epo/turn_entropy/<t>`); after training, held-out success with HF generate on `valid_seen`
-and `valid_unseen`. Writes `results.json`, PNG plots and `docs/study.md` (table + answer generated from the data).
+The setting is the demo's (`epo_trl.demo`: a hidden-64 tiny model warm-started on a noisy demonstrator, KL anchor,
+batch-std rewards, step mode), where plain GRPO learns. Per seed, the warm start is built once and shared by every
+algorithm (same start, same held-out "before"). Per optimizer step it records train success, TRL's token entropy and
+the per-turn entropies; after training, held-out success with HF generate on `valid_seen` and `valid_unseen`.
+Writes one JSON per finished run (so an interrupted study can still be reported), `results.json`, PNG plots and
+`docs/study.md` (table with 95% confidence intervals + answer generated from the data).
 Runs execute as subprocesses, `--jobs` at a time, each with cores/jobs torch threads.
 """
 
@@ -14,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -22,32 +26,39 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ALGOS = ("grpo", "epo-base", "epo", "aepo")
-LABELS = {"grpo": "GRPO", "epo-base": "EPO-Base", "epo": "EPO", "aepo": "AEPO"}
-# The setting: a 2x2 `reach` maze (held-out: unseen 2x2 layouts and larger 3x3 ones), a 30k-parameter tiny model
-# warm-started by 150 behaviour-cloning steps on expert episodes (~20% success, entropy ~1 nat: a competent but
-# imperfect start, as an instruction-tuned LLM is), the paper's strict <action> format, trajectory mode for every
-# algorithm (AEPO re-samples whole episodes, which step mode cannot carry), and a high learning rate so entropy
-# dynamics show within 48 steps on 2 CPU cores.
+from .demo import EPISODES_PER_STEP, GROUP, HIDDEN_SIZE, KL_BETA, MAX_TURN_TOKENS, MAX_TURNS, SCALE_REWARDS
+
+# "epo-gigpo" = EPO with GiGPO step advantages: exactly the demo's setting, so its row is the demo's seed spread.
+ALGOS = ("grpo", "epo-base", "epo", "epo-gigpo")
+LABELS = {"grpo": "GRPO", "epo-base": "EPO-Base", "epo": "EPO", "epo-gigpo": "EPO + GiGPO (demo)", "aepo": "AEPO"}
+RECIPE = {"epo-gigpo": "epo"}  # recipe file of each algo (default: its own)
+ALGO_EXTRA = {"epo-gigpo": {"gigpo_omega": 1.0}}
+# The demo's setting (see epo_trl/demo.py for why each value): 2x2 `reach` maze, strict <action> format, step mode.
 SHARED = {
     "env_kwargs": {"size": 2, "task": "reach", "distractors": 0},
-    "warmstart_steps": 150,
+    "tiny_hidden_size": HIDDEN_SIZE,
+    "warmstart_steps": 0,  # the study builds the warm start itself (WARM_START), once per seed
     "require_tags": True,
-    "rollout_mode": "trajectory",
-    "max_turns": 8,
-    "max_turn_tokens": 12,
-    "per_device_train_batch_size": 16,
-    "num_generations": 4,
+    "rollout_mode": "step",
+    "max_turns": MAX_TURNS,
+    "max_turn_tokens": MAX_TURN_TOKENS,
+    "tasks_per_step": EPISODES_PER_STEP // GROUP,
+    "num_generations": GROUP,
+    "beta": KL_BETA,
+    "scale_rewards": SCALE_REWARDS,
     "learning_rate": 0.002,
-    "max_steps": 48,
+    "lr_scheduler_type": "constant",
+    "max_steps": 30,
     "report_to": [],
     "disable_tqdm": True,
     "logging_steps": 1,
-    "save_strategy": "no",
 }
-FULL = {"algos": ALGOS, "seeds": (0, 1, 2), "eval_tasks": 32}
+WARM_START = {"steps": 600, "noise": 0.7}  # behaviour cloning on the noisy demonstrator (epo_trl.warmstart)
+FULL = {"algos": ALGOS, "seeds": (0, 1, 2, 3, 4), "eval_tasks": 64}
 QUICK = {"algos": ("grpo", "epo"), "seeds": (0,), "eval_tasks": 4}
-QUICK_OVERRIDES = {"max_steps": 2, "per_device_train_batch_size": 8, "max_turns": 3, "warmstart_steps": 5}
+QUICK_OVERRIDES = {"max_steps": 2, "tasks_per_step": 2, "num_generations": 4, "max_turns": 3}
+QUICK_WARM = {"steps": 5, "noise": 0.7}
+GAIN_TARGET = 0.30  # the demo's bar: held-out success after - before
 
 
 def aepo_available() -> tuple[bool, str]:
@@ -59,20 +70,51 @@ def aepo_available() -> tuple[bool, str]:
 
 
 # ----- one run ---------------------------------------------------------------------------------------------------
-def run_one(algo: str, seed: int, output_dir: str, overrides: dict, eval_tasks: int) -> dict:
-    """Train one (algo, seed) through the CLI path; return per-step metrics and held-out success."""
+def _setup(overrides: dict, algo: str, seed: int, output_dir: str):
     from .bench.common import quiet_logs, recipe_config, setup_offline
 
     setup_offline()
     quiet_logs()
+    extra = {**overrides, **ALGO_EXTRA.get(algo, {}), "seed": seed, "output_dir": output_dir}
+    return recipe_config(RECIPE.get(algo, algo), extra)
+
+
+def _held_out(model, tokenizer, factory, rollout, eval_tasks: int, seed: int) -> dict[str, float]:
+    from .demo import evaluate_held_out
+
+    result = evaluate_held_out(model, tokenizer, factory, rollout, eval_tasks, 1.0, seed)
+    return {split: r["success_rate"] for split, r in result.items()}
+
+
+def warm_one(seed: int, model_dir: str, overrides: dict, warm: dict, eval_tasks: int) -> dict:
+    """Build seed's warm-started model in `model_dir` (shared by every algo) and its held-out success."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .envs import make_factory
+    from .testing import build_tiny_model
+    from .warmstart import warm_start
+
+    script, rollout, _ = _setup(overrides, "grpo", seed, os.path.dirname(model_dir))
+    factory = make_factory(script.env, **script.env_kwargs)
+    t0 = time.perf_counter()
+    # The same builder and words as `resolve_model`, which then finds this folder and uses it as is.
+    build_tiny_model(model_dir, extra_words=factory.vocabulary(), hidden_size=script.tiny_hidden_size, seed=seed)
+    summary = warm_start(model_dir, factory, factory.tasks(script.train_split), rollout, warm["steps"], seed=seed,
+                         noise=warm["noise"])  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    before = _held_out(model, AutoTokenizer.from_pretrained(model_dir), factory, rollout, eval_tasks, seed)
+    return {"seed": seed, "warm_s": time.perf_counter() - t0, "warm_start": summary, "before": before}
+
+
+def run_one(algo: str, seed: int, output_dir: str, overrides: dict, eval_tasks: int, warm_dir: str) -> dict:
+    """Train one (algo, seed) from the seed's warm start through the CLI path; per-step metrics, held-out success."""
     import torch
     from transformers import PrinterCallback
 
-    from .evaluate import evaluate
-    from .rollout import HFBackend
     from .train import build_trainer
 
-    script, rollout, args = recipe_config(algo, {**overrides, "seed": seed, "output_dir": output_dir})
+    script, rollout, args = _setup(overrides, algo, seed, output_dir)
+    shutil.copytree(warm_dir, os.path.join(args.output_dir, "tiny-model"))  # where resolve_model looks
     trainer = build_trainer(script, rollout, args)
     trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the study keeps log_history instead
     t0 = time.perf_counter()
@@ -88,14 +130,9 @@ def run_one(algo: str, seed: int, output_dir: str, overrides: dict, eval_tasks: 
             if key.startswith("epo/turn_entropy/"):
                 per_turn.setdefault(key.rsplit("/", 1)[-1], [None] * len(steps))[i] = value
     torch.manual_seed(seed)
-    trainer.model.eval()
-    backend = HFBackend(trainer.model, trainer.processing_class, temperature=1.0)
-    factory = trainer.rollout_func.factory
-    held_out = {}
-    for split in ("valid_seen", "valid_unseen"):
-        summary, _ = evaluate(backend, factory, factory.tasks(split)[:eval_tasks], trainer.processing_class,
-                              rollout, progress=False)  # fmt: skip
-        held_out[split] = summary["success_rate"]
+    held_out = _held_out(
+        trainer.model, trainer.processing_class, trainer.rollout_func.factory, rollout, eval_tasks, seed
+    )
     return {
         "algo": algo,
         "seed": seed,
@@ -111,38 +148,40 @@ def run_one(algo: str, seed: int, output_dir: str, overrides: dict, eval_tasks: 
 
 
 def _child(argv: list[str]) -> int:
-    algo, seed, output_dir, overrides, eval_tasks, threads, result_file = argv
+    kind, threads, result_file, payload = argv
     import torch
 
     torch.set_num_threads(int(threads))
-    result = run_one(algo, int(seed), output_dir, json.loads(overrides), int(eval_tasks))
+    job = json.loads(payload)
+    result = warm_one(**job) if kind == "warm" else run_one(**job)
     Path(result_file).write_text(json.dumps(result))
     return 0
 
 
-def _launch(job: tuple, threads: int, tmp: str) -> dict:
-    algo, seed, overrides, eval_tasks = job
-    out = os.path.join(tmp, f"{algo}-{seed}")
-    result_file = out + ".json"
+def _launch(kind: str, job: dict, threads: int, result_file: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "epo_trl.study", "--child", algo, str(seed), out, json.dumps(overrides),
-           str(eval_tasks), str(threads), result_file]  # fmt: skip
+    cmd = [sys.executable, "-m", "epo_trl.study", "--child", kind, str(threads), result_file, json.dumps(job)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        return {
-            "algo": algo,
-            "seed": seed,
-            "error": proc.stderr.strip().splitlines()[-1:] or ["exit " + str(proc.returncode)],
-        }
+        tail = proc.stderr.strip().splitlines()[-1:] or ["exit " + str(proc.returncode)]
+        return {"algo": job.get("algo", "warm start"), "seed": job["seed"], "error": tail}
     return json.loads(Path(result_file).read_text())
 
 
 # ----- statistics ------------------------------------------------------------------------------------------------
-def _mean_std(values: list[float]) -> tuple[float, float]:
+# Two-sided 95% Student t quantiles by degrees of freedom (n - 1); 1.96 beyond the table.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def _mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval across seeds: t_{0.975, n-1} * s / sqrt(n)."""
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return math.nan, math.nan
-    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+    n = len(values)
+    if n == 1:
+        return values[0], math.nan
+    return statistics.fmean(values), _T95.get(n - 1, 1.96) * statistics.stdev(values) / math.sqrt(n)
 
 
 def run_stats(run: dict) -> dict:
@@ -154,8 +193,11 @@ def run_stats(run: dict) -> dict:
     return {
         "diverged": float(max(ent) > DIVERGED_NATS),
         "initial_train_success": statistics.fmean(succ[:q]),  # first quarter: close to the warm-started model
-        "final_train_success": statistics.fmean(succ[-q:]),  # last quarter: one step is 16 episodes, too noisy
+        "final_train_success": statistics.fmean(succ[-q:]),  # last quarter: one step alone is too noisy
+        "before_seen": run["before"]["valid_seen"],
         "valid_seen": run["held_out"]["valid_seen"],
+        "gain_seen": run["held_out"]["valid_seen"] - run["before"]["valid_seen"],
+        "gain_reached": float(run["held_out"]["valid_seen"] - run["before"]["valid_seen"] >= GAIN_TARGET),
         "valid_unseen": run["held_out"]["valid_unseen"],
         "final_entropy": ent[-1],
         "min_entropy": min(ent),
@@ -172,8 +214,11 @@ STAT_COLUMNS = {
     "diverged": "share of seeds diverged (entropy > 5 nats)",
     "initial_train_success": "train success (first quarter)",
     "final_train_success": "train success (last quarter)",
-    "valid_seen": "held-out success valid_seen",
-    "valid_unseen": "held-out success valid_unseen",
+    "before_seen": "held-out valid_seen before RL",
+    "valid_seen": "held-out valid_seen after RL",
+    "gain_seen": "held-out gain (after - before)",
+    "gain_reached": "share of seeds with gain >= 0.30",
+    "valid_unseen": "held-out valid_unseen (3x3) after RL",
     "final_entropy": "final entropy",
     "min_entropy": "min entropy",
     "early_drop": "entropy drop, first quarter",
@@ -190,9 +235,9 @@ def aggregate(runs: list[dict]) -> dict:
     out = {}
     for algo, rs in by_algo.items():
         stats = [run_stats(r) for r in rs]
-        out[algo] = {k: _mean_std([s[k] for s in stats]) for k in STAT_COLUMNS}
+        out[algo] = {k: _mean_ci([s[k] for s in stats]) for k in STAT_COLUMNS}
         out[algo]["seeds"] = len(rs)
-        out[algo]["train_s"] = _mean_std([r["train_s"] for r in rs])
+        out[algo]["train_s"] = _mean_ci([r["train_s"] for r in rs])
     return out
 
 
@@ -259,7 +304,8 @@ def plot(runs: list[dict], out: Path) -> list[str]:
 
 
 def _pm(ms: tuple[float, float], digits: int = 3) -> str:
-    return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
+    mean, ci = ms
+    return f"{mean:.{digits}f} ± {ci:.{digits}f}" if not math.isnan(ci) else f"{mean:.{digits}f}"
 
 
 def answer(summary: dict) -> list[str]:
@@ -269,66 +315,66 @@ def answer(summary: dict) -> list[str]:
         return ["Not enough algorithms finished to compare GRPO with EPO."]
     g, e = summary["grpo"], summary["epo"]
 
-    def differs(a, b) -> bool:  # means further apart than the larger seed spread
-        return abs(a[0] - b[0]) > max(a[1], b[1], 1e-9)
+    def overlaps(a, b) -> bool:  # 95% intervals overlap: no claim of a difference
+        return abs(a[0] - b[0]) <= (0 if math.isnan(a[1]) else a[1]) + (0 if math.isnan(b[1]) else b[1])
 
+    lines.append(
+        "- **Does the baseline learn?** Held-out valid_seen success, before -> after RL (mean ± 95% CI over seeds): "
+        + "; ".join(
+            f"{LABELS[a]} {s['before_seen'][0]:.3f} -> {_pm(s['valid_seen'])} (gain {_pm(s['gain_seen'])}, "
+            f"{s['gain_reached'][0]:.0%} of seeds >= {GAIN_TARGET})"
+            for a, s in summary.items()
+        )
+        + ". "
+        + (
+            "GRPO's gain is above zero at 95% confidence."
+            if g["gain_seen"][0] - (0 if math.isnan(g["gain_seen"][1]) else g["gain_seen"][1]) > 0
+            else "GRPO's gain is not distinguishable from zero at 95% confidence."
+        )
+    )
     diverged = {a: s["diverged"][0] for a, s in summary.items()}
     if any(diverged.values()):
         lines.append(
             "- **Divergence.** Share of seeds whose entropy blew up to near-uniform (> 5 nats) at some step: "
             + ", ".join(f"{LABELS[a]} {v:.2f}" for a, v in diverged.items())
-            + ". Those runs dominate the means below."
-        )
-    same_drop = not differs(g["early_drop"], e["early_drop"])
-    higher = e["min_entropy"][0] > g["min_entropy"][0]
-    lines.append(
-        f"- **Early collapse.** In the first quarter GRPO's entropy falls by {_pm(g['early_drop'], 2)} nats and EPO's "
-        f"by {_pm(e['early_drop'], 2)} (negative = rises; {'about the same' if same_drop else 'different'} early "
-        f"slopes); GRPO reaches a minimum of {_pm(g['min_entropy'], 2)}, EPO's minimum is {_pm(e['min_entropy'], 2)}. "
-        + (
-            ("EPO stops the collapse at a higher floor" if higher else "EPO does not keep entropy higher")
-            + ("" if differs(g["min_entropy"], e["min_entropy"]) else " (but within the seed spread)")
             + "."
         )
+    lines.append(
+        f"- **Early collapse.** In the first quarter GRPO's entropy falls by {_pm(g['early_drop'], 3)} nats and EPO's "
+        f"by {_pm(e['early_drop'], 3)} (negative = rises); minimum entropy GRPO {_pm(g['min_entropy'], 3)}, EPO "
+        f"{_pm(e['min_entropy'], 3)}. "
+        + (
+            "The intervals overlap: no early collapse that EPO prevents is visible in this setting."
+            if overlaps(g["min_entropy"], e["min_entropy"]) and overlaps(g["early_drop"], e["early_drop"])
+            else "The intervals do not overlap."
+        )
     )
-    others = [a for a in ("epo-base", "aepo") if a in summary]
     lines.append(
         "- **Late instability.** Over the second half, entropy std (trend included) / std of step-to-step changes "
         "(oscillation only): "
         + "; ".join(
-            f"{LABELS[a]} {_pm(summary[a]['late_entropy_std'], 2)} / {_pm(summary[a]['late_change_std'], 3)}"
-            for a in ("grpo", "epo", *others)
+            f"{LABELS[a]} {_pm(summary[a]['late_entropy_std'], 3)} / {_pm(summary[a]['late_change_std'], 3)}"
+            for a in summary
         )
-        + ". A plain bonus fighting the policy gradient shows as large step-to-step changes; EPO's smoothing band "
-        "is meant to keep them small."
-    )
-    succ_g, succ_e = g["final_train_success"], e["final_train_success"]
-    held = {a: s["valid_seen"][0] for a, s in summary.items()}
-    lines.append(
-        f"- **Success.** Train success (last quarter): GRPO {_pm(succ_g)}, EPO {_pm(succ_e)}; held-out valid_seen: "
-        + ", ".join(f"{LABELS[a]} {v:.3f}" for a, v in held.items())
         + "."
-        + " Change from the first to the last quarter of training: "
-        + ", ".join(
-            f"{LABELS[a]} {s['final_train_success'][0] - s['initial_train_success'][0]:+.3f}"
-            for a, s in summary.items()
-        )
+    )
+    lines.append(
+        "- **EPO vs GRPO on success.** Held-out gain GRPO "
+        + _pm(g["gain_seen"])
+        + ", EPO "
+        + _pm(e["gain_seen"])
         + (
-            " — no method improves success beyond about one seed std on this setup."
-            if all(
-                abs(s["final_train_success"][0] - s["initial_train_success"][0])
-                <= max(s["final_train_success"][1], s["initial_train_success"][1], 0.02)
-                for s in summary.values()
-            )
-            else "."
+            ": the intervals overlap, so this study shows no success difference between them."
+            if overlaps(g["gain_seen"], e["gain_seen"])
+            else ": the intervals do not overlap."
         )
     )
     cost = {a: s["train_s"][0] for a, s in summary.items()}
     lines.append(
         "- **Cost.** Mean training wall time per run: "
         + ", ".join(f"{LABELS[a]} {v:.0f} s" for a, v in cost.items())
-        + " (same steps, batch and lr; runs shared the CPU, so small differences are noise; the loss overhead "
-        "itself is measured in docs/benchmarks.md)."
+        + " (same steps, batch and lr; runs shared the CPU with each other and other jobs, so differences are noise; "
+        "the loss overhead itself is measured in docs/benchmarks.md)."
     )
     return lines
 
@@ -341,65 +387,81 @@ def to_markdown(results: dict) -> str:
         rows.append("| " + " | ".join([LABELS[algo], str(s["seeds"]), *[_pm(s[k]) for k in STAT_COLUMNS]]) + " |")
     shared = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in meta["overrides"].items() if k not in ("report_to",))
     skipped = "".join(f"\n- {LABELS[a]} skipped: {why}" for a, why in meta["skipped"].items())
-    errors = "".join(f"\n- {LABELS[r['algo']]} seed {r['seed']} failed: {r['error']}" for r in results["errors"])
-    return f"""# Study: entropy collapse on the maze — GRPO vs EPO-Base vs EPO vs AEPO
+    errors = "".join(
+        f"\n- {LABELS.get(r['algo'], r['algo'])} seed {r['seed']} failed: {r['error']}" for r in results["errors"]
+    )
+    warm = meta["warm_start"]
+    return f"""# Study: GRPO vs EPO-Base vs EPO (and EPO + GiGPO) on the maze, in a setting where GRPO learns
 
-Generated by `{meta["command"]}` on {meta["date"]} ({meta["machine"]}); total wall time {meta["wall_s"]:.0f} s.
-Raw numbers: `docs/study/results.json`. Do not edit by hand: re-run the command.
+Generated by `{meta["command"]}` on {meta["date"]} ({meta["machine"]}); total wall time {meta["wall_s"]:.0f} s
+({meta["jobs"]} runs at a time). Raw numbers: `docs/study/results.json`. Do not edit the table by hand: re-run the command.
+Why the setting is what it is, and the negative results that led to it: [docs/study/setting.md](study/setting.md).
 
 ## Setup
 Recipes `recipes/cpu/maze_<algo>.yaml` through `epo_trl.train.load_config/build_trainer` (the CLI path), all
-with the same overrides: {shared}; seeds {list(meta["seeds"])}. All four run on `EPOTrainer` (GRPO = EPO terms
-off), so every run logs the same metrics. Held-out success: `epo_trl.evaluate.evaluate` with HF generate
-(temperature 1) on the first {meta["eval_tasks"]} tasks of `valid_seen` and `valid_unseen` (a 3x3 maze).{skipped}{errors}
+with the same overrides: {shared}; seeds {list(meta["seeds"])}. EPO + GiGPO adds `gigpo_omega=1.0` to EPO (the
+`make demo` setting, so its row is the demo's spread over seeds). All run on `EPOTrainer` (GRPO = EPO terms off).
+Warm start, per seed and shared by all algorithms: {warm["steps"]} behaviour-cloning steps on a noisy demonstrator
+(the expert's move, or with probability {warm["noise"]} a random admissible action). Held-out success:
+HF generate at temperature 1 on the first {meta["eval_tasks"]} tasks of `valid_seen` (unseen 2x2 layouts) and
+`valid_unseen` (3x3 mazes, never trained on), before RL (the warm start) and after.{skipped}{errors}
 
-Why this setting: a random tiny model never reaches the sparse reward, so every run starts from the same
-behaviour-cloned tiny model (`warmstart_steps`: 150 supervised steps on expert episodes of the train split,
-rendered by the same rollout engine), which wins ~10-20% of episodes with an entropy around 1 nat — a competent
-but imperfect start, like the instruction-tuned LLMs of the paper. From there GRPO's entropy tends to fall while
-wins stay sparse: the regime where EPO claims to help.
-
-## Results (mean ± std across seeds)
+## Results (mean ± 95% confidence interval across seeds, Student t)
 
 {chr(10).join(rows)}
 
-Columns: train success = mean `rollout/success_rate` over the last quarter of steps; entropy = TRL's `entropy`
-(token mean over action tokens, nats; uniform over this vocabulary is ~6.3); drop = entropy at step 1 minus at
-the end of the first quarter; entropy std, second half = std of the per-step entropy over the second half of
-training (late instability, trend included); step-to-step change std = std of H[k+1] - H[k] over the second half
-(oscillation without the trend).
+Columns: train success = mean `rollout/success_rate` over the first / last quarter of steps; entropy = TRL's `entropy`
+(token mean over action tokens, nats); drop = entropy at step 1 minus at the end of the first quarter; entropy std,
+second half = std of the per-step entropy over the second half of training (late instability, trend included);
+step-to-step change std = std of H[k+1] - H[k] over the second half (oscillation without the trend).
 
 ![entropy](study/entropy.png) ![success](study/success.png)
 
 ![per-turn entropy](study/turn_entropy.png)
 
-## Does EPO avoid the early collapse and the late instability here, and at what cost?
+## What it shows
 
 {chr(10).join(answer(summary))}
 
-Caveats: {len(meta["seeds"])} seed(s), {meta["overrides"]["max_steps"]} steps and
-{meta["overrides"]["per_device_train_batch_size"]} episodes per step on a 30k-parameter tiny model; this is a smoke-scale study of entropy dynamics, not evidence about task performance at scale.
+Caveats: {len(meta["seeds"])} seed(s), {meta["overrides"]["max_steps"]} steps of
+{meta["overrides"]["tasks_per_step"] * meta["overrides"]["num_generations"]} episodes on a ~0.2M-parameter tiny model
+and a 2x2 maze that a good policy wins in <= 4 moves. In this setting neither failure EPO targets (early entropy
+collapse, late instability under a plain bonus) is present, so the study tests that EPO does not hurt a learning
+baseline, not that it fixes those failures; a longer-horizon variant (key, distractors, 15-30 turns) that shows
+them was not found within this study's CPU budget.
 """
 
 
 # ----- entry point -----------------------------------------------------------------------------------------------
+def _collect(raw: Path) -> tuple[list[dict], dict[int, dict], list[dict]]:
+    """Finished runs, warm starts by seed, and errors, from the per-run JSON files."""
+    runs, warm, errors = [], {}, []
+    for f in sorted(raw.glob("*.json")):
+        r = json.loads(f.read_text())
+        if "error" in r:
+            errors.append(r)
+        elif f.name.startswith("warm-"):
+            warm[r["seed"]] = r
+        else:
+            runs.append(r)
+    for r in runs:
+        r["before"] = warm[r["seed"]]["before"]
+    return runs, warm, errors
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--child"]:
         return _child(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m epo_trl.study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 steps, GRPO and EPO (a test run)")
-    parser.add_argument("--output-dir", default="docs/study", help="results.json and PNG plots")
+    parser.add_argument("--output-dir", default="docs/study", help="results.json, PNG plots, per-run JSON (raw/)")
     parser.add_argument("--report", default=None, help="markdown report (default: docs/study.md; none with --quick)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each in its own process)")
-    parser.add_argument("--report-only", action="store_true", help="re-render the report from results.json")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2 3 4)")
+    parser.add_argument("--algos", nargs="+", default=None, choices=ALGOS, help=f"default: all of {ALGOS}")
+    parser.add_argument("--report-only", action="store_true", help="re-render the report from the per-run JSON")
     opts = parser.parse_args(argv)
-    if opts.report_only:  # statistics are recomputed from the stored runs
-        results = json.loads((Path(opts.output_dir) / "results.json").read_text())
-        results["summary"] = aggregate(results["runs"])
-        (Path(opts.output_dir) / "results.json").write_text(json.dumps(results, indent=1))
-        Path(opts.report or "docs/study.md").write_text(to_markdown(results))
-        return 0
 
     from .bench.common import machine_info, setup_offline
 
@@ -407,51 +469,78 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     plan = QUICK if opts.quick else FULL
     overrides = {**SHARED, **(QUICK_OVERRIDES if opts.quick else {})}
-    skipped = {}
-    algos = list(plan["algos"])
-    ok, why = aepo_available()
-    if "aepo" in algos and not ok:
-        algos.remove("aepo")
-        skipped["aepo"] = f"`epo_trl.aepo` does not import ({why})"
-    jobs = [(a, s, overrides, plan["eval_tasks"]) for s in plan["seeds"] for a in algos]
-    threads = max((os.cpu_count() or 1) // max(opts.jobs, 1), 1)
+    warm_cfg = QUICK_WARM if opts.quick else WARM_START
+    seeds = opts.seeds or list(plan["seeds"])
+    algos = opts.algos or list(plan["algos"])
+    skipped = {
+        "aepo": "AEPO re-samples whole episodes, which only trajectory mode carries; this setting is step mode."
+    }
     out = Path(opts.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        if opts.jobs <= 1:
-            runs = [run_one(a, s, os.path.join(tmp, f"{a}-{s}"), o, n) for a, s, o, n in jobs]
-        else:
-            with ThreadPoolExecutor(opts.jobs) as pool:
-                runs = list(pool.map(lambda j: _launch(j, threads, tmp), jobs))
-    for r in runs:
-        if "error" in r:
-            print(f"run {r['algo']} seed {r['seed']} failed: {r['error']}", file=sys.stderr)
+    raw = out / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    threads = max((os.cpu_count() or 1) // max(opts.jobs, 1), 1)
+    previous = json.loads((out / "results.json").read_text())["meta"] if opts.report_only else None
+    if not opts.report_only:
+        for f in raw.glob("*.json"):
+            f.unlink()
+        with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max(opts.jobs, 1)) as pool:
+
+            def warm(seed):
+                job = {"seed": seed, "model_dir": os.path.join(tmp, f"warm-{seed}", "model"), "overrides": overrides,
+                       "warm": warm_cfg, "eval_tasks": plan["eval_tasks"]}  # fmt: skip
+                return _launch("warm", job, threads, str(raw / f"warm-{seed}.json"))
+
+            def train(job):
+                algo, seed = job
+                result_file = raw / f"{algo}-{seed}.json"
+                spec = {"algo": algo, "seed": seed, "output_dir": os.path.join(tmp, f"{algo}-{seed}"),
+                        "overrides": overrides, "eval_tasks": plan["eval_tasks"],
+                        "warm_dir": os.path.join(tmp, f"warm-{seed}", "model")}  # fmt: skip
+                result = _launch("run", spec, threads, str(result_file))
+                if "error" in result:
+                    result_file.write_text(json.dumps(result))
+                return result
+
+            warmed = list(pool.map(warm, seeds))
+            ok = [w["seed"] for w in warmed if "error" not in w]
+            for w in warmed:
+                if "error" in w:
+                    (raw / f"warm-{w['seed']}.json").write_text(json.dumps(w))
+            list(pool.map(train, [(a, s) for s in ok for a in algos]))  # seed-major: early seeds finish first
+    runs, warm_starts, errors = _collect(raw)
+    for r in errors:
+        print(f"run {r['algo']} seed {r['seed']} failed: {r['error']}", file=sys.stderr)
     info = machine_info()
     command = "python -m epo_trl.study" + (" --quick" if opts.quick else "")
-    results = {
-        "meta": {
-            "command": command,
-            "date": info["date"],
-            "machine": f"{info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB, torch {info['torch']}, "
-            f"trl {info['trl']}",
-            "seeds": list(plan["seeds"]),
-            "eval_tasks": plan["eval_tasks"],
-            "overrides": overrides,
-            "skipped": skipped,
-            "jobs": opts.jobs,
-            "wall_s": time.perf_counter() - started,
-        },
-        "summary": aggregate(runs),
-        "runs": [r for r in runs if "error" not in r],
-        "errors": [r for r in runs if "error" in r],
+    meta = previous or {
+        "command": command,
+        "date": info["date"],
+        "machine": f"{info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB, torch {info['torch']}, "
+        f"trl {info['trl']}",
+        "jobs": opts.jobs,
+        "wall_s": time.perf_counter() - started,
     }
-    results["meta"]["plots"] = plot(runs, out)
+    meta.update(
+        seeds=sorted({r["seed"] for r in runs}),
+        eval_tasks=plan["eval_tasks"],
+        overrides=overrides,
+        warm_start=warm_cfg,
+        skipped=skipped,
+    )
+    results = {
+        "meta": meta,
+        "summary": aggregate(runs),
+        "warm_starts": warm_starts,
+        "runs": runs,
+        "errors": errors,
+    }
+    results["meta"]["plots"] = plot(runs, out) if runs else []
     (out / "results.json").write_text(json.dumps(results, indent=1))
     report = opts.report or (None if opts.quick else "docs/study.md")
     if report:
         Path(report).write_text(to_markdown(results))
     print(to_markdown(results))
-    return 0 if not results["errors"] else 1
+    return 0 if not errors else 1
 
 
 if __name__ == "__main__":

@@ -61,17 +61,24 @@ def test_bench_cli_device_option():
 
 
 def test_study_quick(tmp_path):
-    from epo_trl.study import STAT_COLUMNS, main
+    from epo_trl.study import STAT_COLUMNS, _mean_ci, main
 
     report = tmp_path / "study.md"
     assert main(["--quick", "--jobs", "1", "--output-dir", str(tmp_path), "--report", str(report)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["summary"]) == {"grpo", "epo"} and not results["errors"]
+    warm = results["warm_starts"]["0"]
+    assert warm["warm_start"]["steps"] == 5 and _finite(*warm["before"].values())
     for run in results["runs"]:
         assert len(run["success"]) == len(run["entropy"]) == 2
         assert _finite(*run["entropy"], *run["success"], *run["held_out"].values()) and run["turn_entropy"]
+        assert run["before"] == warm["before"]  # every algorithm starts from the seed's shared warm start
     for stats in results["summary"].values():
-        assert all(_finite(*stats[k]) for k in STAT_COLUMNS)
+        assert all(_finite(stats[k][0]) for k in STAT_COLUMNS) and stats["seeds"] == 1
     for png in ("entropy.png", "success.png", "turn_entropy.png"):
         assert (tmp_path / png).stat().st_size > 1000
-    assert "Does EPO avoid the early collapse" in report.read_text()
+    text = report.read_text()
+    assert "Does the baseline learn?" in text and "95%" in text
+    # 95% CI half-width: t_{0.975, n-1} * s / sqrt(n)
+    mean, half = _mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and abs(half - 4.303 * 1.0 / 3**0.5) < 1e-9

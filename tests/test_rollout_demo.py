@@ -1,4 +1,4 @@
-"""`python -m epo_trl demo --quick` runs to the end and writes its metrics."""
+"""`python -m epo_trl demo --quick` runs to the end, explains its setting and writes its metrics and plots."""
 
 from __future__ import annotations
 
@@ -14,12 +14,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def test_demo_quick_runs_to_the_end(tmp_path, capsys):
     from epo_trl.demo import main
 
-    assert main(["--quick", "--output-dir", str(tmp_path)]) == 0
+    assert main(["--quick", "--output-dir", str(tmp_path), "--seed", "1"]) == 0
     metrics = json.loads((tmp_path / "final_metrics.json").read_text())
-    assert metrics["global_step"] == 2
+    assert metrics["global_step"] == 2 and metrics["seed"] == 1
+    assert metrics["warm_start"]["steps"] == 20 and metrics["setting"]["beta"] > 0
     for when in ("eval_before", "eval_after"):
         for split in ("valid_seen", "valid_unseen"):
-            assert 0.0 <= metrics[when][split]["success_rate"] <= 1.0
+            assert 0.0 <= metrics[when][split]["success_rate"] <= 1.0 and metrics[when][split]["episodes"] == 8
+    gain = metrics["eval_after"]["valid_seen"]["success_rate"] - metrics["eval_before"]["valid_seen"]["success_rate"]
+    assert metrics["gain"]["valid_seen"] == pytest.approx(gain)
     assert "rollout/success_rate" in metrics["train_last_step"]
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "runs").rglob("*"))
-    assert "success rate" in capsys.readouterr().out
+    names = {os.path.basename(p) for p in metrics["plots"]}
+    assert {"success_rate.png", "turn_entropy.png"} <= names
+    assert all(os.path.getsize(p) > 1000 for p in metrics["plots"])
+    out = capsys.readouterr().out
+    assert "valid_seen (unseen 2x2 layouts): success" in out and "scale_rewards='batch'" in out
+    assert all(f"plot: {p}" in out for p in metrics["plots"])
