@@ -54,15 +54,16 @@ def _rollout(engine, tasks, backend, mode: str, seed: int) -> dict:
     prompts.clear_cache()  # every rep replays the same texts: time it with cold caches, as if they were all new
     torch.manual_seed(seed)
     try:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = engine.run(tasks, recorder, mode)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         for name in saved:
             delattr(prompts, name)  # back to the class methods
     prompt_s = watch.totals.get("prompt", 0.0)
     return {
         "wall_s": wall,
+        "cpu_s": cpu,
         "gen_s": result.gen_time_s,
         "env_s": result.env_time_s,
         "prompt_s": prompt_s,
@@ -87,14 +88,14 @@ def _encoding_cost(builder, texts) -> dict:
     return out
 
 
-def _replay(backend, calls, seed: int) -> tuple[float, int]:
+def _replay(backend, calls, seed: int) -> tuple[float, int, float]:
     import torch
 
     torch.manual_seed(seed)
-    tokens, t0 = 0, time.perf_counter()
+    tokens, t0, c0 = 0, time.perf_counter(), time.process_time()
     for prompts, max_new, temperature in calls:
         tokens += sum(len(c) for c in backend.generate(prompts, max_new, temperature).completion_ids)
-    return time.perf_counter() - t0, tokens
+    return time.perf_counter() - t0, tokens, time.process_time() - c0
 
 
 def run(quick: bool = False, smoke: bool = False) -> dict:
@@ -122,14 +123,15 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
                 encoding = _encoding_cost(engine.prompts, warm["texts"]) if mode == "step" else {}
                 for rep in range(reps):
                     if rep % 2:  # alternate which of the pair runs first, so order effects cancel
-                        direct_s, direct_tokens = _replay(backend, calls, seed=0)
+                        direct_s, direct_tokens, direct_cpu = _replay(backend, calls, seed=0)
                         r = _rollout(engine, tasks, backend, mode, seed=0)
                     else:
                         r = _rollout(engine, tasks, backend, mode, seed=0)
-                        direct_s, direct_tokens = _replay(backend, calls, seed=0)
+                        direct_s, direct_tokens, direct_cpu = _replay(backend, calls, seed=0)
                     r["same_tokens"] = direct_tokens == r["tokens"]  # same seed, same calls: same samples
                     rollouts.append(r)
                     replays.append((direct_s, direct_tokens))
+                    r["direct_cpu_s"] = direct_cpu
             finally:
                 engine.close()
             med = {k: statistics.median(r[k] for r in rollouts) for k in ("wall_s", "gen_s", "env_s", "prompt_s")}
@@ -149,6 +151,8 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
                 "rollout_tokens_per_s": rollout_tps,
                 "direct_tokens_per_s": direct_tps,
                 "ratio": rollout_tps / direct_tps,
+                # CPU seconds of the same work (all threads of this process): robust to other processes' load
+                "cpu_ratio": statistics.median(r["direct_cpu_s"] / r["cpu_s"] for r in rollouts),
                 "replay_matched_tokens": all(r["same_tokens"] for r in rollouts),
                 "direct_s": direct_s,
                 **{k: med[k] for k in ("wall_s", "gen_s", "env_s", "prompt_s", "other_s")},
@@ -171,6 +175,7 @@ def to_markdown(results: dict) -> str:
                 f"{r['rollout_tokens_per_s']:.0f}",
                 f"{r['direct_tokens_per_s']:.0f}",
                 f"**{r['ratio']:.3f}**",
+                f"{r['cpu_ratio']:.3f}" if "cpu_ratio" in r else "—",
                 f"{r['gen_s']:.2f} ({100 * r['gen_s'] / wall:.0f}%)",
                 f"{r['env_s']:.3f} ({100 * r['env_s'] / wall:.1f}%)",
                 f"{r['prompt_s']:.3f} ({100 * r['prompt_s'] / wall:.1f}%)",
@@ -178,7 +183,7 @@ def to_markdown(results: dict) -> str:
             ]
         )
     header = ["mode", "episodes x turns", "generate calls", "tokens", "rollout tok/s", "direct tok/s",
-              "ratio (target >= 0.9)", "gen s", "env s", "prompt render s", "other s"]  # fmt: skip
+              "ratio (target >= 0.9)", "ratio by CPU time", "gen s", "env s", "prompt render s", "other s"]  # fmt: skip
     lines = [
         f"- {mode} prompts: tokenising one prompt takes {r['spliced_ms_per_prompt']:.3f} ms with the cached constant "
         f"parts spliced in vs {r['full_ms_per_prompt']:.3f} ms encoding it in full "
