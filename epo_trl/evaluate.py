@@ -2,7 +2,7 @@
 
     epo-trl eval --model runs/maze-epo/checkpoint-20 --env maze --split valid_unseen --k 4 --output eval.json
 
-Flags are `--field value` for the fields of `EvalArguments` and of `RolloutConfig` (budgets, temperature), parsed
+Flags are `--field value` for the fields of `EvalArguments` and of `RolloutConfig` (budgets, output format), parsed
 like `epo-trl train` (TRL's parser; `--config FILE` works). Episodes are played by the same rollout engine as
 training: vLLM when installed with a GPU, HF `generate` otherwise (`--backend hf|vllm|auto`). With `--output`, the
 JSON is rewritten after every batch of `--batch_size` episodes, so Ctrl-C keeps every finished batch and prints
@@ -46,6 +46,9 @@ class EvalArguments:
     batch_size: int = field(default=64, metadata={"help": "Episodes played in lockstep at once."})
     output: str | None = field(default=None, metadata={"help": "JSON file for the summary and every episode."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature (> 0; 0 = greedy). The paper validates at 0.4."}
+    )
     policy: str | None = field(
         default=None,
         metadata={
@@ -250,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             module, _, name = args.policy.partition(":")
             backend = getattr(importlib.import_module(module), name)(factory, tokenizer)
         else:
-            backend = make_backend(args, config.temperature if config.temperature is not None else 1.0)
+            backend = make_backend(args, args.temperature)
     done: list[dict[str, Any]] = []
 
     def stream(records: list[dict[str, Any]]) -> None:

@@ -99,9 +99,9 @@ ALGO_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 _PRECEDENCE = {FLAG: 2, FILE: 1, DEFAULT: 0}
 
-# Keys two configs define, kept off the command line (each key must route to one config): the rollout's
-# temperature must equal the trainer's anyway, so the CLI sets only the trainer's `temperature`.
-HIDDEN_ROLLOUT_FIELDS = {"temperature": "the rollout samples at the trainer's `temperature`"}
+# Keys two configs define, kept off the command line (each key must route to one config). None today: the rollout
+# samples at the trainer's `temperature`, which is the trainer's field only.
+HIDDEN_ROLLOUT_FIELDS: dict[str, str] = {}
 
 
 def trainer_classes(algo: str):

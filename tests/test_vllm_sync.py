@@ -7,6 +7,7 @@ the trainer's weights after exactly that many optimizer steps (sync once per ste
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -121,15 +122,13 @@ def test_aepo_resamples_use_the_steps_weights(maze_model, tmp_path):
         assert held == weights[step]
 
 
-def test_a_rollout_temperature_other_than_the_trainers_is_refused(maze_model, tmp_path):
-    factory = MazeFactory(size=2, task="reach")
-    rollout = StepRollout(factory, RolloutConfig(max_turns=2, max_turn_tokens=4, require_tags=False, temperature=0.7))
-    args = tiny_args(EPOConfig, tmp_path, max_steps=1, temperature=1.0)
-    trainer = EPOTrainer(maze_model, [episode_return_reward], args=args, train_dataset=task_dataset(factory),
-                         rollout_func=rollout)  # fmt: skip
-    with pytest.raises(ValueError, match=r"RolloutConfig.temperature=0.7 differs from the trainer's temperature=1.0"):
-        trainer.train()
-    rollout.close()
+def test_rollouts_sample_at_the_trainers_temperature(maze_model, tmp_path):
+    """One temperature, the trainer's (TRL scores samples at it): RolloutConfig has none of its own."""
+    assert "temperature" not in {f.name for f in dataclasses.fields(RolloutConfig)}
+    engine, _, _ = train_through_vllm(
+        maze_model, tmp_path, EPOTrainer, EPOConfig, "step", temperature=0.7, max_steps=1
+    )
+    assert engine.temperatures and set(engine.temperatures) == {0.7}
 
 
 def test_several_vllm_servers_share_each_generate_and_all_get_every_sync(maze_model, tmp_path):

@@ -76,6 +76,7 @@ class Engine:
     seed: int = 0
     events: list[tuple] = field(default_factory=list)
     synced: list[dict[str, float]] = field(default_factory=list)  # one {name: checksum} per completed push
+    temperatures: list[float] = field(default_factory=list)  # the sampling temperature of every generate
 
     def __post_init__(self):
         self.model = self.tokenizer = None
@@ -153,6 +154,7 @@ class Engine:
 
     def generate_many(self, prompts: list[list[int]], params: SamplingParams) -> list[RequestOutput]:
         self.events.append(("generate", len(prompts)))
+        self.temperatures.append(params.temperature)
         return [RequestOutput(list(p), [self.complete(p, params) for _ in range(params.n)]) for p in prompts]
 
 

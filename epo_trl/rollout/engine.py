@@ -69,12 +69,6 @@ class RolloutConfig:
             "help": "Return added per invalid turn (missing tags, non-ASCII, action the env rejects; paper: -0.1)."
         },
     )
-    temperature: float | None = field(
-        default=None,
-        metadata={
-            "help": "Sampling temperature of training rollouts. None = the trainer's `temperature`; any other value must equal it (the old log-probs are computed at the trainer's temperature)."
-        },
-    )
     step_timeout_s: float = field(
         default=60.0,
         metadata={
@@ -290,12 +284,12 @@ class RolloutEngine:
     ) -> RolloutResult:
         """Play one episode per task (lockstep turns) and return them with timings.
 
-        `temperature` overrides `config.temperature` (None: the config's, and if that is None the backend's).
+        `temperature`: the sampling temperature (None = the backend's). Trainer rollouts pass the trainer's
+        `temperature` (or the one AEPO sets for its re-samples): the trainer scores samples at it.
         """
         if mode not in MODES:
             raise ValueError(f"Unknown rollout mode {mode!r}; use one of {MODES}.")
         c, sync = self.config, sync or RankSync()
-        temperature = c.temperature if temperature is None else temperature
         # One source of truth for "the turn ended": the ids the backend cuts at (the trainer's eos_token_ids).
         eos_ids = set(getattr(backend, "eos_ids", None) or self.eos_ids)
         episodes = [Episode(task=t) for t in tasks]
@@ -505,24 +499,11 @@ class EnvRollout:
         engine = self._engine(trainer)
         backend = self.backend or backend_for_trainer(trainer)
         sync = RankSync(getattr(trainer, "accelerator", None))
-        if trainer is not None and hasattr(trainer, "temperature"):
-            self._check_temperature(trainer)
-            # Sample at the trainer's current temperature: its own, or the one AEPO sets for its re-samples.
-            self.last_result = engine.run(tasks, backend, self.mode, sync, temperature=trainer.temperature)
-        else:
-            self.last_result = engine.run(tasks, backend, self.mode, sync)
+        # Sample at the trainer's current temperature: its own, or the one AEPO sets for its re-samples.
+        temperature = getattr(trainer, "temperature", None)
+        self.last_result = engine.run(tasks, backend, self.mode, sync, temperature=temperature)
         self.last_metrics = log_rollout_metrics(trainer, self.last_result, self.config)
         return self.last_result
-
-    def _check_temperature(self, trainer) -> None:
-        wanted = self.config.temperature
-        if wanted is not None and wanted != trainer.args.temperature:
-            raise ValueError(
-                f"RolloutConfig.temperature={wanted} differs from the trainer's temperature={trainer.args.temperature}: "
-                "the trainer computes the old log-probs and importance ratios at its own temperature, so samples drawn "
-                "at another one would be scored wrongly. Set the trainer's `temperature` instead and leave "
-                "RolloutConfig.temperature at None."
-            )
 
     def close(self) -> None:
         if self.engine is not None:
