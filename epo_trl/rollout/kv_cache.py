@@ -191,6 +191,8 @@ class KVCacheHFBackend(HFBackend):
         if any(k is None for k, _ in block.layers):
             return
         fed = block.layers[0][0].shape[-2] - width  # generated tokens in the cache
+        if fed < 0:
+            return
         for i, (p, c) in enumerate(zip(prompts, completions)):
             self._rows.append(_Row(p + c[: min(len(c), fed)], block, i, width - len(p)))
 
