@@ -26,7 +26,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .demo import EPISODES_PER_STEP, GROUP, HIDDEN_SIZE, KL_BETA, MAX_TURN_TOKENS, MAX_TURNS, SCALE_REWARDS
+from .demo import (
+    EPISODES_PER_STEP,
+    GROUP,
+    HIDDEN_SIZE,
+    KL_BETA,
+    MAX_STEPS,
+    MAX_TURN_TOKENS,
+    MAX_TURNS,
+    SCALE_REWARDS,
+)
 
 # "epo-gigpo" = EPO with GiGPO step advantages: exactly the demo's setting, so its row is the demo's seed spread.
 ALGOS = ("grpo", "epo-base", "epo", "epo-gigpo")
@@ -48,7 +57,7 @@ SHARED = {
     "scale_rewards": SCALE_REWARDS,
     "learning_rate": 0.002,
     "lr_scheduler_type": "constant",
-    "max_steps": 30,
+    "max_steps": MAX_STEPS,
     "report_to": [],
     "disable_tqdm": True,
     "logging_steps": 1,
@@ -90,6 +99,7 @@ def warm_one(seed: int, model_dir: str, overrides: dict, warm: dict, eval_tasks:
     """Build seed's warm-started model in `model_dir` (shared by every algo) and its held-out success."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .demo import demo_words
     from .envs import make_factory
     from .testing import build_tiny_model
     from .warmstart import warm_start
@@ -97,8 +107,8 @@ def warm_one(seed: int, model_dir: str, overrides: dict, warm: dict, eval_tasks:
     script, rollout, _ = _setup(overrides, "grpo", seed, os.path.dirname(model_dir))
     factory = make_factory(script.env, **script.env_kwargs)
     t0 = time.perf_counter()
-    # The same builder and words as `resolve_model`, which then finds this folder and uses it as is.
-    build_tiny_model(model_dir, extra_words=factory.vocabulary(), hidden_size=script.tiny_hidden_size, seed=seed)
+    # The demo's model (words, size, seed); `resolve_model` then finds this folder and uses it as is.
+    build_tiny_model(model_dir, demo_words(factory), hidden_size=script.tiny_hidden_size, seed=seed)
     summary = warm_start(model_dir, factory, factory.tasks(script.train_split), rollout, warm["steps"], seed=seed,
                          noise=warm["noise"])  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -479,10 +489,10 @@ def main(argv: list[str] | None = None) -> int:
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     threads = max((os.cpu_count() or 1) // max(opts.jobs, 1), 1)
-    previous = json.loads((out / "results.json").read_text())["meta"] if opts.report_only else None
     if not opts.report_only:
         for f in raw.glob("*.json"):
             f.unlink()
+        (out / "started.json").write_text(json.dumps({"time": time.time(), "seeds": seeds, "algos": algos}))
         with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max(opts.jobs, 1)) as pool:
 
             def warm(seed):
@@ -512,13 +522,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {r['algo']} seed {r['seed']} failed: {r['error']}", file=sys.stderr)
     info = machine_info()
     command = "python -m epo_trl.study" + (" --quick" if opts.quick else "")
-    meta = previous or {
-        "command": command,
+    command += f" --seeds {' '.join(map(str, seeds))}" if opts.seeds else ""
+    command += f" --algos {' '.join(algos)}" if opts.algos else ""
+    wall_s, planned = time.perf_counter() - started, len(seeds) * len(algos)
+    if opts.report_only:  # an interrupted or still running study: wall time so far, from the files' times
+        files = list(raw.glob("*.json"))
+        start = json.loads((out / "started.json").read_text()) if (out / "started.json").exists() else {}
+        first = start.get("time") or min(f.stat().st_mtime - json.loads(f.read_text()).get("warm_s", 0) for f in files)
+        wall_s = max(f.stat().st_mtime for f in files) - first
+        planned = len(start.get("seeds", seeds)) * len(start.get("algos", algos))
+    meta = {
+        "command": command + ("" if len(runs) == planned else f" (partial: {len(runs)} of {planned} runs finished)"),
         "date": info["date"],
         "machine": f"{info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB, torch {info['torch']}, "
         f"trl {info['trl']}",
         "jobs": opts.jobs,
-        "wall_s": time.perf_counter() - started,
+        "wall_s": wall_s,
     }
     meta.update(
         seeds=sorted({r["seed"] for r in runs}),
