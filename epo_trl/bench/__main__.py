@@ -52,7 +52,9 @@ policy cannot finish, so every episode lasts `max turns`) timed as rollout (gene
 training (forward/backward/optimizer on the rows). The first step of each run (optimizer creation, warm-up) is
 dropped. Step mode trains one row per turn with a bounded prompt, so its cost grows about linearly with turns;
 trajectory mode trains one row per episode whose length grows with turns (attention over a longer context, and
-generation with a growing prompt). The last column compares step time growth with turn growth.""",
+generation with a growing prompt). Trajectory mode runs twice: with the HF backend re-prefilling the conversation
+every turn, and with KV reuse across turns (`KVCacheHFBackend`, the trainer default), whose prefill tokens only grow
+with the new tokens. The last column compares step time growth with turn growth.""",
 }
 
 GPU_SECTION = """## GPU (device)

@@ -8,6 +8,7 @@
 
 from .backends import CallableBackend, Generation, GenerationBackend, HFBackend, RankSync, VLLMBackend
 from .engine import EnvPool, Episode, RolloutConfig, RolloutEngine, RolloutResult, run_episodes, success_rate
+from .kv_cache import KVCacheHFBackend
 from .parsing import ActionParser, ParsedAction
 from .prompts import PromptBuilder
 from .rewards import episode_return_reward, won_reward
@@ -22,6 +23,7 @@ __all__ = [
     "Generation",
     "GenerationBackend",
     "HFBackend",
+    "KVCacheHFBackend",
     "ParsedAction",
     "PromptBuilder",
     "RankSync",
