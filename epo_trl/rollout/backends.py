@@ -165,14 +165,26 @@ class HFBackend:
         return Generation(completions, logprobs if self.return_logprobs else None)
 
     def _generate_batch(self, model, prompts, max_new_tokens, temperature):
+        input_ids, attention_mask = self._left_padded(model, prompts)
+        _, ids, lps = self._sample(model, input_ids, attention_mask, max_new_tokens, temperature)
+        return ids, lps
+
+    def _left_padded(self, model, prompts):
+        """(input_ids, attention_mask) of the prompts, left-padded to the longest."""
         import torch
-        from transformers import LogitsProcessorList
 
         device = next(model.parameters()).device
         width = max(len(p) for p in prompts)
         pad_id = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        return input_ids, attention_mask
+
+    def _sample(self, model, input_ids, attention_mask, max_new_tokens, temperature, **generate_kwargs):
+        """One `model.generate`; returns (its output, completion ids cut at EOS, their log-probabilities)."""
+        from transformers import LogitsProcessorList
+
+        width = input_ids.size(1)
         recorder = _LogitsRecorder(temperature, width)
         sampling = temperature > 0
         out = model.generate(
@@ -183,19 +195,19 @@ class HFBackend:
             temperature=temperature if sampling else None,
             top_p=self.top_p if sampling else None,
             top_k=self.top_k if sampling else None,
-            pad_token_id=pad_id,
+            pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.eos_ids,
             logits_processor=LogitsProcessorList([recorder]) if self.return_logprobs else None,
-            **self.generation_kwargs,
+            **{**self.generation_kwargs, **generate_kwargs},
         )
-        new_tokens = out[:, width:]
-        token_logps = recorder.finish(out) if self.return_logprobs else None
+        sequences = out.sequences if generate_kwargs.get("return_dict_in_generate") else out
+        token_logps = recorder.finish(sequences) if self.return_logprobs else None
         ids, lps = [], []
-        for row in range(len(prompts)):
-            cut = cut_at_eos(new_tokens[row].tolist(), self.eos_ids)
+        for row, tokens in enumerate(sequences[:, width:].tolist()):
+            cut = cut_at_eos(tokens, self.eos_ids)
             ids.append(cut)
             lps.append(token_logps[row, : len(cut)].tolist() if token_logps is not None else [])
-        return ids, lps
+        return out, ids, lps
 
 
 class VLLMBackend:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .backends import HFBackend, _LogitsRecorder, cut_at_eos
+from .backends import HFBackend
 
 
 @dataclass
@@ -95,15 +95,9 @@ class KVCacheHFBackend(HFBackend):
             self._pending = iter(())
 
     def _generate_batch(self, model, prompts, max_new_tokens, temperature):
-        import torch
-        from transformers import LogitsProcessorList
-
         matches = [next(self._pending) for _ in prompts]
-        device = next(model.parameters()).device
-        width = max(len(p) for p in prompts)
-        pad_id = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        input_ids, attention_mask = self._left_padded(model, prompts)
+        width = input_ids.size(1)
         # Each row must feed at least its last prompt token (its logits start the completion).
         reusable = [min(len(r.ids), len(p) - 1) if r is not None else 0 for r, p in zip(matches, prompts)]
         suffix = max(len(p) - n for p, n in zip(prompts, reusable))
@@ -113,28 +107,9 @@ class KVCacheHFBackend(HFBackend):
         self.reused_tokens += sum(max(len(p) - suffix, 0) for p in prompts)
         self.prefill_tokens += sum(min(len(p), suffix) for p in prompts)
         del matches
-        recorder = _LogitsRecorder(temperature, width)
-        sampling = temperature > 0
-        kwargs = {**self.generation_kwargs, **cache_kwargs, "return_dict_in_generate": True}
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=sampling,
-            temperature=temperature if sampling else None,
-            top_p=self.top_p if sampling else None,
-            top_k=self.top_k if sampling else None,
-            pad_token_id=pad_id,
-            eos_token_id=self.eos_ids,
-            logits_processor=LogitsProcessorList([recorder]) if self.return_logprobs else None,
-            **kwargs,
+        out, ids, lps = self._sample(
+            model, input_ids, attention_mask, max_new_tokens, temperature, return_dict_in_generate=True, **cache_kwargs
         )
-        token_logps = recorder.finish(out.sequences) if self.return_logprobs else None
-        ids, lps = [], []
-        for row, tokens in enumerate(out.sequences[:, width:].tolist()):
-            cut = cut_at_eos(tokens, self.eos_ids)
-            ids.append(cut)
-            lps.append(token_logps[row, : len(cut)].tolist() if token_logps is not None else [])
         self._keep(getattr(out, "cache", None) or getattr(out, "past_key_values", None), prompts, ids, width)
         return ids, lps
 
