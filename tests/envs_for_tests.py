@@ -12,9 +12,12 @@
 from __future__ import annotations
 
 import os
+import re
 import time
+import zlib
 
 from epo_trl.envs.base import EnvFactory, TaskSpec, TextEnv
+from epo_trl.rollout import CallableBackend
 
 HANG_S = 3.0
 WORDS = ["count", "zero", "won", "down", "go", "reach", "ok"]
@@ -78,3 +81,20 @@ class ScriptedFactory(EnvFactory):
 
 def task(kind: str, turns: int = 2, seed: int = 0) -> TaskSpec:
     return TaskSpec("scripted", kind, turns, seed)
+
+
+def admissible_picker(tokenizer):
+    """A deterministic policy that depends on the prompt: one of the listed admissible actions, by a hash."""
+
+    def policy(prompts, n, t):
+        out = []
+        for ids in prompts:
+            text = tokenizer.decode(ids)
+            listed = re.findall(r"admissible actions : (.*) \.", text)
+            actions = listed[-1].split(" , ") if listed else ["look"]
+            choice = actions[zlib.crc32(text.encode()) % len(actions)]
+            out.append(tokenizer(f"<action> {choice} </action>", add_special_tokens=False)["input_ids"])
+            out[-1].append(tokenizer.eos_token_id)
+        return out
+
+    return CallableBackend(policy)

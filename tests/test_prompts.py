@@ -6,6 +6,7 @@ import importlib.util
 import os
 
 import pytest
+from envs_for_tests import admissible_picker
 
 from epo_trl.envs.maze import MazeFactory
 from epo_trl.rollout import ActionParser, PromptBuilder, RolloutConfig, RolloutEngine
@@ -146,8 +147,6 @@ def test_constant_parts_are_rendered_and_tokenised_once_per_goal(tiny, monkeypat
 
 @pytest.mark.parametrize("mode", ["step", "trajectory"])
 def test_engine_prompts_equal_the_full_encoding_on_a_maze_rollout(tiny, mode):
-    from test_workers import admissible_picker
-
     factory = MazeFactory(size=3, task="mixed")
     engine = RolloutEngine(factory, tiny, RolloutConfig(max_turns=6, max_turn_tokens=16, prompt_history_pairs=2))
     builder, checked = engine.prompts, []

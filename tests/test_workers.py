@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
-import zlib
 
 import pytest
-from envs_for_tests import WORDS, ScriptedFactory, task
+from envs_for_tests import WORDS, ScriptedFactory, admissible_picker, task
 
 from epo_trl.envs.maze import MazeFactory
 from epo_trl.rollout import CallableBackend, RolloutConfig, RolloutEngine, run_episodes
@@ -26,23 +24,6 @@ def tokenizer():
 def always_go(tokenizer):
     ids = tokenizer("<action> go </action>", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return CallableBackend(lambda prompts, n, t: [ids for _ in prompts])
-
-
-def admissible_picker(tokenizer):
-    """A deterministic policy that depends on the prompt: one of the listed admissible actions, by a hash."""
-
-    def policy(prompts, n, t):
-        out = []
-        for ids in prompts:
-            text = tokenizer.decode(ids)
-            listed = re.findall(r"admissible actions : (.*) \.", text)
-            actions = listed[-1].split(" , ") if listed else ["look"]
-            choice = actions[zlib.crc32(text.encode()) % len(actions)]
-            out.append(tokenizer(f"<action> {choice} </action>", add_special_tokens=False)["input_ids"])
-            out[-1].append(tokenizer.eos_token_id)
-        return out
-
-    return CallableBackend(policy)
 
 
 def test_auto_picks_the_factory_preference():
