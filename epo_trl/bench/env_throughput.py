@@ -1,7 +1,8 @@
 """Benchmark 3: environment steps/s through the rollout's env pools, 1 / 2 / 4 workers, threads vs processes.
 
 What is timed is what the rollout engine pays per turn: one batched `pool.act` over every episode's env
-(`project_action` + `step` + `admissible_actions()` next to the env), a finished game restarting with a `reset`.
+(`project_action` + `step` + `admissible_actions()` next to the env). A finished game restarts with a `reset`,
+untimed (a rollout resets all its episodes at once, before the first turn).
 `ENVS` episodes are spread over the workers. Threads = `ThreadEnvPool` (ALFWorld's envs behind one lock: TextWorld's
 parser is module-global and not thread-safe); processes = `ProcessEnvPool` (each worker owns its envs). Start-up
 (JVMs, game loading) and a few warm-up turns are not timed. Also measured: how long worker processes take to
@@ -69,27 +70,32 @@ def _pool_steps_per_s(pool, tasks, total_steps: int, choose, warmup: int) -> tup
                 raise RuntimeError(f"env reset failed: {value}")
             admissible[i] = value["admissible"]
 
-    def turn(k: int) -> int:
+    def turn(k: int) -> float:
+        """Seconds of one batched step of every episode (a finished game then restarts, untimed)."""
         items = [(handles[i], choose(rngs[i], admissible[i], i + k)) for i in range(ENVS)]
+        t0 = time.perf_counter()
+        results = pool.act(items)
+        elapsed = time.perf_counter() - t0
         finished = []
-        for i, (ok, value) in enumerate(pool.act(items)):
+        for i, (ok, value) in enumerate(results):
             if not ok:
                 raise RuntimeError(f"env step failed: {value}")
             admissible[i] = value.get("admissible")
             if value.get("done"):
                 finished.append(i)
-        if finished:  # a finished game restarts; the reset is part of the cost
+        if finished:  # in a rollout every reset happens at once, before the first turn: not part of stepping
             restart(finished)
-        return len(items)
+        return elapsed
 
     restart(range(ENVS))
     for k in range(warmup):
         turn(-k - 1)
-    steps, k, t0 = 0, 0, time.perf_counter()
+    steps, k, seconds = 0, 0, 0.0
     while steps < total_steps:
-        steps += turn(k)
+        seconds += turn(k)
+        steps += ENVS
         k += 1
-    return steps / (time.perf_counter() - t0), steps
+    return steps / seconds, steps
 
 
 def _sweep(factory, locked_threads: bool, tasks, total_steps: int, workers, choose, warmup: int) -> dict:
