@@ -38,12 +38,14 @@ milliseconds and megabytes, so a few percent can be timing noise.""",
     "rollout_efficiency": """A maze rollout (step and trajectory mode, lenient parsing, a 4x4 `key` maze the random
 model cannot finish) with `HFBackend` on a tiny random model, vs the same backend replaying exactly the same
 `generate` calls (same prompts, same seed, so the same tokens) with nothing around them. **ratio = rollout tok/s ÷
-direct tok/s (target >= 0.9)**. Breakdown of the rollout's wall time: `gen` = time inside `backend.generate`,
+direct tok/s (target >= 0.95)**. Breakdown of the rollout's wall time: `gen` = time inside `backend.generate`,
 `env` = env resets/steps (thread pool), `prompt render` = building and tokenising prompts (chat template),
 `other` = the rest of the engine (decoding, parsing, bookkeeping). With a tiny model generation is cheap, so
 this is a worst case for the engine's relative overhead; with a real model `gen` dominates even more.""",
-    "env_throughput": """Environment steps per second with 1, 2 and 4 envs stepped concurrently by threads (as the rollout
-engine's `EnvPool` does). ScienceWorld `lean` = the adapter's `step`; `full` = lean step + `admissible_actions()`
+    "env_throughput": """Environment steps per second through the rollout's env pools with 1, 2 and 4 workers: threads
+(ALFWorld behind one lock, its TextWorld parser is not thread-safe) vs worker processes (one message per worker per
+turn); each turn steps 4 episodes (`project_action` + `step` + admissible actions), resets untimed; plus worker
+start-up per start method. ScienceWorld `lean` = the adapter's `step`; `full` = lean step + `admissible_actions()`
 every step; `package` = the `scienceworld` package's own `step` (rebuilds the valid-action list each call).
 "vs 1 env" is the aggregate speedup; on a 2-core machine, more than ~2x is not possible, and the JVMs' own GC and
 JIT threads compete for the same cores.""",
@@ -155,7 +157,7 @@ def _verdict(name: str, r: dict) -> str:
         return "\n".join(lines)
     if name == "rollout_efficiency":
         return "\n".join(
-            f"- {mode}: ratio {row['ratio']:.3f} ({'met' if row['ratio'] >= 0.9 else 'NOT met'}, target >= 0.9)"
+            f"- {mode}: ratio {row['ratio']:.3f} ({'met' if row['ratio'] >= 0.95 else 'NOT met'}, target >= 0.95)"
             + ("" if row.get("replay_matched_tokens", True) else "; the replay sampled different token counts")
             for mode, row in r.items()
         )

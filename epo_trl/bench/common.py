@@ -89,15 +89,9 @@ def maze_model(output_dir: str, hidden_size: int = 32, num_layers: int = 2, seed
 
 def recipe_config(algo: str, overrides: dict):
     """(script, rollout, trainer args) from `recipes/cpu/maze_<algo>.yaml` plus overrides, via the real CLI parser."""
-    import yaml
-
     from ..train import load_config
 
-    argv = [str(RECIPES / f"maze_{algo.replace('-', '_')}.yaml")]
-    for key, value in overrides.items():
-        # JSON-style flow YAML keeps types exact (YAML 1.1 would read `1e-2` as a string).
-        argv += [f"--{key}", yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")]
-    return load_config(argv)
+    return load_config([str(RECIPES / f"maze_{algo.replace('-', '_')}.yaml")], overrides=overrides)
 
 
 class Stopwatch:
