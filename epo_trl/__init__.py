@@ -1,9 +1,21 @@
 """epo-trl: EPO and AEPO entropy control for multi-turn LLM agents, as drop-in TRL trainers."""
 
+import importlib
+
 __version__ = "0.1.0"
 
-from .aepo import AEPOConfig, AEPOTrainer  # noqa: E402
-from .config import EPOConfig  # noqa: E402
-from .trainer import EPOTrainer  # noqa: E402
+# The trainers import torch + TRL (seconds); environment worker processes and the CLI's argument checks import
+# `epo_trl` subpackages without them, so the trainers load on first use (PEP 562).
+_LAZY = {"AEPOConfig": ".aepo", "AEPOTrainer": ".aepo", "EPOConfig": ".config", "EPOTrainer": ".trainer"}
 
 __all__ = ["AEPOConfig", "AEPOTrainer", "EPOConfig", "EPOTrainer", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
