@@ -34,6 +34,7 @@ from .demo import (
     MAX_STEPS,
     MAX_TURN_TOKENS,
     MAX_TURNS,
+    NUM_TRAIN,
     SCALE_REWARDS,
 )
 
@@ -44,7 +45,7 @@ RECIPE = {"epo-gigpo": "epo"}  # recipe file of each algo (default: its own)
 ALGO_EXTRA = {"epo-gigpo": {"gigpo_omega": 1.0}}
 # The demo's setting (see epo_trl/demo.py for why each value): 2x2 `reach` maze, strict <action> format, step mode.
 SHARED = {
-    "env_kwargs": {"size": 2, "task": "reach", "distractors": 0},
+    "env_kwargs": {"size": 2, "task": "reach", "distractors": 0, "num_train": NUM_TRAIN},
     "tiny_hidden_size": HIDDEN_SIZE,
     "warmstart_steps": 0,  # the study builds the warm start itself (WARM_START), once per seed
     "require_tags": True,
