@@ -6,7 +6,7 @@ What it does: builds a tiny Qwen2 model whose tokenizer covers the maze, warm-st
 `<action>...</action>` format and reward, evaluates again, and writes `final_metrics.json`, TensorBoard logs and PNG
 plots (success rate, return, per-turn entropy, EPO's band) to the run folder.
 
-Why the setting is what it is (measured; docs/study.md, "Why the demo is set up this way"):
+Why the setting is what it is (measured, negative results included: docs/study/setting.md):
 - model: hidden size 64. A hidden-32 model only learns the action format (its probability of the right direction
   on expert states stays at chance, 0.24); hidden 64 learns to read the listed exits.
 - warm start: behaviour cloning on a *noisy* demonstrator (the expert's move, or with probability

