@@ -139,7 +139,7 @@ class EPOTrainer(GRPOTrainer):
         for start in range(0, rows, limit):
             part = slice(start, start + limit)
             token_weight = (tokens[part].sum() / tokens.sum().clamp(min=1.0)).item()
-            row_weight = (part.indices(rows)[1] - start) / rows
+            row_weight = (min(start + limit, rows) - start) / rows
             policy_weight = row_weight if self.loss_type in _SEQUENCE_MEAN_LOSSES else token_weight
             chunk = {
                 k: v[part] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.size(0) == rows else v

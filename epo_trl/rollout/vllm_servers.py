@@ -44,10 +44,6 @@ class ServerPool:
     def __len__(self) -> int:
         return len(self.clients)
 
-    def _each(self, fn, *args) -> list:
-        futures = [self._executor.submit(fn, client, *args) for client in self.clients]
-        return [f.result() for f in futures]
-
     def init_communicator(self, device=0) -> None:
         for client in self.clients:  # sequential: each rendezvous blocks until its server joins
             client.init_communicator(device=device)
@@ -90,7 +86,8 @@ class ServerPool:
             client.update_named_params(metadata, iter(chunk))
 
     def reset_prefix_cache(self) -> None:
-        self._each(lambda client: client.reset_prefix_cache())
+        for future in [self._executor.submit(client.reset_prefix_cache) for client in self.clients]:
+            future.result()
 
     def close_communicator(self) -> None:
         for client in self.clients:
