@@ -9,17 +9,17 @@ plots (success rate, return, per-turn entropy, EPO's band) to the run folder.
 Why the setting is what it is (measured, negative results included: docs/study/setting.md):
 - model: hidden size 64. A hidden-32 model only learns the action format (its probability of the right direction
   on expert states stays at chance, 0.24); hidden 64 learns to read the listed exits.
-- warm start: behaviour cloning on a *noisy* demonstrator (the expert's move, or with probability
-  `--warmstart-noise` a random admissible action), so the start reads the observation and writes valid actions but
-  wanders: imperfect in a way the sparse reward can correct, like an instruction-tuned LLM that knows the format
-  but not the task. Cloning the clean expert instead jumps abruptly (0.30 -> 0.63 success between steps 300
-  and 400), at a step that varies two-fold between seeds.
+- warm start, two phases: behaviour cloning on the expert until the model, sampling, wins 90% of 32 train tasks
+  (it then reads the exits and its history; when that happens varies from 250 to 850 steps between seeds), then
+  300 steps on a *noisy demonstrator*'s plays (each turn a random admissible action with probability
+  `--warmstart-noise`, else the expert's move from where it stands). The model converges towards the
+  demonstrator's mixture: it reads the observation and writes valid actions but wanders, like an instruction-tuned
+  LLM that knows the format but not the task, with held-out success 0.20-0.41 over 5 seeds whatever the first
+  phase took. Cloning only the noisy demonstrator leaves some seeds unable to read the exits at all.
 - a KL anchor to the warm start (`beta`): without it the step-mode policy gradient drifts (long losing episodes
   put more negative-advantage rows on the shared format tokens) and invalid actions take over.
 - `scale_rewards="batch"`: with per-group std normalisation a group without a win turns one extra invalid turn
   (-0.1) into an advantage as large as a win (+10); the batch std keeps the win signal dominant.
-- GiGPO step advantages (`gigpo_omega`): turns taken from the same room within a group are compared by their
-  discounted return, so the right first move is credited directly, not only through the episode's outcome.
 - held-out success is measured on 64 unseen layouts of the trained size (`valid_seen`) that the expert solves within
   the turn limit; `valid_unseen` (3x3 mazes, room numbers the model never saw) is reported too.
 """
@@ -40,9 +40,13 @@ KL_BETA = 0.1
 SCALE_REWARDS = "batch"
 EPISODES_PER_STEP, GROUP = 32, 8
 MAX_STEPS = 40
+LEARNING_RATE = 2e-3
 # The warm start fits 64 train tasks better than the default 256 (same 600 steps): 0.19 vs 0.05 held-out success,
 # and only the former leaves RL a start it improves on in 40 steps (docs/study/setting.md).
 NUM_TRAIN = 64
+# epo_trl.warmstart.warm_start: expert cloning (at most `steps`) until `target_success`, then the noisy demonstrator.
+WARM_START = {"steps": 1200, "target_success": 0.9, "check_every": 50, "noisy_steps": 300, "noise": 0.85}
+QUICK_WARM_START = {"steps": 20, "target_success": None, "check_every": 50, "noisy_steps": 10, "noise": 0.85}
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -56,24 +60,30 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         "--warmstart-steps",
         type=int,
         default=None,
-        help="behaviour-cloning steps before RL (default 600; 20 with --quick; 0 = random model)",
+        help=f"cap on expert behaviour-cloning steps (default {WARM_START['steps']}, stopping early once sampled train "
+        f"success reaches {WARM_START['target_success']}; 20 with --quick; 0 = no warm start: a random model)",
     )
     parser.add_argument(
         "--warmstart-noise",
         type=float,
-        default=0.7,
-        help="share of cloned turns whose label is a random admissible action instead of the expert's",
+        default=WARM_START["noise"],
+        help="in the warm start's second phase, the share of the demonstrator's turns that are a random admissible "
+        "action instead of the expert's move",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the model, the warm start, RL and evaluation")
     parser.add_argument("--eval-tasks", type=int, default=None, help="held-out tasks per split (default 64; 8)")
     parser.add_argument("--eval-temperature", type=float, default=1.0, help="sampling temperature of evaluation")
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
-    parser.add_argument("--gigpo-omega", type=float, default=1.0, help="GiGPO step-advantage weight (0 = GRPO)")
+    parser.add_argument("--learning-rate", type=float, default=LEARNING_RATE)
+    parser.add_argument(
+        "--gigpo-omega", type=float, default=0.0, help="GiGPO step-advantage weight (0 = GRPO's, the default)"
+    )
     return parser.parse_args(argv)
 
 
-def evaluate_held_out(model, tokenizer, factory, config, tasks_per_split: int, temperature: float, seed: int) -> dict:
-    """Success rate (and mean return / invalid rate) per held-out split, with HF generate."""
+def evaluate_held_out(
+    model, tokenizer, factory, config, tasks_per_split: int, temperature: float, seed: int, mode: str = "step"
+) -> dict:
+    """Success rate (and mean return / invalid rate) per held-out split, with HF generate, prompts as in `mode`."""
     import torch
 
     from .rollout import HFBackend, run_episodes
@@ -84,7 +94,7 @@ def evaluate_held_out(model, tokenizer, factory, config, tasks_per_split: int, t
     with torch.random.fork_rng():  # the same sampling seed before and after training
         torch.manual_seed(seed)
         for split in ("valid_seen", "valid_unseen"):
-            records = run_episodes(backend, factory, factory.tasks(split)[:tasks_per_split], tokenizer, config)
+            records = run_episodes(backend, factory, factory.tasks(split)[:tasks_per_split], tokenizer, config, mode)
             turns = sum(r["length"] for r in records)
             out[split] = {
                 "success_rate": sum(r["won"] for r in records) / len(records),
@@ -127,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     max_steps = opts.max_steps or (2 if opts.quick else MAX_STEPS)
     eval_tasks = opts.eval_tasks or (8 if opts.quick else 64)
-    warm_steps = opts.warmstart_steps if opts.warmstart_steps is not None else (20 if opts.quick else 600)
+    warm_cfg = dict(QUICK_WARM_START if opts.quick else WARM_START, noise=opts.warmstart_noise)
+    if opts.warmstart_steps is not None:
+        warm_cfg["steps"] = opts.warmstart_steps
     out = Path(opts.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -148,11 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     model_dir = build_tiny_model(str(out / "model"), demo_words(factory), hidden_size=HIDDEN_SIZE, seed=opts.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    warm = {"steps": 0, "expert_samples": 0}
-    if warm_steps > 0:
-        warm = warm_start(
-            model_dir, factory, factory.tasks("train"), config, warm_steps, seed=opts.seed, noise=opts.warmstart_noise
-        )
+    warm = {"steps": 0, "noisy_steps": 0, "expert_samples": 0}
+    if warm_cfg["steps"] > 0:
+        warm = warm_start(model_dir, factory, factory.tasks("train"), config, seed=opts.seed, log=print, **warm_cfg)
     warm_seconds = time.perf_counter() - started
 
     args = EPOConfig(
@@ -241,10 +251,11 @@ def _report(m: dict, out: Path) -> None:
     s = m["setting"]
     print("\n=== EPO demo: maze 'reach' 2x2, tiny model, CPU, step mode ===")
     print(
-        f"setting: hidden {s['hidden_size']}; warm start {m['warm_start']['steps']} behaviour-cloning steps on a "
-        f"demonstrator that takes a random admissible action {s['warmstart_noise']:.0%} of the time (it reads the "
-        f"exits but wanders); KL anchor beta={s['beta']}; scale_rewards={s['scale_rewards']!r} (the +10 win, not the "
-        f"-0.1 invalid-turn penalty, dominates advantages); GiGPO step advantages omega={s['gigpo_omega']}; "
+        f"setting: hidden {s['hidden_size']}; warm start {m['warm_start']['steps']} behaviour-cloning steps on the "
+        f"expert, then {m['warm_start']['noisy_steps']} on a demonstrator that takes a random admissible action "
+        f"{s['warmstart_noise']:.0%} of the time (the start reads the exits but wanders); KL anchor beta={s['beta']}; "
+        f"scale_rewards={s['scale_rewards']!r} (the +10 win, not the -0.1 invalid-turn penalty, dominates "
+        f"advantages); GiGPO step advantages omega={s['gigpo_omega']}; "
         f"{s['episodes_per_step']} episodes/step in groups of {s['group']}, lr {s['learning_rate']}, "
         f"max {s['max_turns']} turns; seed {m['seed']}"
     )

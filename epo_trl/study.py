@@ -31,52 +31,52 @@ from .demo import (
     GROUP,
     HIDDEN_SIZE,
     KL_BETA,
+    LEARNING_RATE,
     MAX_STEPS,
     MAX_TURN_TOKENS,
     MAX_TURNS,
     NUM_TRAIN,
+    QUICK_WARM_START,
     SCALE_REWARDS,
+    WARM_START,
 )
 
-# "epo-gigpo" = EPO with GiGPO step advantages: exactly the demo's setting, so its row is the demo's seed spread.
-ALGOS = ("grpo", "epo-base", "epo", "epo-gigpo")
-LABELS = {"grpo": "GRPO", "epo-base": "EPO-Base", "epo": "EPO", "epo-gigpo": "EPO + GiGPO (demo)", "aepo": "AEPO"}
-RECIPE = {"epo-gigpo": "epo"}  # recipe file of each algo (default: its own)
-ALGO_EXTRA = {"epo-gigpo": {"gigpo_omega": 1.0}}
-# The demo's setting (see epo_trl/demo.py for why each value): 2x2 `reach` maze, strict <action> format, step mode.
+AEPO_TARGET_ENTROPY = 0.05
+
+# AEPO re-samples whole episodes, so the four algorithms are compared in trajectory mode (one row per episode);
+# "demo" is `make demo`'s own setting (EPO, step mode: one row per turn), so its row is the demo's seed spread.
+ALGOS = ("grpo", "epo-base", "epo", "aepo", "demo")
+LABELS = {"grpo": "GRPO", "epo-base": "EPO-Base", "epo": "EPO", "aepo": "AEPO", "demo": "EPO, step mode (make demo)"}
+RECIPE = {"demo": "epo"}  # recipe file of each algo (default: its own)
+ALGO_EXTRA: dict[str, dict] = {
+    "demo": {"rollout_mode": "step"},
+    # AEPO alone (its recipe turns EPO's terms off); H* between the warm start's entropy and a collapsed policy's.
+    "aepo": {"aepo_target_entropy": AEPO_TARGET_ENTROPY},
+}
+# The demo's setting (see epo_trl/demo.py for why each value): 2x2 `reach` maze, strict <action> format.
 SHARED = {
     "env_kwargs": {"size": 2, "task": "reach", "distractors": 0, "num_train": NUM_TRAIN},
     "tiny_hidden_size": HIDDEN_SIZE,
-    "warmstart_steps": 0,  # the study builds the warm start itself (WARM_START), once per seed
+    "warmstart_steps": 0,  # the study builds the warm starts itself (WARM_START), once per seed and rollout mode
     "require_tags": True,
-    "rollout_mode": "step",
+    "rollout_mode": "trajectory",
     "max_turns": MAX_TURNS,
     "max_turn_tokens": MAX_TURN_TOKENS,
     "tasks_per_step": EPISODES_PER_STEP // GROUP,
     "num_generations": GROUP,
     "beta": KL_BETA,
     "scale_rewards": SCALE_REWARDS,
-    "learning_rate": 0.002,
+    "learning_rate": LEARNING_RATE,
     "lr_scheduler_type": "constant",
     "max_steps": MAX_STEPS,
     "report_to": [],
     "disable_tqdm": True,
     "logging_steps": 1,
 }
-WARM_START = {"steps": 600, "noise": 0.7}  # behaviour cloning on the noisy demonstrator (epo_trl.warmstart)
-FULL = {"algos": ALGOS, "seeds": (0, 1, 2, 3, 4), "eval_tasks": 64}
-QUICK = {"algos": ("grpo", "epo"), "seeds": (0,), "eval_tasks": 4}
+FULL = {"algos": ALGOS, "seeds": (0, 1, 2, 3, 4), "eval_tasks": 64, "warm_start": WARM_START}
+QUICK = {"algos": ("grpo", "aepo", "demo"), "seeds": (0,), "eval_tasks": 4, "warm_start": QUICK_WARM_START}
 QUICK_OVERRIDES = {"max_steps": 2, "tasks_per_step": 2, "num_generations": 4, "max_turns": 3}
-QUICK_WARM = {"steps": 5, "noise": 0.7}
 GAIN_TARGET = 0.30  # the demo's bar: held-out success after - before
-
-
-def aepo_available() -> tuple[bool, str]:
-    try:
-        import epo_trl.aepo  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - any import failure means: skip AEPO and say why
-        return False, f"{type(e).__name__}: {e}"
-    return True, ""
 
 
 # ----- one run ---------------------------------------------------------------------------------------------------
@@ -89,15 +89,21 @@ def _setup(overrides: dict, algo: str, seed: int, output_dir: str):
     return recipe_config(RECIPE.get(algo, algo), extra)
 
 
-def _held_out(model, tokenizer, factory, rollout, eval_tasks: int, seed: int) -> dict[str, float]:
+def mode_of(algo: str, overrides: dict) -> str:
+    """The rollout mode `algo` runs in (and its warm start is rendered in)."""
+    return ALGO_EXTRA.get(algo, {}).get("rollout_mode", overrides["rollout_mode"])
+
+
+def _held_out(model, tokenizer, factory, rollout, eval_tasks: int, seed: int, mode: str) -> dict[str, float]:
     from .demo import evaluate_held_out
 
-    result = evaluate_held_out(model, tokenizer, factory, rollout, eval_tasks, 1.0, seed)
+    result = evaluate_held_out(model, tokenizer, factory, rollout, eval_tasks, 1.0, seed, mode)
     return {split: r["success_rate"] for split, r in result.items()}
 
 
-def warm_one(seed: int, model_dir: str, overrides: dict, warm: dict, eval_tasks: int) -> dict:
-    """Build seed's warm-started model in `model_dir` (shared by every algo) and its held-out success."""
+def warm_one(seed: int, mode: str, model_dir: str, overrides: dict, warm: dict, eval_tasks: int) -> dict:
+    """Build seed's warm-started model for `mode` in `model_dir` (shared by every algo of that mode) and its
+    held-out success."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .demo import demo_words
@@ -105,16 +111,15 @@ def warm_one(seed: int, model_dir: str, overrides: dict, warm: dict, eval_tasks:
     from .testing import build_tiny_model
     from .warmstart import warm_start
 
-    script, rollout, _ = _setup(overrides, "grpo", seed, os.path.dirname(model_dir))
+    script, rollout, _ = _setup({**overrides, "rollout_mode": mode}, "grpo", seed, os.path.dirname(model_dir))
     factory = make_factory(script.env, **script.env_kwargs)
     t0 = time.perf_counter()
     # The demo's model (words, size, seed); `resolve_model` then finds this folder and uses it as is.
     build_tiny_model(model_dir, demo_words(factory), hidden_size=script.tiny_hidden_size, seed=seed)
-    summary = warm_start(model_dir, factory, factory.tasks(script.train_split), rollout, warm["steps"], seed=seed,
-                         noise=warm["noise"])  # fmt: skip
+    summary = warm_start(model_dir, factory, factory.tasks(script.train_split), rollout, mode=mode, seed=seed, **warm)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    before = _held_out(model, AutoTokenizer.from_pretrained(model_dir), factory, rollout, eval_tasks, seed)
-    return {"seed": seed, "warm_s": time.perf_counter() - t0, "warm_start": summary, "before": before}
+    before = _held_out(model, AutoTokenizer.from_pretrained(model_dir), factory, rollout, eval_tasks, seed, mode)
+    return {"seed": seed, "mode": mode, "warm_s": time.perf_counter() - t0, "warm_start": summary, "before": before}
 
 
 def run_one(algo: str, seed: int, output_dir: str, overrides: dict, eval_tasks: int, warm_dir: str) -> dict:
@@ -141,12 +146,14 @@ def run_one(algo: str, seed: int, output_dir: str, overrides: dict, eval_tasks: 
             if key.startswith("epo/turn_entropy/"):
                 per_turn.setdefault(key.rsplit("/", 1)[-1], [None] * len(steps))[i] = value
     torch.manual_seed(seed)
+    factory = trainer.rollout_func.factory
     held_out = _held_out(
-        trainer.model, trainer.processing_class, trainer.rollout_func.factory, rollout, eval_tasks, seed
+        trainer.model, trainer.processing_class, factory, rollout, eval_tasks, seed, script.rollout_mode
     )
     return {
         "algo": algo,
         "seed": seed,
+        "mode": script.rollout_mode,
         "train_s": train_s,
         "eval_s": time.perf_counter() - t0 - train_s,
         "step": [h.get("step", i + 1) for i, h in enumerate(steps)],
@@ -407,16 +414,16 @@ def to_markdown(results: dict) -> str:
     for algo, s in summary.items():
         rows.append("| " + " | ".join([LABELS[algo], str(s["seeds"]), *[_pm(s[k]) for k in STAT_COLUMNS]]) + " |")
     shared = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in meta["overrides"].items() if k not in ("report_to",))
-    skipped = "".join(f"\n- {LABELS[a]} skipped: {why}" for a, why in meta["skipped"].items())
     errors = "".join(
         f"\n- {LABELS.get(r['algo'], r['algo'])} seed {r['seed']} failed: {r['error']}" for r in results["errors"]
     )
     warm = meta["warm_start"]
+    extra = "; ".join(f"{LABELS[a]} `{json.dumps(v)}`" for a, v in ALGO_EXTRA.items()) or "none"
     per_seed = "; ".join(
         f"{LABELS[r['algo']]} seed {r['seed']}: {r['before']['valid_seen']:.3f} -> {r['held_out']['valid_seen']:.3f}"
         for r in sorted(results["runs"], key=lambda r: (r["algo"], r["seed"]))
     )
-    return f"""# Study: GRPO vs EPO-Base vs EPO (and EPO + GiGPO) on the maze, from a warm start RL can improve
+    return f"""# Study: GRPO vs EPO-Base vs EPO vs AEPO on the maze, from a warm start RL can improve
 
 Generated by `{meta["command"]}` on {meta["date"]} ({meta["machine"]}); total wall time {meta["wall_s"]:.0f} s
 ({meta["jobs"]} runs at a time). Raw numbers: `docs/study/results.json`. Do not edit the table by hand: re-run the command.
@@ -424,12 +431,16 @@ Why the setting is what it is, and the negative results that led to it: [docs/st
 
 ## Setup
 Recipes `recipes/cpu/maze_<algo>.yaml` through `epo_trl.train.load_config/build_trainer` (the CLI path), all
-with the same overrides: {shared}; seeds {list(meta["seeds"])}. EPO + GiGPO adds `gigpo_omega=1.0` to EPO (the
-`make demo` setting, so its row is the demo's spread over seeds). All run on `EPOTrainer` (GRPO = EPO terms off).
-Warm start, per seed and shared by all algorithms: {warm["steps"]} behaviour-cloning steps on a noisy demonstrator
-(the expert's move, or with probability {warm["noise"]} a random admissible action). Held-out success:
+with the same overrides: {shared}; seeds {list(meta["seeds"])}. Per algorithm: {extra}. GRPO, EPO-Base and EPO
+run on `EPOTrainer` (GRPO = EPO's terms off), AEPO on `AEPOTrainer` (EPO's terms off), all four in trajectory mode
+(one row per episode: AEPO re-samples whole episodes); "{LABELS["demo"]}" is `make demo`'s setting (EPO in step
+mode, one row per turn), so its row is the demo's spread over seeds.
+Warm start, per seed and rollout mode, shared by the algorithms of that mode: behaviour cloning on the expert
+until the model, sampling, wins {warm["target_success"]} of 32 train tasks (at most {warm["steps"]} steps, checked
+every {warm["check_every"]}), then {warm["noisy_steps"]} steps on a noisy demonstrator's plays (each turn a random
+admissible action with probability {warm["noise"]}, else the expert's move). Held-out success:
 HF generate at temperature 1 on the first {meta["eval_tasks"]} tasks of `valid_seen` (unseen 2x2 layouts) and
-`valid_unseen` (3x3 mazes, never trained on), before RL (the warm start) and after.{skipped}{errors}
+`valid_unseen` (3x3 mazes, never trained on), before RL (the warm start) and after.{errors}
 
 ## Results (mean ± 95% confidence interval across seeds, Student t)
 
@@ -460,19 +471,19 @@ within this study's CPU budget.
 
 
 # ----- entry point -----------------------------------------------------------------------------------------------
-def _collect(raw: Path) -> tuple[list[dict], dict[int, dict], list[dict]]:
-    """Finished runs, warm starts by seed, and errors, from the per-run JSON files."""
+def _collect(raw: Path) -> tuple[list[dict], dict[str, dict], list[dict]]:
+    """Finished runs, warm starts by "<mode>-<seed>", and errors, from the per-run JSON files."""
     runs, warm, errors = [], {}, []
     for f in sorted(raw.glob("*.json")):
         r = json.loads(f.read_text())
         if "error" in r:
             errors.append(r)
         elif f.name.startswith("warm-"):
-            warm[r["seed"]] = r
+            warm[f"{r['mode']}-{r['seed']}"] = r
         else:
             runs.append(r)
     for r in runs:
-        r["before"] = warm[r["seed"]]["before"]
+        r["before"] = warm[f"{r['mode']}-{r['seed']}"]["before"]
     return runs, warm, errors
 
 
@@ -481,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--child"]:
         return _child(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m epo_trl.study", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 seed, 2 steps, GRPO and EPO (a test run)")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 2 steps, GRPO, AEPO and the demo (a test run)")
     parser.add_argument("--output-dir", default="docs/study", help="results.json, PNG plots, per-run JSON (raw/)")
     parser.add_argument("--report", default=None, help="markdown report (default: docs/study.md; none with --quick)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each in its own process)")
@@ -496,12 +507,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     plan = QUICK if opts.quick else FULL
     overrides = {**SHARED, **(QUICK_OVERRIDES if opts.quick else {})}
-    warm_cfg = QUICK_WARM if opts.quick else WARM_START
+    warm_cfg = plan["warm_start"]
     seeds = opts.seeds or list(plan["seeds"])
     algos = opts.algos or list(plan["algos"])
-    skipped = {
-        "aepo": "AEPO re-samples whole episodes, which only trajectory mode carries; this setting is step mode."
-    }
+    modes = sorted({mode_of(a, overrides) for a in algos})
     out = Path(opts.output_dir)
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
@@ -512,28 +521,32 @@ def main(argv: list[str] | None = None) -> int:
         (out / "started.json").write_text(json.dumps({"time": time.time(), "seeds": seeds, "algos": algos}))
         with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max(opts.jobs, 1)) as pool:
 
-            def warm(seed):
-                job = {"seed": seed, "model_dir": os.path.join(tmp, f"warm-{seed}", "model"), "overrides": overrides,
-                       "warm": warm_cfg, "eval_tasks": plan["eval_tasks"]}  # fmt: skip
-                return _launch("warm", job, threads, str(raw / f"warm-{seed}.json"))
+            def warm(job):
+                mode, seed = job
+                spec = {"seed": seed, "mode": mode, "model_dir": os.path.join(tmp, f"warm-{mode}-{seed}", "model"),
+                        "overrides": overrides, "warm": warm_cfg, "eval_tasks": plan["eval_tasks"]}  # fmt: skip
+                result = _launch("warm", spec, threads, str(raw / f"warm-{mode}-{seed}.json"))
+                return {**result, "mode": mode}
 
             def train(job):
                 algo, seed = job
                 result_file = raw / f"{algo}-{seed}.json"
+                mode = mode_of(algo, overrides)
                 spec = {"algo": algo, "seed": seed, "output_dir": os.path.join(tmp, f"{algo}-{seed}"),
                         "overrides": overrides, "eval_tasks": plan["eval_tasks"],
-                        "warm_dir": os.path.join(tmp, f"warm-{seed}", "model")}  # fmt: skip
+                        "warm_dir": os.path.join(tmp, f"warm-{mode}-{seed}", "model")}  # fmt: skip
                 result = _launch("run", spec, threads, str(result_file))
                 if "error" in result:
                     result_file.write_text(json.dumps(result))
                 return result
 
-            warmed = list(pool.map(warm, seeds))
-            ok = [w["seed"] for w in warmed if "error" not in w]
+            warmed = list(pool.map(warm, [(m, s) for s in seeds for m in modes]))
             for w in warmed:
                 if "error" in w:
-                    (raw / f"warm-{w['seed']}.json").write_text(json.dumps(w))
-            list(pool.map(train, [(a, s) for s in ok for a in algos]))  # seed-major: early seeds finish first
+                    (raw / f"warm-{w['mode']}-{w['seed']}.json").write_text(json.dumps(w))
+            ready = {(w["mode"], w["seed"]) for w in warmed if "error" not in w}
+            jobs = [(a, s) for s in seeds for a in algos if (mode_of(a, overrides), s) in ready]
+            list(pool.map(train, jobs))  # seed-major: early seeds finish first
     runs, warm_starts, errors = _collect(raw)
     for r in errors:
         print(f"run {r['algo']} seed {r['seed']} failed: {r['error']}", file=sys.stderr)
@@ -561,7 +574,6 @@ def main(argv: list[str] | None = None) -> int:
         eval_tasks=plan["eval_tasks"],
         overrides=overrides,
         warm_start=warm_cfg,
-        skipped=skipped,
     )
     results = {
         "meta": meta,

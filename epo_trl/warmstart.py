@@ -21,7 +21,8 @@ class PlanBackend:
     """Plays fixed per-episode plans through the lockstep engine.
 
     The engine sends, each turn, the prompts of the still-active episodes in episode order; an episode that follows
-    a winning plan is active exactly while turns remain in its plan, so call k serves episodes with len(plan) > k.
+    a plan that wins (or stops at `max_turns`) is active exactly while turns remain in its plan, so call k serves
+    the episodes with len(plan) > k.
     """
 
     lockstep = False
@@ -32,7 +33,10 @@ class PlanBackend:
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float | None = None) -> Generation:
         active = [i for i, plan in enumerate(self.plans) if len(plan) > self.calls]
         if len(active) != len(prompts):
-            raise RuntimeError(f"{len(prompts)} prompts for {len(active)} planned episodes: a plan did not win.")
+            raise RuntimeError(
+                f"{len(prompts)} prompts for {len(active)} planned episodes: a plan ended before its episode did "
+                "(plans must win, or run to max_turns)."
+            )
         ids = [action_ids(self.tokenizer, self.plans[i][self.calls], self.tags, max_new_tokens) for i in active]
         self.calls += 1
         return Generation(ids, [[0.0] * len(x) for x in ids])
@@ -43,51 +47,50 @@ def action_ids(tokenizer, action: str, tags: tuple[str, str], max_new_tokens: in
     return tokenizer(f"{tags[0]}{action}{tags[1]}")["input_ids"][: max_new_tokens - 1] + [tokenizer.eos_token_id]
 
 
-def noisy_demonstrator(
-    samples: Sequence[tuple[list[int], list[int], list[int]]],
+def noisy_plans(
+    factory: EnvFactory, tasks: Sequence[TaskSpec], max_turns: int, noise: float, seed: int = 0
+) -> list[list[str]]:
+    """Per task, the commands a noisy demonstrator plays: each turn, with probability `noise` a uniformly random
+    admissible action, else the expert's next move from the current state (re-planned with `factory.solve(task,
+    prefix)`), until the episode ends or `max_turns` turns are played (such a plan may not win).
+
+    Cloning these plays teaches the mixture policy `(1 - noise) * expert + noise * uniform(admissible)` on the
+    states that policy itself visits, including the recoveries after its own detours.
+    """
+    rng = random.Random(seed)
+    env = factory.make()
+    plans = []
+    try:
+        for task in tasks:
+            env.reset(task)
+            plan: list[str] = []
+            done = False
+            while not done and len(plan) < max_turns:
+                actions = env.admissible_actions()
+                action = rng.choice(actions) if actions and rng.random() < noise else factory.solve(task, plan)[0]
+                plan.append(action)
+                _, _, done, _ = env.step(action)
+            plans.append(plan)
+    finally:
+        env.close()
+    return plans
+
+
+def expert_turns(
     factory: EnvFactory,
     tasks: Sequence[TaskSpec],
     tokenizer,
     config: RolloutConfig,
-    noise: float,
-    seed: int = 0,
+    mode: str = "step",
+    plans: Sequence[Sequence[str]] | None = None,
 ) -> list[tuple[list[int], list[int], list[int]]]:
-    """Step-mode expert samples of `tasks` (from `expert_turns`) with a share `noise` of their labels replaced by a
-    uniformly random admissible action of the same state: a demonstrator that knows the valid moves but wanders.
-
-    The admissible actions come from replaying each expert plan in a fresh env (the samples' order).
-    """
-    rng = random.Random(seed)
-    env = factory.make()
-    admissible: list[list[str]] = []
-    try:
-        for task in tasks:
-            env.reset(task)
-            for action in factory.solve(task):
-                admissible.append(env.admissible_actions() or [action])
-                env.step(action)
-    finally:
-        env.close()
-    if len(admissible) != len(samples):
-        raise ValueError(f"{len(samples)} samples for {len(admissible)} expert turns: pass the samples of `tasks`.")
-    out = []
-    for (prompt, completion, mask), actions in zip(samples, admissible):
-        if rng.random() < noise:
-            completion = action_ids(tokenizer, rng.choice(actions), config.action_tags, config.max_turn_tokens)
-            mask = [1] * len(completion)
-        out.append((prompt, completion, mask))
-    return out
-
-
-def expert_turns(
-    factory: EnvFactory, tasks: Sequence[TaskSpec], tokenizer, config: RolloutConfig, mode: str = "step"
-) -> list[tuple[list[int], list[int], list[int]]]:
-    """(prompt_ids, completion_ids, loss_mask) samples of expert episodes, rendered by the engine in `mode`.
+    """(prompt_ids, completion_ids, loss_mask) samples of expert episodes (or of the given per-task `plans`, e.g.
+    `noisy_plans`), rendered by the engine in `mode`.
 
     Step mode: one sample per turn (mask all ones). Trajectory mode: one sample per episode, the mask being the
     rollout's `env_mask` (observations are context, not targets), exactly the rows RL trains on.
     """
-    plans = [factory.solve(t) for t in tasks]
+    plans = plans if plans is not None else [factory.solve(t) for t in tasks]
     engine = RolloutEngine(factory, tokenizer, config)
     try:
         result = engine.run(tasks, PlanBackend(plans, tokenizer, config.action_tags), mode)
@@ -108,10 +111,13 @@ def behaviour_clone(
     pad_token_id: int = 0,
     stop: Callable[[int], bool] | None = None,
     check_every: int = 25,
+    max_grad_norm: float | None = 1.0,
 ) -> list[float]:
     """Supervised steps on (prompt, completion, mask) samples (loss on masked completion tokens); returns losses.
 
     `stop(step)`, called every `check_every` steps (model in eval mode), ends cloning early when it returns True.
+    Gradients are clipped to `max_grad_norm` (None: no clipping): unclipped, one hidden-64 seed in five diverged
+    at lr 3e-3 (invalid actions 0.96 after 600 steps; docs/study/setting.md).
     """
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -131,6 +137,8 @@ def behaviour_clone(
         loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
         losses.append(loss.item())
         if stop is not None and step % check_every == 0:
@@ -155,37 +163,54 @@ def sampled_success(model, tokenizer, factory: EnvFactory, tasks: Sequence[TaskS
 
 def warm_start(model_dir: str, factory: EnvFactory, tasks: Sequence[TaskSpec], config: RolloutConfig,
                steps: int, mode: str = "step", seed: int = 0, target_success: float | None = None,
-               check_every: int = 25, check_tasks: int = 32, noise: float = 0.0) -> dict:  # fmt: skip
+               check_every: int = 25, check_tasks: int = 32, noise: float = 0.0,
+               noisy_steps: int = 0, log: Callable[[str], None] | None = None) -> dict:  # fmt: skip
     """Behaviour-clone the model saved in `model_dir` on expert episodes of `tasks`, in place; return a summary.
 
-    With `target_success`, cloning stops at the first check (every `check_every` steps) where the model, sampling,
-    wins at least that share of the first `check_tasks` tasks: a start that reads the observation but is still
-    imperfect, whatever the seed (the step at which a tiny model "gets" the task varies a lot between seeds).
-    `steps` is then the cap. `noise` > 0 (step mode): clone a noisy demonstrator instead (`noisy_demonstrator`).
+    `steps` clone the expert. With `target_success`, that phase stops at the first check (every `check_every`
+    steps) where the model, sampling, wins at least that share of the first `check_tasks` tasks; `steps` is then
+    the cap. Then `noisy_steps` clone a noisy demonstrator's plays (`noisy_plans`: a random admissible action with
+    probability `noise`, else the expert's move): a model that first learned to read the observation from the
+    expert converges there to the demonstrator's mixture, an imperfect start whose quality does not depend on where
+    cloning happened to stop. `log` (e.g. `print`) receives a progress line per check and per phase.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if noise and not noisy_steps:
+        raise ValueError(f"noise={noise} relabels the noisy phase only: set noisy_steps > 0 (or noise=0).")
+    if noisy_steps and not 0 < noise <= 1:
+        raise ValueError(f"noise={noise} must be in (0, 1] when noisy_steps={noisy_steps} > 0.")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     samples = expert_turns(factory, tasks, tokenizer, config, mode)
-    if noise > 0:
-        if mode != "step":
-            raise ValueError("noise relabels single turns: it needs step-mode samples (mode='step').")
-        samples = noisy_demonstrator(samples, factory, tasks, tokenizer, config, noise, seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     checks: list[tuple[int, float]] = []
 
+    say = log or (lambda line: None)
+
     def reached(step: int) -> bool:
         checks.append((step, sampled_success(model, tokenizer, factory, tasks[:check_tasks], config, mode, seed)))
+        say(f"warm start: expert cloning step {step}/{steps}, sampled train success {checks[-1][1]:.2f} "
+            f"(stops at {target_success})")  # fmt: skip
         return checks[-1][1] >= target_success
 
     torch.manual_seed(seed)
     losses = behaviour_clone(model, samples, steps=steps, seed=seed, pad_token_id=tokenizer.pad_token_id,
                              stop=reached if target_success is not None else None, check_every=check_every)  # fmt: skip
+    say(f"warm start: {len(losses)} expert cloning steps, loss {losses[-1] if losses else float('nan'):.4f}")
+    noisy_losses = []
+    if noisy_steps:
+        say(f"warm start: {noisy_steps} steps on the noisy demonstrator (random admissible action {noise:.0%})")
+        plans = noisy_plans(factory, tasks, config.max_turns, noise, seed)
+        noisy = expert_turns(factory, tasks, tokenizer, config, mode, plans)
+        noisy_losses = behaviour_clone(model, noisy, steps=noisy_steps, seed=seed + 1,
+                                       pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     model.save_pretrained(model_dir)
     return {
         "steps": len(losses),
+        "noisy_steps": len(noisy_losses),
         "expert_samples": len(samples),
-        "final_loss": losses[-1] if losses else None,
+        "expert_loss": losses[-1] if losses else None,
+        "final_loss": (noisy_losses or losses or [None])[-1],
         "success_checks": checks,
         "train_success": checks[-1][1] if checks else None,
     }

@@ -79,3 +79,20 @@ def test_vocabulary_covers_everything_the_env_prints():
     for text in texts:
         assert unk not in tokenizer(text, add_special_tokens=False)["input_ids"], text
     assert set(words_of(texts)) <= set(factory.vocabulary()) | set(words_of(["0 1 2 3 4 5 6 7 8 9"]))
+
+
+def test_expert_replans_from_the_state_a_prefix_reaches():
+    factory = MazeFactory(size=2, task="reach", distractors=0)
+    spec = factory.tasks("train")[0]  # a path of 4 rooms: start -south-> A -west-> B -north-> goal
+    assert factory.solve(spec) == ["go south", "go west", "go north"]
+    assert factory.solve(spec, ["go south"]) == ["go west", "go north"]
+    assert factory.solve(spec, ["look"]) == ["go south", "go west", "go north"]  # a wasted turn changes nothing
+    assert factory.solve(spec, ["go south", "go north"]) == ["go south", "go west", "go north"]  # back at the start
+    assert factory.solve(spec, ["go south", "go west", "go north"]) == []  # already won
+    with pytest.raises(ValueError, match="after winning"):
+        factory.solve(spec, ["go south", "go west", "go north", "look"])
+    keyed = MazeFactory(size=3, task="key")
+    spec = keyed.tasks()[0]
+    plan = keyed.solve(spec)
+    taken = plan.index("take key") + 1
+    assert keyed.solve(spec, plan[:taken]) == plan[taken:]  # the key is kept

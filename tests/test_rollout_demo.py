@@ -17,7 +17,8 @@ def test_demo_quick_runs_to_the_end(tmp_path, capsys):
     assert main(["--quick", "--output-dir", str(tmp_path), "--seed", "1"]) == 0
     metrics = json.loads((tmp_path / "final_metrics.json").read_text())
     assert metrics["global_step"] == 2 and metrics["seed"] == 1
-    assert metrics["warm_start"]["steps"] == 20 and metrics["setting"]["beta"] > 0
+    assert metrics["warm_start"]["steps"] == 20 and metrics["warm_start"]["noisy_steps"] == 10
+    assert metrics["setting"]["beta"] > 0
     for when in ("eval_before", "eval_after"):
         for split in ("valid_seen", "valid_unseen"):
             assert 0.0 <= metrics[when][split]["success_rate"] <= 1.0 and metrics[when][split]["episodes"] == 8

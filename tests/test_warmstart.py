@@ -1,12 +1,13 @@
 """Behaviour-cloning warm start: expert turns come from the real step-mode engine and cloning fits them."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from epo_trl.envs.maze import MazeFactory
 from epo_trl.rollout import RolloutConfig, RolloutEngine
 from epo_trl.testing import build_tiny_model, build_tokenizer
-from epo_trl.warmstart import PlanBackend, behaviour_clone, expert_turns, noisy_demonstrator
+from epo_trl.warmstart import PlanBackend, behaviour_clone, expert_turns, noisy_plans, warm_start
 
 
 def test_expert_turns_are_winning_step_mode_turns():
@@ -46,25 +47,50 @@ def test_behaviour_cloning_fits_the_expert(tmp_path):
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
 
 
-def test_noisy_demonstrator_relabels_with_admissible_actions():
+def test_noisy_plans_mix_random_admissible_moves_with_the_replanned_expert():
+    factory = MazeFactory(size=2, task="reach", distractors=0)
+    tasks = factory.tasks("train")[:32]
+    assert noisy_plans(factory, tasks, max_turns=6, noise=0.0) == [factory.solve(t) for t in tasks]
+    plans = noisy_plans(factory, tasks, max_turns=6, noise=0.7, seed=3)
+    assert plans == noisy_plans(factory, tasks, max_turns=6, noise=0.7, seed=3)  # seeded
+    detours = wins = 0
+    for task, plan in zip(tasks, plans):
+        env = factory.make()
+        env.reset(task)
+        for i, action in enumerate(plan):
+            assert action in env.admissible_actions()
+            detours += action != factory.solve(task, plan[:i])[0]
+            _, _, done, info = env.step(action)
+            assert done == (i == len(plan) - 1 and info["won"])  # a plan stops when it wins ...
+        wins += info["won"]
+        assert info["won"] or len(plan) == 6  # ... or at max_turns
+    assert detours > 0 and 0 < wins < len(tasks)
+
+
+def test_noisy_plans_render_as_episodes_in_both_modes():
     factory = MazeFactory(size=2, task="reach", distractors=0)
     tokenizer = build_tokenizer(factory.vocabulary())
     tasks = factory.tasks("train")[:8]
-    config = RolloutConfig(max_turns=8, max_turn_tokens=12)
-    samples = expert_turns(factory, tasks, tokenizer, config)
-    assert noisy_demonstrator(samples, factory, tasks, tokenizer, config, noise=0.0) == samples
-    noisy = noisy_demonstrator(samples, factory, tasks, tokenizer, config, noise=1.0, seed=3)
-    assert [p for p, _, _ in noisy] == [p for p, _, _ in samples]  # same states, new labels
-    changed = 0
-    for (prompt, completion, mask), (_, expert, _) in zip(noisy, samples):
-        text = tokenizer.decode(completion, skip_special_tokens=True)
-        assert text.startswith("<action>") and text.endswith("</action>") and completion[-1] == tokenizer.eos_token_id
-        action = text.removeprefix("<action>").removesuffix("</action>")
-        exits = tokenizer.decode(prompt).rsplit("exits : ", 1)[1].split(" .")[0].split()
-        assert action == "look" or action.removeprefix("go ") in exits  # an admissible action of that state
-        assert mask == [1] * len(completion)
-        changed += completion != expert
-    assert 0 < changed < len(samples)  # uniform over admissible actions: sometimes the expert's own move
+    config = RolloutConfig(max_turns=5, max_turn_tokens=12)
+    plans = noisy_plans(factory, tasks, config.max_turns, noise=0.9, seed=1)
+    assert any(len(p) == 5 for p in plans)  # some never win: they still render, to max_turns
+    steps = expert_turns(factory, tasks, tokenizer, config, "step", plans)
+    assert [tokenizer.decode(c, skip_special_tokens=True) for _, c, _ in steps] == [
+        f"<action>{a}</action>" for p in plans for a in p
+    ]
+    rows = expert_turns(factory, tasks, tokenizer, config, "trajectory", plans)
+    for (_, completion, mask), plan in zip(rows, plans):
+        actions = tokenizer.decode([t for t, m in zip(completion, mask) if m], skip_special_tokens=True)
+        assert actions == "".join(f"<action>{a}</action>" for a in plan)
+
+
+def test_warm_start_rejects_noise_without_a_noisy_phase(tmp_path):
+    factory = MazeFactory(size=2, task="reach", distractors=0)
+    path = build_tiny_model(str(tmp_path / "m"), extra_words=factory.vocabulary(), hidden_size=16)
+    with pytest.raises(ValueError, match="noisy_steps > 0"):
+        warm_start(path, factory, factory.tasks("train")[:2], RolloutConfig(), 1, noise=0.5)
+    with pytest.raises(ValueError, match="must be in"):
+        warm_start(path, factory, factory.tasks("train")[:2], RolloutConfig(), 1, noise=1.5, noisy_steps=1)
 
 
 def test_behaviour_cloning_stops_when_asked(tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 from .base import EnvFactory, TaskSpec, TextEnv
@@ -202,10 +203,19 @@ class MazeEnv(TextEnv):
         return self._describe(prefix), 0.0, False, {"won": False}
 
 
-def solve(task: TaskSpec, distractors: int = 0) -> list[str]:
-    """Shortest command sequence that wins `task` (breadth-first search over (room, key, door) states)."""
-    layout = Layout(task.task, task.variation, task.seed, distractors)
-    start = (layout.start, False, task.task == "reach")  # (cell, has_key, door_open)
+def solve(task: TaskSpec, distractors: int = 0, prefix: Sequence[str] = ()) -> list[str]:
+    """Shortest command sequence that wins `task` after the commands `prefix` were played (breadth-first search
+    over (room, key, door) states); [] when `prefix` already won."""
+    env = MazeEnv(distractors)
+    env.reset(task)
+    for command in prefix:
+        if env.done:
+            raise ValueError(f"prefix {list(prefix)} goes on after winning {task.key()}.")
+        env.step(command)
+    if env.done:
+        return []
+    layout = env._require_reset()
+    start = (env.pos, env.has_key, env.door_open)  # (cell, has_key, door_open)
     parents: dict[tuple, tuple | None] = {start: None}
     queue = deque([start])
     while queue:
@@ -269,9 +279,9 @@ class MazeFactory(EnvFactory):
         offset = SPLIT_SEED_OFFSET[split]
         return [TaskSpec(self.name, kinds[i % len(kinds)], size, offset + i) for i in range(count)]
 
-    def solve(self, task: TaskSpec) -> list[str]:
-        """The expert (shortest) command sequence for `task`."""
-        return solve(task, self.distractors)
+    def solve(self, task: TaskSpec, prefix: Sequence[str] = ()) -> list[str]:
+        """The expert (shortest) command sequence for `task`, from the state reached by playing `prefix`."""
+        return solve(task, self.distractors, prefix)
 
     def vocabulary(self) -> list[str]:
         """Every word the env can print (and the header), for building a word-level tokenizer."""
