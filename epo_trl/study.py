@@ -43,13 +43,20 @@ from .demo import (
 
 AEPO_TARGET_ENTROPY = 0.05
 
-# AEPO re-samples whole episodes, so the four algorithms are compared in trajectory mode (one row per episode);
-# "demo" is `make demo`'s own setting (EPO, step mode: one row per turn), so its row is the demo's seed spread.
-ALGOS = ("grpo", "epo-base", "epo", "aepo", "demo")
-LABELS = {"grpo": "GRPO", "epo-base": "EPO-Base", "epo": "EPO", "aepo": "AEPO", "demo": "EPO, step mode (make demo)"}
-RECIPE = {"demo": "epo"}  # recipe file of each algo (default: its own)
+# AEPO re-samples whole episodes, so the four algorithms are compared in trajectory mode (one row per episode); the
+# EPO run is exactly `make demo` (tested), so its row is the demo's spread over seeds. "epo-step" (opt-in): EPO in
+# step mode (one row per turn), from a warm start rendered in step mode.
+ALGOS = ("grpo", "epo-base", "epo", "aepo", "epo-step")
+LABELS = {
+    "grpo": "GRPO",
+    "epo-base": "EPO-Base",
+    "epo": "EPO (make demo)",
+    "aepo": "AEPO",
+    "epo-step": "EPO, step mode",
+}
+RECIPE = {"epo-step": "epo"}  # recipe file of each algo (default: its own)
 ALGO_EXTRA: dict[str, dict] = {
-    "demo": {"rollout_mode": "step"},
+    "epo-step": {"rollout_mode": "step"},
     # AEPO alone (its recipe turns EPO's terms off); H* between the warm start's entropy and a collapsed policy's.
     "aepo": {"aepo_target_entropy": AEPO_TARGET_ENTROPY},
 }
@@ -73,8 +80,8 @@ SHARED = {
     "disable_tqdm": True,
     "logging_steps": 1,
 }
-FULL = {"algos": ALGOS, "seeds": (0, 1, 2, 3, 4), "eval_tasks": 64, "warm_start": WARM_START}
-QUICK = {"algos": ("grpo", "aepo", "demo"), "seeds": (0,), "eval_tasks": 4, "warm_start": QUICK_WARM_START}
+FULL = {"algos": ALGOS[:4], "seeds": (0, 1, 2, 3, 4), "eval_tasks": 64, "warm_start": WARM_START}
+QUICK = {"algos": ("grpo", "aepo", "epo-step"), "seeds": (0,), "eval_tasks": 4, "warm_start": QUICK_WARM_START}
 QUICK_OVERRIDES = {"max_steps": 2, "tasks_per_step": 2, "num_generations": 4, "max_turns": 3}
 GAIN_TARGET = 0.30  # the demo's bar: held-out success after - before
 
@@ -251,7 +258,7 @@ def aggregate(runs: list[dict]) -> dict:
         if "error" not in run:
             by_algo.setdefault(run["algo"], []).append(run)
     out = {}
-    for algo, rs in by_algo.items():
+    for algo, rs in sorted(by_algo.items(), key=lambda kv: ALGOS.index(kv[0])):
         stats = [run_stats(r) for r in rs]
         out[algo] = {k: _mean_ci([s[k] for s in stats]) for k in STAT_COLUMNS}
         out[algo]["seeds"] = len(rs)
@@ -385,15 +392,15 @@ def answer(summary: dict) -> list[str]:
         )
         + "."
     )
-    if e is not None:
+    for algo, other in summary.items():
+        if algo == "grpo":
+            continue
         lines.append(
-            "- **EPO vs GRPO on success.** Held-out gain GRPO "
-            + _pm(g["gain_seen"])
-            + ", EPO "
-            + _pm(e["gain_seen"])
+            f"- **{LABELS[algo]} vs GRPO on success.** Held-out gain GRPO {_pm(g['gain_seen'])}, {LABELS[algo]} "
+            f"{_pm(other['gain_seen'])}"
             + (
                 ": the intervals overlap, so this study shows no success difference between them."
-                if overlaps(g["gain_seen"], e["gain_seen"])
+                if overlaps(g["gain_seen"], other["gain_seen"])
                 else ": the intervals do not overlap."
             )
         )
@@ -433,8 +440,8 @@ Why the setting is what it is, and the negative results that led to it: [docs/st
 Recipes `recipes/cpu/maze_<algo>.yaml` through `epo_trl.train.load_config/build_trainer` (the CLI path), all
 with the same overrides: {shared}; seeds {list(meta["seeds"])}. Per algorithm: {extra}. GRPO, EPO-Base and EPO
 run on `EPOTrainer` (GRPO = EPO's terms off), AEPO on `AEPOTrainer` (EPO's terms off), all four in trajectory mode
-(one row per episode: AEPO re-samples whole episodes); "{LABELS["demo"]}" is `make demo`'s setting (EPO in step
-mode, one row per turn), so its row is the demo's spread over seeds.
+(one row per episode: AEPO re-samples whole episodes). The EPO run is `make demo` with the same seed (same
+settings, tested), so its row is the demo's spread over seeds.
 Warm start, per seed and rollout mode, shared by the algorithms of that mode: behaviour cloning on the expert
 until the model, sampling, wins {warm["target_success"]} of 32 train tasks (at most {warm["steps"]} steps, checked
 every {warm["check_every"]}), then {warm["noisy_steps"]} steps on a noisy demonstrator's plays (each turn a random
@@ -492,7 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--child"]:
         return _child(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m epo_trl.study", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 seed, 2 steps, GRPO, AEPO and the demo (a test run)")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 seed, 2 steps, GRPO, AEPO and EPO in step mode (a test run)"
+    )
     parser.add_argument("--output-dir", default="docs/study", help="results.json, PNG plots, per-run JSON (raw/)")
     parser.add_argument("--report", default=None, help="markdown report (default: docs/study.md; none with --quick)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each in its own process)")
@@ -519,6 +528,20 @@ def main(argv: list[str] | None = None) -> int:
         for f in raw.glob("*.json"):
             f.unlink()
         (out / "started.json").write_text(json.dumps({"time": time.time(), "seeds": seeds, "algos": algos}))
+        done, total = [0], len(seeds) * (len(modes) + len(algos))
+
+        def progress(what: str, result: dict) -> None:
+            done[0] += 1
+            if "error" in result:
+                outcome = f"failed: {result['error']}"
+            elif "held_out" in result:
+                outcome = (
+                    f"held-out success after {result['held_out']['valid_seen']:.3f}, RL {result['train_s']:.0f} s"
+                )
+            else:
+                outcome = f"held-out success {result['before']['valid_seen']:.3f}, {result['warm_s']:.0f} s"
+            print(f"[{done[0]}/{total}, {time.perf_counter() - started:.0f} s] {what}: {outcome}", flush=True)
+
         with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max(opts.jobs, 1)) as pool:
 
             def warm(job):
@@ -526,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec = {"seed": seed, "mode": mode, "model_dir": os.path.join(tmp, f"warm-{mode}-{seed}", "model"),
                         "overrides": overrides, "warm": warm_cfg, "eval_tasks": plan["eval_tasks"]}  # fmt: skip
                 result = _launch("warm", spec, threads, str(raw / f"warm-{mode}-{seed}.json"))
+                progress(f"warm start ({mode} mode) seed {seed}", result)
                 return {**result, "mode": mode}
 
             def train(job):
@@ -538,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = _launch("run", spec, threads, str(result_file))
                 if "error" in result:
                     result_file.write_text(json.dumps(result))
+                progress(f"{LABELS[algo]} seed {seed}", result)
                 return result
 
             warmed = list(pool.map(warm, [(m, s) for s in seeds for m in modes]))

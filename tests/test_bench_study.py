@@ -66,13 +66,13 @@ def test_study_quick(tmp_path):
     report = tmp_path / "study.md"
     assert main(["--quick", "--jobs", "1", "--output-dir", str(tmp_path), "--report", str(report)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["summary"]) == {"grpo", "aepo", "demo"} and not results["errors"]
+    assert set(results["summary"]) == {"grpo", "aepo", "epo-step"} and not results["errors"]
     assert set(results["warm_starts"]) == {"trajectory-0", "step-0"}  # one warm start per seed and rollout mode
     for warm in results["warm_starts"].values():
         assert warm["warm_start"]["steps"] == 20 and warm["warm_start"]["noisy_steps"] == 10
         assert _finite(*warm["before"].values())
     modes = {run["algo"]: run["mode"] for run in results["runs"]}
-    assert modes == {"grpo": "trajectory", "aepo": "trajectory", "demo": "step"}
+    assert modes == {"grpo": "trajectory", "aepo": "trajectory", "epo-step": "step"}
     for run in results["runs"]:
         assert len(run["success"]) == len(run["entropy"]) == 2
         assert _finite(*run["entropy"], *run["success"], *run["held_out"].values()) and run["turn_entropy"]
