@@ -46,19 +46,31 @@ AEPO_TARGET_ENTROPY = 0.05
 # AEPO re-samples whole episodes, so the four algorithms are compared in trajectory mode (one row per episode); the
 # EPO run is exactly `make demo` (tested), so its row is the demo's spread over seeds. "epo-step" (opt-in): EPO in
 # step mode (one row per turn), from a warm start rendered in step mode.
-ALGOS = ("grpo", "epo-base", "epo", "aepo", "epo-step")
+# Opt-in variants that probe the failures EPO targets (docs/study/setting.md): "-nokl" drops the KL anchor (can
+# the policy collapse early?); "-bonus" makes the entropy bonus 10x stronger (does a plain bonus go unstable, and
+# does EPO's smoothing hold it?).
+ALGOS = ("grpo", "epo-base", "epo", "aepo", "epo-step", "grpo-nokl", "epo-nokl", "epo-base-bonus", "epo-bonus")
 LABELS = {
     "grpo": "GRPO",
     "epo-base": "EPO-Base",
     "epo": "EPO (make demo)",
     "aepo": "AEPO",
     "epo-step": "EPO, step mode",
+    "grpo-nokl": "GRPO, no KL",
+    "epo-nokl": "EPO, no KL",
+    "epo-base-bonus": "EPO-Base, bonus 0.1",
+    "epo-bonus": "EPO, bonus 0.1",
 }
-RECIPE = {"epo-step": "epo"}  # recipe file of each algo (default: its own)
+# recipe file of each algo (default: its own)
+RECIPE = {"epo-step": "epo", "grpo-nokl": "grpo", "epo-nokl": "epo", "epo-base-bonus": "epo-base", "epo-bonus": "epo"}
 ALGO_EXTRA: dict[str, dict] = {
     "epo-step": {"rollout_mode": "step"},
     # AEPO alone (its recipe turns EPO's terms off); H* between the warm start's entropy and a collapsed policy's.
     "aepo": {"aepo_target_entropy": AEPO_TARGET_ENTROPY},
+    "grpo-nokl": {"beta": 0.0},
+    "epo-nokl": {"beta": 0.0},
+    "epo-base-bonus": {"entropy_coef": 0.1},
+    "epo-bonus": {"entropy_coef": 0.1},
 }
 # The demo's setting (see epo_trl/demo.py for why each value): 2x2 `reach` maze, strict <action> format.
 SHARED = {
@@ -334,16 +346,17 @@ def _pm(ms: tuple[float, float], digits: int = 3) -> str:
 
 
 def answer(summary: dict) -> list[str]:
-    """The study's answer, phrased from the numbers (no hand-written claims that could go stale)."""
-    lines = []
-    if "grpo" not in summary:
-        return ["GRPO did not finish: nothing to compare against."]
-    g, e = summary["grpo"], summary.get("epo")
+    """The study's answer, phrased from the numbers (no hand-written claims that could go stale). The baseline is
+    the first algorithm run (GRPO in the main study)."""
+    if not summary:
+        return ["No run finished: nothing to report."]
+    base = next(iter(summary))
+    g, name = summary[base], LABELS[base]
 
     def overlaps(a, b) -> bool:  # 95% intervals overlap: no claim of a difference
         return abs(a[0] - b[0]) <= (0 if math.isnan(a[1]) else a[1]) + (0 if math.isnan(b[1]) else b[1])
 
-    lines.append(
+    lines = [
         "- **Does the baseline learn?** Held-out valid_seen success, before -> after RL (mean ± 95% CI over seeds): "
         + "; ".join(
             f"{LABELS[a]} {s['before_seen'][0]:.3f} -> {_pm(s['valid_seen'])} (gain {_pm(s['gain_seen'])}, "
@@ -352,11 +365,11 @@ def answer(summary: dict) -> list[str]:
         )
         + ". "
         + (
-            "GRPO's gain is above zero at 95% confidence."
+            f"{name}'s gain is above zero at 95% confidence."
             if g["gain_seen"][0] - (0 if math.isnan(g["gain_seen"][1]) else g["gain_seen"][1]) > 0
-            else "GRPO's gain is not distinguishable from zero at 95% confidence."
+            else f"{name}'s gain is not distinguishable from zero at 95% confidence."
         )
-    )
+    ]
     diverged = {a: s["diverged"][0] for a, s in summary.items()}
     if any(diverged.values()):
         lines.append(
@@ -364,25 +377,21 @@ def answer(summary: dict) -> list[str]:
             + ", ".join(f"{LABELS[a]} {v:.2f}" for a, v in diverged.items())
             + "."
         )
-    if e is None:
-        lines.append("- **EPO vs GRPO.** EPO (without GiGPO) was not run in this study: no comparison of the two.")
-    if e is None:
-        lines.append(
-            f"- **Entropy.** In the first quarter GRPO's entropy falls by {_pm(g['early_drop'], 3)} nats (negative = "
-            f"rises) to a minimum of {_pm(g['min_entropy'], 3)} and ends at {_pm(g['final_entropy'], 3)}."
-        )
-    else:
-        same = overlaps(g["min_entropy"], e["min_entropy"]) and overlaps(g["early_drop"], e["early_drop"])
-        lines.append(
-            f"- **Early collapse.** In the first quarter GRPO's entropy falls by {_pm(g['early_drop'], 3)} nats and "
-            f"EPO's by {_pm(e['early_drop'], 3)} (negative = rises); minimum entropy GRPO {_pm(g['min_entropy'], 3)}, "
-            f"EPO {_pm(e['min_entropy'], 3)}. "
+    lines.append(
+        "- **Early collapse.** Entropy drop over the first quarter (negative = rises) / minimum entropy: "
+        + "; ".join(f"{LABELS[a]} {_pm(s['early_drop'], 3)} / {_pm(s['min_entropy'], 3)}" for a, s in summary.items())
+        + ". "
+        + " ".join(
+            f"{LABELS[a]} vs {name}: "
             + (
-                "The intervals overlap: no early collapse that EPO prevents is visible in this setting."
-                if same
-                else "The intervals do not overlap."
+                "the intervals overlap (no difference shown)."
+                if overlaps(g["min_entropy"], s["min_entropy"]) and overlaps(g["early_drop"], s["early_drop"])
+                else "the intervals do not overlap."
             )
+            for a, s in summary.items()
+            if a != base
         )
+    )
     lines.append(
         "- **Late instability.** Over the second half, entropy std (trend included) / std of step-to-step changes "
         "(oscillation only): "
@@ -393,10 +402,10 @@ def answer(summary: dict) -> list[str]:
         + "."
     )
     for algo, other in summary.items():
-        if algo == "grpo":
+        if algo == base:
             continue
         lines.append(
-            f"- **{LABELS[algo]} vs GRPO on success.** Held-out gain GRPO {_pm(g['gain_seen'])}, {LABELS[algo]} "
+            f"- **{LABELS[algo]} vs {name} on success.** Held-out gain {name} {_pm(g['gain_seen'])}, {LABELS[algo]} "
             f"{_pm(other['gain_seen'])}"
             + (
                 ": the intervals overlap, so this study shows no success difference between them."
@@ -425,12 +434,13 @@ def to_markdown(results: dict) -> str:
         f"\n- {LABELS.get(r['algo'], r['algo'])} seed {r['seed']} failed: {r['error']}" for r in results["errors"]
     )
     warm = meta["warm_start"]
-    extra = "; ".join(f"{LABELS[a]} `{json.dumps(v)}`" for a, v in ALGO_EXTRA.items()) or "none"
+    extra = "; ".join(f"{LABELS[a]} `{json.dumps(ALGO_EXTRA[a])}`" for a in summary if a in ALGO_EXTRA) or "none"
     per_seed = "; ".join(
         f"{LABELS[r['algo']]} seed {r['seed']}: {r['before']['valid_seen']:.3f} -> {r['held_out']['valid_seen']:.3f}"
         for r in sorted(results["runs"], key=lambda r: (r["algo"], r["seed"]))
     )
-    return f"""# Study: GRPO vs EPO-Base vs EPO vs AEPO on the maze, from a warm start RL can improve
+    title = " vs ".join(LABELS[a] for a in summary)
+    return f"""# Study: {title} on the maze, from a warm start RL can improve
 
 Generated by `{meta["command"]}` on {meta["date"]} ({meta["machine"]}); total wall time {meta["wall_s"]:.0f} s
 ({meta["jobs"]} runs at a time). Raw numbers: `docs/study/results.json`. Do not edit the table by hand: re-run the command.
