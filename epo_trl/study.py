@@ -482,9 +482,10 @@ step-to-step change std = std of H[k+1] - H[k] over the second half (oscillation
 Caveats: {len(meta["seeds"])} seed(s), {meta["overrides"]["max_steps"]} steps of
 {meta["overrides"]["tasks_per_step"] * meta["overrides"]["num_generations"]} episodes on a ~0.2M-parameter tiny model
 and a 2x2 maze that the expert wins in 3 moves. The setting was chosen so that the baseline learns, not to provoke
-the failures EPO targets (early entropy collapse, late instability under a plain bonus): read the entropy columns
-before drawing conclusions about EPO from it. A longer-horizon variant (key, distractors, 15-30 turns) was not tried
-within this study's CPU budget.
+the failures EPO targets (early entropy collapse, late instability under a plain bonus). Two variants probe them
+(`--algos grpo-nokl epo-nokl epo-base-bonus epo-bonus`, [study-variants.md](study-variants.md)): no KL anchor, and a
+10x stronger entropy bonus. A longer-horizon maze (key, distractors, 15-30 turns) was not run: see
+[study/setting.md](study/setting.md) for what it would cost.
 """
 
 
@@ -587,16 +588,19 @@ def main(argv: list[str] | None = None) -> int:
     for r in errors:
         print(f"run {r['algo']} seed {r['seed']} failed: {r['error']}", file=sys.stderr)
     info = machine_info()
-    command = "python -m epo_trl.study" + (" --quick" if opts.quick else "")
-    command += f" --seeds {' '.join(map(str, seeds))}" if opts.seeds else ""
-    command += f" --algos {' '.join(algos)}" if opts.algos else ""
-    wall_s, planned = time.perf_counter() - started, len(seeds) * len(algos)
+    wall_s = time.perf_counter() - started
     if opts.report_only:  # an interrupted or still running study: wall time so far, from the files' times
         files = list(raw.glob("*.json"))
         start = json.loads((out / "started.json").read_text()) if (out / "started.json").exists() else {}
         first = start.get("time") or min(f.stat().st_mtime - json.loads(f.read_text()).get("warm_s", 0) for f in files)
         wall_s = max(f.stat().st_mtime for f in files) - first
-        planned = len(start.get("seeds", seeds)) * len(start.get("algos", algos))
+        seeds, algos = start.get("seeds", seeds), start.get("algos", algos)
+    planned = len(seeds) * len(algos)
+    command = "python -m epo_trl.study" + (" --quick" if opts.quick else "")
+    command += f" --seeds {' '.join(map(str, seeds))}" if list(seeds) != list(plan["seeds"]) else ""
+    command += f" --algos {' '.join(algos)}" if list(algos) != list(plan["algos"]) else ""
+    command += f" --output-dir {opts.output_dir}" if opts.output_dir != "docs/study" else ""
+    command += f" --report {opts.report}" if opts.report and opts.report != "docs/study.md" else ""
     meta = {
         "command": command + ("" if len(runs) == planned else f" (partial: {len(runs)} of {planned} runs finished)"),
         "date": info["date"],
