@@ -298,6 +298,7 @@ def plot(runs: list[dict], out: Path) -> list[str]:
     for r in runs:
         if "error" not in r:
             by_algo.setdefault(r["algo"], []).append(r)
+    by_algo = dict(sorted(by_algo.items(), key=lambda kv: ALGOS.index(kv[0])))  # the table's order
     files = []
     for key, ylabel, name in (("entropy", "token entropy (nats)", "entropy.png"),
                               ("success", "train success rate", "success.png")):  # fmt: skip
