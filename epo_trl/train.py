@@ -33,7 +33,7 @@ ALGOS = ("grpo", "epo", "epo-base", "aepo")
 TINY_MODEL = "builtin-tiny"
 # Documented in docs/configuration.md: caps long runs so every command in the docs runs in CI.
 FAST_ENV = "EPO_TRL_DOCS_FAST"
-FAST_CAPS = {"max_steps": 2, "warmstart_steps": 10, "max_turns": 3}
+FAST_CAPS = {"max_steps": 2, "warmstart_steps": 10, "warmstart_noisy_steps": 10, "max_turns": 3}
 
 
 @dataclass
@@ -79,6 +79,25 @@ class ScriptArguments:
             "in rollout_mode) before RL, standing in for an instruction-tuned start. Needs an env with `solve`."
         },
     )
+    warmstart_target_success: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stop the expert cloning early once the model, sampling, wins this share of 32 train tasks "
+            "(checked every 50 steps); warmstart_steps is then the cap. None = run all warmstart_steps."
+        },
+    )
+    warmstart_noisy_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Then clone this many steps of a noisy demonstrator's plays (a random admissible action with "
+            "probability warmstart_noise, else the expert's move): a competent but wandering start, as in "
+            "`make demo`. Needs an env whose `solve(task, prefix)` re-plans."
+        },
+    )
+    warmstart_noise: float = field(
+        default=0.85,
+        metadata={"help": "Share of the noisy demonstrator's turns that are a random admissible action, in (0, 1]."},
+    )
 
     def __post_init__(self):
         if self.algo not in ALGOS:
@@ -87,6 +106,18 @@ class ScriptArguments:
             raise ValueError(f"Invalid rollout_mode={self.rollout_mode!r}: must be 'step' or 'trajectory'.")
         if self.tasks_per_step is not None and self.tasks_per_step < 1:
             raise ValueError(f"tasks_per_step={self.tasks_per_step} must be >= 1 (or unset).")
+        for name in ("warmstart_steps", "warmstart_noisy_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 = no such phase).")
+        if not 0 < self.warmstart_noise <= 1:
+            raise ValueError(f"warmstart_noise={self.warmstart_noise} must be in (0, 1].")
+        if self.warmstart_target_success is not None and not 0 < self.warmstart_target_success <= 1:
+            raise ValueError(f"warmstart_target_success={self.warmstart_target_success} must be in (0, 1] (or unset).")
+
+    @property
+    def warm_starts(self) -> bool:
+        """Whether the builtin tiny model is behaviour-cloned before RL."""
+        return bool(self.warmstart_steps or self.warmstart_noisy_steps)
 
 
 # What each algorithm pins. A pinned key set with equal or more precedence than `algo` itself (a flag, or
@@ -315,17 +346,17 @@ def resolve_model(script: ScriptArguments, factory, output_dir: str, rollout_con
     from . import testing
 
     if script.model_name_or_path == testing.SMOLLM2:
-        if script.warmstart_steps:
+        if script.warm_starts:
             raise ValueError(f"warmstart_steps applies to model_name_or_path={TINY_MODEL!r} only; set it to 0.")
         from .distributed import on_main_process_first
 
         with on_main_process_first():  # rank 0 converts the GGUF once while the others wait
             return testing.build_smollm2()
     if script.model_name_or_path != TINY_MODEL:
-        if script.warmstart_steps:
+        if script.warm_starts:
             raise ValueError(f"warmstart_steps applies to model_name_or_path={TINY_MODEL!r} only; set it to 0.")
         return script.model_name_or_path
-    if script.warmstart_steps and not hasattr(factory, "solve"):
+    if script.warm_starts and not hasattr(factory, "solve"):
         raise ValueError(f"warmstart_steps needs an env with an expert (`solve`); {script.env!r} has none.")
     from .distributed import on_main_process_first
     from .testing import build_tiny_model
@@ -335,11 +366,13 @@ def resolve_model(script: ScriptArguments, factory, output_dir: str, rollout_con
         if not os.path.exists(os.path.join(path, "config.json")):
             vocab = factory.vocabulary() if hasattr(factory, "vocabulary") else []
             build_tiny_model(path, extra_words=vocab, hidden_size=script.tiny_hidden_size)
-            if script.warmstart_steps:
+            if script.warm_starts:
                 from .warmstart import warm_start
 
                 tasks = factory.tasks(script.train_split)
-                warm_start(path, factory, tasks, rollout_config, script.warmstart_steps, script.rollout_mode)
+                warm_start(path, factory, tasks, rollout_config, script.warmstart_steps, script.rollout_mode,
+                           target_success=script.warmstart_target_success, noisy_steps=script.warmstart_noisy_steps,
+                           noise=script.warmstart_noise if script.warmstart_noisy_steps else 0.0)  # fmt: skip
     return path
 
 

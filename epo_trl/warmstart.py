@@ -163,7 +163,7 @@ def sampled_success(model, tokenizer, factory: EnvFactory, tasks: Sequence[TaskS
 
 def warm_start(model_dir: str, factory: EnvFactory, tasks: Sequence[TaskSpec], config: RolloutConfig,
                steps: int, mode: str = "step", seed: int = 0, target_success: float | None = None,
-               check_every: int = 25, check_tasks: int = 32, noise: float = 0.0,
+               check_every: int = 50, check_tasks: int = 32, noise: float = 0.0,
                noisy_steps: int = 0, log: Callable[[str], None] | None = None) -> dict:  # fmt: skip
     """Behaviour-clone the model saved in `model_dir` on expert episodes of `tasks`, in place; return a summary.
 

@@ -5,6 +5,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -257,6 +258,39 @@ def test_cli_warm_starts_the_builtin_model(tmp_path):
     assert warm.keys() == cold.keys()
     assert any(not torch.equal(warm[k], cold[k]) for k in cold)
     assert json.load(open(out / "final_metrics.json"))["global_step"] == 1
+
+
+def test_cli_warm_start_flags_reach_the_library_call_unchanged(tmp_path):
+    """Both warm-start phases from the CLI (`make demo`'s recipe: expert, then the noisy demonstrator): the run's tiny
+    model equals a direct `warm_start` call with the flags' values, bit for bit, and differs from the expert-only one."""
+    import torch
+
+    from epo_trl.testing import build_tiny_model
+    from epo_trl.warmstart import warm_start
+
+    flags = ["--warmstart_steps", "4", "--warmstart_noisy_steps", "3", "--warmstart_noise", "0.5"]
+    out = tmp_path / "run"
+    assert main([MAZE, *SMALL, "--max_steps", "1", "--output_dir", str(out), *flags]) == 0
+    script, rollout, _ = load_config([MAZE, *SMALL, *flags, "--output_dir", str(tmp_path / "unused")])
+    factory = make_factory(script.env, **script.env_kwargs)
+    tasks = factory.tasks(script.train_split)
+
+    def direct(name, **phases):
+        path = build_tiny_model(
+            str(tmp_path / name), extra_words=factory.vocabulary(), hidden_size=script.tiny_hidden_size
+        )
+        warm_start(path, factory, tasks, rollout, 4, script.rollout_mode, **phases)
+        return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+    cli = AutoModelForCausalLM.from_pretrained(out / "tiny-model").state_dict()
+    both = direct("both", noisy_steps=3, noise=0.5)
+    expert = direct("expert")
+    assert all(torch.equal(cli[k], both[k]) for k in both)
+    assert any(not torch.equal(cli[k], expert[k]) for k in expert)
+    for bad, message in ((["--warmstart_noise", "0"], "warmstart_noise=0.0 must be in (0, 1]"),
+                         (["--warmstart_noisy_steps", "-1"], "warmstart_noisy_steps=-1 must be >= 0")):  # fmt: skip
+        with pytest.raises(UsageError, match=re.escape(message)):
+            load_config([MAZE, *bad, "--output_dir", str(tmp_path / "unused")])
 
 
 @pytest.mark.slow
