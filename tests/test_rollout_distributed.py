@@ -112,6 +112,11 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)
     accelerator.wait_for_everyone()
+    # Tear the groups (the TP subgroups too) down before the interpreter exits: left to exit-time destructors, a
+    # gloo thread was once still running and the rank died with SIGABRT after the test's work had finished.
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
 
 
 @pytest.mark.slow
