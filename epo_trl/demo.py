@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 # The demo's setting (see the module docstring for why); flags override the ones users may want to vary.
@@ -218,24 +219,16 @@ def main(argv: list[str] | None = None) -> int:
         processing_class=tokenizer,
         rollout_func=rollout,
     )
-    evaluate = (
-        trainer.model,
-        tokenizer,
-        factory,
-        config,
-        eval_tasks,
-        opts.eval_temperature,
-        opts.seed,
-        opts.rollout_mode,
-    )
-    before = evaluate_held_out(*evaluate)
+    evaluate = partial(evaluate_held_out, trainer.model, tokenizer, factory, config, eval_tasks,
+                       opts.eval_temperature, opts.seed, opts.rollout_mode)  # fmt: skip
+    before = evaluate()
     train_started = time.perf_counter()
     try:
         trainer.train()
     finally:
         rollout.close()
     train_seconds = time.perf_counter() - train_started
-    after = evaluate_held_out(*evaluate)
+    after = evaluate()
 
     history = trainer.state.log_history
     train_logs = [h for h in history if "rollout/success_rate" in h]

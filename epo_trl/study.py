@@ -264,13 +264,18 @@ STAT_COLUMNS = {
 }
 
 
-def aggregate(runs: list[dict]) -> dict:
+def _by_algo(runs: list[dict]) -> dict[str, list[dict]]:
+    """Finished runs grouped by algorithm, in `ALGOS` order (the table's and the plots')."""
     by_algo: dict[str, list[dict]] = {}
     for run in runs:
         if "error" not in run:
             by_algo.setdefault(run["algo"], []).append(run)
+    return dict(sorted(by_algo.items(), key=lambda kv: ALGOS.index(kv[0])))
+
+
+def aggregate(runs: list[dict]) -> dict:
     out = {}
-    for algo, rs in sorted(by_algo.items(), key=lambda kv: ALGOS.index(kv[0])):
+    for algo, rs in _by_algo(runs).items():
         stats = [run_stats(r) for r in rs]
         out[algo] = {k: _mean_ci([s[k] for s in stats]) for k in STAT_COLUMNS}
         out[algo]["seeds"] = len(rs)
@@ -294,11 +299,7 @@ def plot(runs: list[dict], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    by_algo: dict[str, list[dict]] = {}
-    for r in runs:
-        if "error" not in r:
-            by_algo.setdefault(r["algo"], []).append(r)
-    by_algo = dict(sorted(by_algo.items(), key=lambda kv: ALGOS.index(kv[0])))  # the table's order
+    by_algo = _by_algo(runs)
     files = []
     for key, ylabel, name in (("entropy", "token entropy (nats)", "entropy.png"),
                               ("success", "train success rate", "success.png")):  # fmt: skip

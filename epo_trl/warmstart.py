@@ -177,7 +177,7 @@ def warm_start(model_dir: str, factory: EnvFactory, tasks: Sequence[TaskSpec], c
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if noise and not noisy_steps:
-        raise ValueError(f"noise={noise} relabels the noisy phase only: set noisy_steps > 0 (or noise=0).")
+        raise ValueError(f"noise={noise} applies to the noisy phase only: set noisy_steps > 0 (or noise=0).")
     if noisy_steps and not 0 < noise <= 1:
         raise ValueError(f"noise={noise} must be in (0, 1] when noisy_steps={noisy_steps} > 0.")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
