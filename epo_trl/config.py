@@ -108,6 +108,22 @@ class EPOConfig(GRPOConfig):
         },
     )
 
+    vllm_sync_check: bool = field(
+        default=True,
+        metadata={
+            "help": "After every weight push to vLLM, sample a short probe completion from the engine and compare its "
+            "log-probs with the trainer's; raise StaleEngineError above vllm_sync_tolerance (a sync that did not "
+            "take). Costs one 8-token generate and forward per step."
+        },
+    )
+    vllm_sync_tolerance: float = field(
+        default=0.1,
+        metadata={
+            "help": "Largest accepted mean |log-prob difference| (nats) between vLLM and the trainer on the probe "
+            "(> 0). fp32 on CPU measures ~1e-3, bf16 ~1e-2; a stale engine is off by 0.1-1 within a few steps."
+        },
+    )
+
     def __post_init__(self):
         if self.vllm_server_base_urls:
             urls = list(self.vllm_server_base_urls)
@@ -144,6 +160,7 @@ class EPOConfig(GRPOConfig):
             self.schedule_horizon,
             "None (the run's total steps) or an integer >= 1",
         )
+        _check(self.vllm_sync_tolerance > 0, "vllm_sync_tolerance", self.vllm_sync_tolerance, "> 0")
         _check(
             self.max_rows_per_backward is None or self.max_rows_per_backward >= 0,
             "max_rows_per_backward",

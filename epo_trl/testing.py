@@ -87,26 +87,31 @@ def build_tiny_model(
     num_layers: int = 2,
     vocab_size: int | None = None,
     seed: int = 0,
+    head_dim: int = 8,
+    tie_word_embeddings: bool = True,
 ) -> str:
     """Save a tiny random Qwen2 model and its tokenizer to `output_dir`; return the path.
 
     `vocab_size` larger than the tokenizer's vocabulary pads the embedding (used by benchmarks to get a
-    realistic 32k+ vocabulary for the entropy computation).
+    realistic 32k+ vocabulary for the entropy computation). vLLM's CPU attention needs `head_dim` >= 32 (it
+    rejects 8, the default here); `tie_word_embeddings=False` gives an untied LM head.
     """
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = build_tokenizer(extra_words)
     vocab = max(len(tokenizer), vocab_size or 0)
+    heads = max(1, hidden_size // head_dim)
     config = Qwen2Config(
         vocab_size=vocab,
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers,
-        num_attention_heads=max(1, hidden_size // 8),
-        num_key_value_heads=max(1, hidden_size // 16),
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        head_dim=hidden_size // heads,
         max_position_embeddings=4096,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,

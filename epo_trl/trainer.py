@@ -25,6 +25,7 @@ from .entropy import (
     smoothing_penalty,
     turn_ids_from_mask,
 )
+from .rollout import vllm_sync
 from .rollout.vllm_servers import attach_server_pool
 
 STATE_FILE = "epo_state.json"
@@ -62,6 +63,7 @@ class EPOTrainer(GRPOTrainer):
             )
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
         attach_server_pool(self)  # several vLLM servers (args.vllm_server_base_urls)
+        self.vllm_sync_check = vllm_sync.install(self)  # the right push per engine, checked after each push
         self.entropy_history = EntropyHistory(args.entropy_history_window)
         self._last_entropies: torch.Tensor | None = None
         self._epo_step_stats: list[torch.Tensor] | None = None  # per-micro-batch stats of the current step

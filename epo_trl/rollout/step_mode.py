@@ -182,6 +182,7 @@ class StepRollout(EnvRollout):
                 batch["ref_per_token_logps"] = self._ref_logps(trainer, ids, attention, keep, size)
         if use_is:
             batch["importance_sampling_ratio"] = _importance_ratio(batch, trainer)
+            _log_sampling_metrics(batch, trainer)
 
     @staticmethod
     def _ref_logps(trainer, ids, attention, keep, size):
@@ -222,6 +223,37 @@ def _nanstd(x: torch.Tensor, dim: int) -> torch.Tensor:
     from trl.trainer.utils import nanstd
 
     return nanstd(x, dim=dim)
+
+
+def _log_sampling_metrics(batch: dict[str, Any], trainer) -> None:
+    """TRL's `sampling/*` metrics (GRPOTrainer._generate_and_score_completions, TRL 1.16), on the step-wise rows:
+    |trainer - vLLM| log-prob difference over action tokens, and the IS ratio's min / mean / max (dummy rows out)."""
+    from trl.trainer.utils import nanmax, nanmin
+
+    acc, device = trainer.accelerator, trainer.accelerator.device
+    mode = "train" if trainer.model.training else "eval"
+    metrics = trainer._metrics[mode]
+    mask = batch["completion_mask"].bool()
+    delta = torch.abs(batch["old_per_token_logps"] - batch["sampling_per_token_logps"])
+    delta = delta[mask & ~torch.isnan(delta)]
+    zero = torch.tensor(0.0, device=device)
+    metrics["sampling/sampling_logp_difference/mean"].append(
+        acc.gather(delta.mean() if delta.numel() else zero).mean().item()
+    )
+    metrics["sampling/sampling_logp_difference/max"].append(
+        acc.gather(delta.max() if delta.numel() else zero).max().item()
+    )
+    ratio = batch["importance_sampling_ratio"]
+    if trainer.vllm_importance_sampling_mode.startswith("sequence"):
+        flat = ratio[mask.any(dim=1)].flatten()  # one ratio per real row
+    else:
+        flat = ratio[mask]
+    some = flat.numel() > 0
+    metrics["sampling/importance_sampling_ratio/min"].append(nanmin(acc.gather(flat.min() if some else zero)).item())
+    metrics["sampling/importance_sampling_ratio/mean"].append(
+        acc.gather(flat.mean() if some else zero).nanmean().item()
+    )
+    metrics["sampling/importance_sampling_ratio/max"].append(nanmax(acc.gather(flat.max() if some else zero)).item())
 
 
 def _importance_ratio(batch: dict[str, Any], trainer) -> torch.Tensor:
