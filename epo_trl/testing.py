@@ -175,6 +175,11 @@ def build_smollm2(output_dir: str | None = None) -> str:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    # The GGUF's own ids are the truth (eos = pad = <|im_end|>, id 2): transformers < 5.18 reads the GGUF tokenizer's
+    # EOS as <|im_start|> and leaves pad unset, which would end no turn and pad with nothing.
+    eos = tokenizer.convert_ids_to_tokens(model.config.eos_token_id)
+    tokenizer.eos_token = eos
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(model.config.pad_token_id or model.config.eos_token_id)
     tmp = f"{output_dir}.tmp-{os.getpid()}"  # write then rename: a crash never leaves a half-written model
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

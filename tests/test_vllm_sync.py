@@ -145,8 +145,11 @@ def test_several_vllm_servers_share_each_generate_and_all_get_every_sync(maze_mo
     assert [c.base_url for c in trainer.vllm_generation.vllm_client.clients] == urls
     a, b = standin.engines
     assert a.synced == b.synced == weights.after[:2]  # every server gets each step's weights
-    sizes_a = [e[1] for e in a.events if e[0] == "generate"]
-    sizes_b = [e[1] for e in b.events if e[0] == "generate"]
+    # Right after each push, the sync check probes every server with one prompt; the rollouts' generates follow.
+    for engine in (a, b):
+        after_push = [engine.events[i + 1] for i, e in enumerate(engine.events[:-1]) if e[0] == "reset_prefix_cache"]
+        assert after_push == [("generate", 1)] * len(engine.synced)
+    sizes_a, sizes_b = ([e[1] for i, e in enumerate(x.events) if e[0] == "generate" and x.events[i - 1][0] != "reset_prefix_cache"] for x in (a, b))  # fmt: skip
     assert len(sizes_a) == len(sizes_b) >= 2 and all(abs(x - y) <= 1 for x, y in zip(sizes_a, sizes_b))
     assert sizes_a[0] + sizes_b[0] == 4  # the first turn's 4 episodes, split 2 + 2
 

@@ -57,8 +57,9 @@ class SamplingParams:
     """vLLM's keyword-only constructor; unknown keys are an error, as in vLLM."""
 
     FIELDS = dict(
-        n=1, repetition_penalty=1.0, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, max_tokens=16, logprobs=None
-    )
+        n=1, repetition_penalty=1.0, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, max_tokens=16, logprobs=None,
+        min_tokens=0, ignore_eos=False,
+    )  # fmt: skip
 
     def __init__(self, **kwargs):
         unknown = set(kwargs) - set(self.FIELDS) - {"structured_outputs", "seed", "stop_token_ids"}
@@ -131,7 +132,7 @@ class Engine:
                     token = int(torch.multinomial(logps.exp(), 1, generator=self.generator))
                 positions.append(self._candidates(logps, token, params.logprobs))
                 ids.append(token)
-                if token in self.eos_ids:
+                if token in self.eos_ids and not params.ignore_eos and len(positions) >= params.min_tokens:
                     break
         completion = ids[len(prompt_ids) :]
         return CompletionOutput(completion, positions if params.logprobs is not None else None)
@@ -217,6 +218,7 @@ class FakeVLLMClient:
         return {"model_config": {"logprobs_mode": "processed_logprobs"}}
 
     def generate(self, prompts, features=None, n=1, logprobs=0, max_tokens=16, temperature=1.0, **sampling) -> dict:
+        sampling = {**sampling, **(sampling.pop("generation_kwargs", None) or {})}  # the server merges them
         sampling = {k: v for k, v in sampling.items() if k in SamplingParams.FIELDS}
         params = SamplingParams(n=n, logprobs=logprobs, max_tokens=max_tokens, temperature=temperature, **sampling)
         outputs = self.engine.generate_many(prompts, params)
