@@ -205,9 +205,24 @@ def two_servers(tmp_path_factory):
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--host", "127.0.0.1",
-             "--port", str(port), "--dtype", "float32", "--logprobs-mode", "processed_logprobs",
-             "--max-logprobs", "-1", "--enable-prefix-caching"],  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                path,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--dtype",
+                "float32",
+                "--logprobs-mode",
+                "processed_logprobs",
+                "--max-logprobs",
+                "-1",
+                "--enable-prefix-caching",
+            ],  # fmt: skip
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=open(tmp_path_factory.mktemp("log") / f"server-{port}.log", "w"),
