@@ -87,3 +87,20 @@ def test_study_quick(tmp_path):
     # 95% CI half-width: t_{0.975, n-1} * s / sqrt(n)
     mean, half = _mean_ci([1.0, 2.0, 3.0])
     assert mean == 2.0 and abs(half - 4.303 * 1.0 / 3**0.5) < 1e-9
+
+
+@pytest.mark.slow
+def test_bench_vllm_cpu(tmp_path):
+    """In a subprocess: the section builds a vLLM engine in-process (torch.distributed and its port stay set up)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("vllm", reason="real vLLM not installed (make test installs vllm-cpu)")
+    out = tmp_path / "bench.md"
+    cmd = [sys.executable, "-m", "epo_trl.bench", "--smoke", "--sections", "vllm_cpu", "--output", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads(out.with_suffix(".json").read_text())["results"]["vllm_cpu"]["rows"]
+    assert _finite(row["step_engine_ratio"], row["trajectory_engine_ratio"], row["hf_tps"], row["hf_kv_tps"])
+    assert 0 < row["push_s"] < 60 and row["probe_diff"] <= 0.02  # the pushed, perturbed weights are the engine's
+    assert "## 5. Real vLLM on CPU" in out.read_text()

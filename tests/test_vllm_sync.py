@@ -157,3 +157,22 @@ def test_several_vllm_servers_share_each_generate_and_all_get_every_sync(maze_mo
 def test_server_urls_need_server_mode(tmp_path):
     with pytest.raises(ValueError, match="vllm_server_base_urls"):
         EPOConfig(output_dir=str(tmp_path), vllm_server_base_urls=["http://a:1", "http://b:1"], vllm_mode="colocate")
+
+
+def test_a_server_that_drops_the_weights_fails_the_sync_check(maze_model, tmp_path, monkeypatch):
+    """Server mode's push (NCCL on a GPU) cannot run here for real: the stand-in server ignores what it is sent, and
+    the probe after the push must see that its weights are not the trainer's."""
+    from vllm_standin import FakeVLLMClient
+
+    from epo_trl.rollout.vllm_sync import StaleEngineError
+
+    monkeypatch.setattr(FakeVLLMClient, "update_named_params", lambda self, metadata, params: [p for p in params])
+    factory = MazeFactory(size=2, task="reach")
+    rollout = StepRollout(factory, RolloutConfig(max_turns=2, max_turn_tokens=4, require_tags=False))
+    args = tiny_args(EPOConfig, tmp_path, use_vllm=True, vllm_mode="server", learning_rate=0.2, max_steps=3)
+    with vllm_standin(model_path=maze_model):
+        trainer = EPOTrainer(maze_model, [episode_return_reward], args=args, train_dataset=task_dataset(factory),
+                             rollout_func=rollout)  # fmt: skip
+        with pytest.raises(StaleEngineError, match="weight sync at step [12]"):
+            trainer.train()
+        rollout.close()

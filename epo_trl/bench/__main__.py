@@ -23,6 +23,7 @@ SECTIONS = {
     "rollout_efficiency": "2. Rollout engine efficiency",
     "env_throughput": "3. Environment throughput",
     "turn_scaling": "4. Cost vs number of turns",
+    "vllm_cpu": "5. Real vLLM on CPU: rollout engine, vs HF generate, weight sync",
 }
 
 HOW_TO_READ = {
@@ -57,6 +58,14 @@ trajectory mode trains one row per episode whose length grows with turns (attent
 generation with a growing prompt). Trajectory mode runs twice: with the HF backend re-prefilling the conversation
 every turn, and with KV reuse across turns (`KVCacheHFBackend`, the trainer default), whose prefill tokens only grow
 with the new tokens. The last column compares step time growth with turn growth.""",
+    "vllm_cpu": """vLLM's own CPU build (`vllm-cpu` 0.31, what `make test` installs), one engine in this process
+built as TRL's colocate mode builds it, prefix caching on. **engine ÷ vLLM** = our rollout engine's generated tok/s on
+vLLM ÷ vLLM's own batched `generate` replaying exactly the rollout's calls (same prompts, same order; sampled tokens
+differ, so it is a rate ratio) — target >= 0.95. **vLLM ÷ HF**: the same trajectory-mode rollout on HF `generate`
+(re-prefilling every turn) and with KV reuse across turns (`KVCacheHFBackend`). **push** = one weight sync into the
+engine (`push_cpu_colocate`: vLLM's reload of every tensor + the tied LM head re-pack); **probe check** = the check
+EPOTrainer runs after every push (8 probe tokens on the engine + one trainer forward); **probe mean abs Δ log p** = its
+mean |engine - trainer| log-prob after perturbed weights were pushed (the check fails above 0.1).""",
 }
 
 GPU_SECTION = """## GPU (device)
@@ -155,6 +164,15 @@ def _verdict(name: str, r: dict) -> str:
                 f"vs plain GRPO: time {100 * (row['time_ratio'] - 1):+.1f}%, memory {100 * (row['memory_ratio'] - 1):+.1f}%"
             )
         return "\n".join(lines)
+    if name == "vllm_cpu":
+        return "\n".join(
+            f"- {row['model']}: engine ÷ vLLM step {row['step_engine_ratio']:.3f}, trajectory "
+            f"{row['trajectory_engine_ratio']:.3f} ("
+            + ("met" if min(row["step_engine_ratio"], row["trajectory_engine_ratio"]) >= 0.95 else "NOT met")
+            + ", target >= 0.95)"
+            for row in r["rows"]
+            if "skipped" not in row
+        )
     if name == "rollout_efficiency":
         return "\n".join(
             f"- {mode}: ratio {row['ratio']:.3f} ({'met' if row['ratio'] >= 0.95 else 'NOT met'}, target >= 0.95)"

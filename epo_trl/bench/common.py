@@ -69,7 +69,7 @@ def machine_info() -> dict:
     }
 
 
-def maze_model(output_dir: str, hidden_size: int = 32, num_layers: int = 2, seed: int = 0):
+def maze_model(output_dir: str, hidden_size: int = 32, num_layers: int = 2, seed: int = 0, head_dim: int = 8):
     """A tiny random Qwen2 whose tokenizer holds every maze and prompt word whole; returns (path, tokenizer, model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -80,7 +80,12 @@ def maze_model(output_dir: str, hidden_size: int = 32, num_layers: int = 2, seed
     factory = MazeFactory()
     prompt_words = words_of(PromptBuilder(build_tokenizer(), factory.prompt_header).vocabulary_texts())
     path = build_tiny_model(
-        output_dir, [*factory.vocabulary(), *prompt_words], hidden_size=hidden_size, num_layers=num_layers, seed=seed
+        output_dir,
+        [*factory.vocabulary(), *prompt_words],
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        seed=seed,
+        head_dim=head_dim,
     )
     model = AutoModelForCausalLM.from_pretrained(path)
     model.eval()
