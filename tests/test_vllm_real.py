@@ -105,6 +105,8 @@ def step_logs(trainer) -> list[dict]:
 
 
 def assert_engine_matches_trainer(trainer):
+    # TRL's colocate engine, prefix caching on (vLLM's default; TRL resets the cache after every push)
+    assert trainer.vllm_generation.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
     logs = step_logs(trainer)
     assert len(logs) == STEPS
     # One checked push per optimizer step, before its first generate (TRL's guard starts at -1: step 0 too).
