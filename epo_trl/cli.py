@@ -71,17 +71,30 @@ def cli_view(cls: type, hidden: dict[str, str]) -> type:
     return dataclasses.make_dataclass(cls.__name__, specs, bases=(cls,))
 
 
-def yaml_mapping(text: str) -> dict:
-    """A flag value written as a YAML/JSON mapping: `--env_kwargs '{size: 4}'`."""
-    import yaml
-
-    value = yaml.safe_load(text) if text.strip() else {}
-    if not isinstance(value, dict):
-        raise ValueError(text)
-    return value
+def yaml_problem(error) -> str:
+    """A YAML error as 'problem at line L, column C' (1-based, as editors count)."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
-yaml_mapping.__name__ = "mapping"  # argparse names the type in its message: "invalid mapping value"
+def yaml_mapping_for(flag: str):
+    """The argparse type of a flag whose value is a YAML/JSON mapping: `--env_kwargs '{size: 4}'`."""
+
+    def mapping(text: str) -> dict:
+        import yaml
+
+        try:
+            value = yaml.safe_load(text) if text.strip() else {}
+        except yaml.YAMLError as e:
+            raise UsageError(
+                f"{flag}={text} is not valid YAML: {yaml_problem(e)}.", f"fix: e.g. --{flag} '{{size: 2}}'."
+            ) from e
+        if not isinstance(value, dict):
+            raise ValueError(text)
+        return value
+
+    return mapping  # argparse names the type in its message: "invalid mapping value"
 
 
 def _unquoting(convert):
@@ -170,7 +183,7 @@ class ConfigParser:
         for action in self.parser._actions:
             tp = self.field_types.get(action.dest)
             if tp is dict or typing.get_origin(tp) is dict:
-                action.type = yaml_mapping
+                action.type = yaml_mapping_for(action.dest)
             elif typing.get_origin(tp) is tuple and typing.get_origin(action.type) is tuple:
                 args = typing.get_args(tp)
                 action.type, action.nargs = args[0], len(args)
@@ -353,9 +366,15 @@ def read_config_file(path: str | None) -> dict[str, Any]:
         raise UsageError(f"config file {path!r} not found.", "fix: check the path (recipes live under recipes/).")
     try:
         with open(path) as f:
-            values = yaml.safe_load(f) or {}
+            values = yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise UsageError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        raise UsageError(f"{path} is not valid YAML: {yaml_problem(e)}.") from e
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not a text (YAML) file: {e.reason}.") from e
+    if values is None:
+        raise UsageError(
+            f"config file {path!r} is empty.", "fix: write key: value lines, e.g. a copy of recipes/cpu/maze_epo.yaml."
+        )
     if not isinstance(values, dict):
         raise UsageError(f"{path}: expected a mapping of key: value at the top level.")
     return values

@@ -136,6 +136,12 @@ class EPOConfig(GRPOConfig):
             )
             self.vllm_server_base_url = urls[0]  # TRL connects the first; EPOTrainer adds the others
         super().__post_init__()
+        # TRL accepts these and fails later (or never): every action invalid at a negative temperature, a torch
+        # error after the model is built for a negative learning rate.
+        _check(self.temperature > 0, "temperature", self.temperature, "> 0 (the sampling temperature)")
+        _check(self.learning_rate >= 0, "learning_rate", self.learning_rate, ">= 0")
+        _check(self.save_steps > 0, "save_steps", self.save_steps, "> 0 (steps, or a fraction of the run if < 1)")
+        _check(self.logging_steps > 0, "logging_steps", self.logging_steps, "> 0")
         _check(self.entropy_coef >= 0, "entropy_coef", self.entropy_coef, ">= 0 (use 0 to disable EPO's bonus)")
         _check(self.smoothing_coef >= 0, "smoothing_coef", self.smoothing_coef, ">= 0")
         _check(self.smoothing_kappa_low >= 0, "smoothing_kappa_low", self.smoothing_kappa_low, ">= 0")

@@ -61,6 +61,11 @@ def run_command(func, argv: list[str], prog: str) -> int:
     debug, argv = debug_requested(argv)
     try:
         return int(func(argv) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted (Ctrl-C).", file=sys.stderr)
+        return 130
     except UsageError as e:
         if debug:
             raise

@@ -67,6 +67,8 @@ class EvalArguments:
             raise ValueError(f"Invalid mode={self.mode!r}: use 'step' or 'trajectory'.")
         if self.backend not in ("auto", "hf", "vllm"):
             raise ValueError(f"Invalid backend={self.backend!r}: use 'auto', 'hf' or 'vllm'.")
+        if not self.temperature >= 0:
+            raise ValueError(f"Invalid temperature={self.temperature}: must be >= 0 (0 = greedy).")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

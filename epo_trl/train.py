@@ -10,6 +10,7 @@ loss. `--tasks_per_step` fixes the episodes per optimizer step over all processe
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -26,8 +27,16 @@ from .cli import (
     read_config_file,
     split_config_path,
 )
-from .errors import VLLM_CPU_MIN_HEAD_DIM, UsageError, check_vllm_cpu_head_dim, require_module, user_errors
+from .errors import (
+    VLLM_CPU_MIN_HEAD_DIM,
+    UsageError,
+    check_vllm_cpu_head_dim,
+    first_line,
+    require_module,
+    user_errors,
+)
 from .rollout import RolloutConfig
+from .signals import StopOnSignal
 
 ALGOS = ("grpo", "epo", "epo-base", "aepo")
 TINY_MODEL = "builtin-tiny"
@@ -99,6 +108,13 @@ class ScriptArguments:
             "help": "Then clone this many steps of a noisy demonstrator's plays (a random admissible action with "
             "probability warmstart_noise, else the expert's move): a competent but wandering start, as in "
             "`make demo`. Needs an env whose `solve(task, prefix)` re-plans."
+        },
+    )
+    save_on_interrupt: bool = field(
+        default=True,
+        metadata={
+            "help": "On Ctrl-C or SIGTERM, stop at the end of the current step and save a checkpoint there (exit "
+            "130 / 143); a second signal stops at once. False = stop without saving."
         },
     )
     warmstart_noise: float = field(
@@ -231,26 +247,43 @@ def derive_batch(values: dict[str, Any], sources: dict[str, str], notes: list[st
     values["per_device_train_batch_size"] = episodes // (world * accum)
 
 
-def resolve_resume(value: str | None, output_dir: str) -> str | None:
-    """`resume_from_checkpoint`: None/false, `true` (latest checkpoint-* in output_dir) or a folder; checked now,
-    before the model is built, so a typo cannot restart at step 0 and overwrite the run's checkpoints."""
+def resolve_resume(value: str | None, output_dir: str, notes: list[str]) -> str | None:
+    """`resume_from_checkpoint`: None/false, `true` (the newest COMPLETE checkpoint-* in output_dir; newer incomplete
+    ones are skipped with a note) or a folder; checked now, before the model is built, so a typo cannot restart at
+    step 0 and overwrite the run's checkpoints."""
     if value is None or str(value).lower() in ("", "false", "none", "no"):
         return None
-    if str(value).lower() in ("true", "yes", "latest"):
-        from transformers.trainer_utils import get_last_checkpoint
+    from .checkpoints import checkpoint_problem, newest_complete
 
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if str(value).lower() in ("true", "yes", "latest"):
+        last, skipped = newest_complete(output_dir)
+        for folder, why in skipped:
+            notes.append(f"resume: skipping {folder}: {why}")
         if last is None:
+            found = f" (none of {len(skipped)} is complete)" if skipped else ""
             raise UsageError(
-                f"resume_from_checkpoint=true: no checkpoint-* folder in output_dir={output_dir!r}.",
-                "fix: pass the checkpoint folder, or the output_dir of the run to resume.",
+                f"resume_from_checkpoint=true: no complete checkpoint-* folder in output_dir={output_dir!r}{found}.",
+                "fix: pass a checkpoint folder, the output_dir of the run to resume, or start a new run.",
             )
         return last
-    if not os.path.isdir(value):
-        raise UsageError(f"resume_from_checkpoint={value!r}: no such checkpoint folder.")
-    if not os.path.exists(os.path.join(value, "trainer_state.json")):
-        raise UsageError(f"resume_from_checkpoint={value!r} is not a training checkpoint (no trainer_state.json).")
+    problem = checkpoint_problem(value)
+    if problem is not None:
+        raise UsageError(
+            f"resume_from_checkpoint={value!r} is not a complete training checkpoint: {problem}",
+            "fix: pass another checkpoint-* folder, or --resume_from_checkpoint true (the newest complete one).",
+        )
     return value
+
+
+def check_output_dir(path: str) -> None:
+    """The run folder must be a folder this process can write (checked before any model is built)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"output_dir={path!r} is a file, not a folder.", "fix: pass a folder path for --output_dir.")
+    parent = path
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent or ".", os.W_OK | os.X_OK):
+        raise UsageError(f"output_dir={path!r}: {parent or '.'!r} is not writable.", "fix: pick a writable folder.")
 
 
 def check_optional_dependencies(values: dict[str, Any]) -> None:
@@ -337,7 +370,8 @@ def load_config(argv: list[str], notes: list[str] | None = None, overrides: dict
     check_env_name(values["env"])
     check_model_reference(values["model_name_or_path"], "model_name_or_path")
     check_optional_dependencies(values)
-    values["resume_from_checkpoint"] = resolve_resume(values["resume_from_checkpoint"], values["output_dir"])
+    check_output_dir(values["output_dir"])
+    values["resume_from_checkpoint"] = resolve_resume(values["resume_from_checkpoint"], values["output_dir"], notes)
     script, rollout, args = parser.build(values)
     return script, rollout, args
 
@@ -501,14 +535,40 @@ def main(argv: list[str] | None = None) -> int:
     if main_process:
         print("\n".join(f"epo-trl train: {line}" for line in [*notes, *describe(script, args)]), flush=True)
     log_file = os.path.join(args.output_dir, "logs.jsonl")
-    if main_process and not args.resume_from_checkpoint and os.path.exists(log_file):
-        os.remove(log_file)  # a new run in an old folder starts a new log; a resumed run continues it
-    trainer = build_trainer(script, rollout_config, args, callbacks=[_jsonl_callback(log_file)])
+    if main_process:
+        if not args.resume_from_checkpoint and os.path.exists(log_file):
+            os.remove(log_file)  # a new run in an old folder starts a new log
+        elif args.resume_from_checkpoint:
+            # The resumed run re-logs the steps after the checkpoint: drop the dead run's rows past it.
+            from .checkpoints import step_of, truncate_log
+
+            dropped = truncate_log(log_file, step_of(args.resume_from_checkpoint))
+            if dropped:
+                print(f"epo-trl train: logs.jsonl: dropped {dropped} row(s) past the checkpoint", flush=True)
+    stop = StopOnSignal(save=script.save_on_interrupt)
+    trainer = build_trainer(script, rollout_config, args, callbacks=[_jsonl_callback(log_file), stop])
     try:
-        output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-        trainer.save_model(args.output_dir)
+        with stop.installed():
+            output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+            if stop.signal is None:
+                trainer.save_model(args.output_dir)
+    except KeyboardInterrupt:  # a second signal: stopped inside a step
+        if main_process:
+            print(f"epo-trl train: {stop.describe(trainer, inside_step=True)}", file=sys.stderr, flush=True)
+        return stop.exit_code()
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        if not (getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)):
+            raise
+        raise UsageError(
+            f"disk full while writing to {args.output_dir!r} at step {trainer.state.global_step}: {first_line(e)}",
+            f"fix: free space and resume (--resume_from_checkpoint true); {stop.kept(trainer)}.",
+        ) from e
     finally:
         trainer.rollout_func.close()
+    if stop.signal is not None:
+        if main_process:
+            print(f"epo-trl train: {stop.describe(trainer, inside_step=False)}", file=sys.stderr, flush=True)
+        return stop.exit_code()
     if trainer.is_world_process_zero():
         written = write_outputs(trainer, script, output.metrics)
         from .plots import plots_available

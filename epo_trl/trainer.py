@@ -6,6 +6,7 @@ history identical on every rank, logs metrics and saves/restores the state with 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from contextlib import nullcontext
@@ -16,6 +17,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_context
 
+from .checkpoints import STATE_FILE, CheckpointError, atomic_write_json, atomic_write_text, read_json
 from .config import EPOConfig
 from .entropy import (
     EntropyHistory,
@@ -28,7 +30,6 @@ from .entropy import (
 from .rollout import vllm_sync
 from .rollout.vllm_servers import attach_server_pool
 
-STATE_FILE = "epo_state.json"
 _PREPARED = "_epo_prepared"  # marks a micro-batch that `_prepare_inputs` already built
 # Loss types whose policy term averages over sequences (weight row chunks by rows, not tokens).
 _SEQUENCE_MEAN_LOSSES = ("grpo", "sapo", "dr_grpo", "luspo")
@@ -279,26 +280,36 @@ class EPOTrainer(GRPOTrainer):
         self.last_step_entropy = state.get("last_step_entropy")
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+        """EPO's state first, then TRL's files, `trainer_state.json` last and atomically, then TRL's rotation: a
+        crash anywhere leaves an incomplete checkpoint that resume skips, and the previous one intact
+        (epo_trl.checkpoints)."""
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            with open(os.path.join(folder, STATE_FILE), "w") as f:
-                json.dump(self.state_for_checkpoint(), f)
+            os.makedirs(folder, exist_ok=True)
+            atomic_write_json(os.path.join(folder, STATE_FILE), self.state_for_checkpoint())
+        state = self.state
+        # TrainerState.save_to_json's own format, written atomically: it is the completeness marker.
+        state.save_to_json = lambda path: atomic_write_text(
+            path, json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True) + "\n"
+        )
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del state.save_to_json
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
-        path = os.path.join(checkpoint, STATE_FILE)
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"{path} is missing: this checkpoint was not written by {type(self).__name__}, so its entropy "
-                "history cannot be restored. Resume from a checkpoint of the same trainer, or start a new run."
-            )
-        with open(path) as f:
-            self.load_checkpoint_state(json.load(f))
+        state = read_json(
+            os.path.join(checkpoint, STATE_FILE),
+            f"{type(self).__name__} writes it before any other file of a checkpoint, so this checkpoint is incomplete "
+            "or damaged; resume from an earlier checkpoint (--resume_from_checkpoint true picks the newest complete "
+            "one) or start a new run",
+        )
+        if "entropy_history" not in state:
+            raise CheckpointError(f"{os.path.join(checkpoint, STATE_FILE)} has no entropy_history: not EPO state.")
+        self.load_checkpoint_state(state)
 
 
 def _pad(x: torch.Tensor, n: int) -> torch.Tensor:

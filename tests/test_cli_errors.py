@@ -51,9 +51,17 @@ TRAIN_CASES = [
     ("hub-id-offline", [MAZE, "--model_name_or_path", "someorg/some-model"], None,
      "model_name_or_path='someorg/some-model' is neither a local folder nor in the Hugging Face cache"),
     ("resume-missing", [MAZE, "--resume_from_checkpoint", "runs/x/checkpoint-5"], None,
-     "resume_from_checkpoint='runs/x/checkpoint-5': no such checkpoint folder."),
+     "resume_from_checkpoint='runs/x/checkpoint-5' is not a complete training checkpoint: no such folder"),
     ("resume-true-without-checkpoints", [MAZE, "--resume_from_checkpoint", "true"], None,
-     "resume_from_checkpoint=true: no checkpoint-* folder in output_dir='runs/maze-epo'"),
+     "resume_from_checkpoint=true: no complete checkpoint-* folder in output_dir='runs/maze-epo'"),
+    ("negative-temperature", [MAZE, "--temperature", "-1"], None, "Invalid temperature=-1.0: must be > 0"),
+    ("zero-save-steps", [MAZE, "--save_steps", "0"], None, "Invalid save_steps=0"),
+    ("negative-learning-rate", [MAZE, "--learning_rate", "-1"], None, "Invalid learning_rate=-1.0: must be >= 0"),
+    ("yaml-error-in-a-flag", [MAZE, "--env_kwargs", "{size: 2"], None,
+     "env_kwargs={size: 2 is not valid YAML: expected ',' or '}', but got '<stream end>' at line 1, column 9."),
+    ("yaml-error-with-line-and-column", ["FILE"], "max_steps: 3\nenv_kwargs: {size: [2}\n", "at line 4, column"),  # 2 lines of CPU settings first
+    ("empty-config-file", ["EMPTY"], None, "config file"),
+    ("output-dir-is-a-file", [MAZE, "--output_dir", "a_file"], None, "output_dir='a_file' is a file, not a folder."),
     ("algo-preset-conflict", [MAZE, "--algo", "grpo", "--entropy_coef", "0.01"], None,
      "algo=grpo pins entropy_coef=0.0, but entropy_coef=0.01 is set on the command line."),
     ("batch-not-splittable", [MAZE, "--tasks_per_step", "3", "--gradient_accumulation_steps", "5"], None,
@@ -68,7 +76,11 @@ def test_train_mistakes_are_one_line(argv, file_text, expected, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     if file_text is not None:
         (tmp_path / "r.yaml").write_text("use_cpu: true\nbf16: false\n" + file_text)
-    argv = [str(tmp_path / "r.yaml") if a == "FILE" else a for a in argv]
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "a_file").write_text("not a folder")
+    argv = [
+        str(tmp_path / "r.yaml") if a == "FILE" else str(tmp_path / "empty.yaml") if a == "EMPTY" else a for a in argv
+    ]
     rc, err = run(capsys, "train", *argv)
     assert rc == 2 and err.startswith("epo-trl train: error: ")
     assert expected in err
@@ -128,6 +140,12 @@ EVAL_CASES = [
     ("bad-backend", ["--model", "MODEL", "--backend", "tpu"], "backend: invalid choice: 'tpu'"),
     ("vllm-cpu-head-dim", ["--model", "MODEL", "--backend", "vllm"], "vLLM's CPU attention needs head_dim >= 32"),
     ("unknown-split", ["--model", "MODEL", "--split", "test"], "env 'maze': Unknown split 'test' for maze"),
+    ("negative-temperature", ["--model", "MODEL", "--temperature", "-1"], "Invalid temperature=-1.0: must be >= 0"),
+    (
+        "yaml-error-in-a-flag",
+        ["--model", "MODEL", "--env_kwargs", "{size: 2"],
+        "env_kwargs={size: 2 is not valid YAML",
+    ),
 ]
 
 
