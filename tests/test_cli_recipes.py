@@ -186,9 +186,9 @@ def test_algo_preset_vs_explicit_values(tmp_path):
 def test_resume_from_checkpoint_is_checked_before_the_model_is_built(tmp_path):
     out = tmp_path / "run"
     base = [MAZE, "--output_dir", str(out)]
-    with pytest.raises(UsageError, match="no such checkpoint folder"):
+    with pytest.raises(UsageError, match="is not a complete training checkpoint: no such folder"):
         load_config([*base, "--resume_from_checkpoint", str(tmp_path / "nope")])
-    with pytest.raises(UsageError, match="no checkpoint-\\* folder in output_dir"):
+    with pytest.raises(UsageError, match="no complete checkpoint-\\* folder in output_dir"):
         load_config([*base, "--resume_from_checkpoint", "true"])
     for step in (2, 10):
         (out / f"checkpoint-{step}").mkdir(parents=True)

@@ -43,8 +43,8 @@ IS_TOL = 0.02
 @pytest.fixture(autouse=True)
 def isolated_engine():
     """TRL's colocate mode sets RANK / WORLD_SIZE / MASTER_* in os.environ and the engine initialises
-    torch.distributed in this process: undo both after each test, so later tests (and the subprocesses they start)
-    do not inherit a process group or its port."""
+    torch.distributed in this process: undo both (and accelerate's view of them) after each test, so later tests
+    and the subprocesses they start inherit no process group or port."""
     saved = dict(os.environ)
     yield
     import gc
@@ -57,6 +57,11 @@ def isolated_engine():
     destroy_distributed_environment()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    from accelerate.state import AcceleratorState, PartialState
+
+    # accelerate's process-wide state saw the engine's process group: forget it with the group
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
     os.environ.clear()
     os.environ.update(saved)
 
