@@ -190,11 +190,19 @@ def test_resume_from_checkpoint_is_checked_before_the_model_is_built(tmp_path):
         load_config([*base, "--resume_from_checkpoint", str(tmp_path / "nope")])
     with pytest.raises(UsageError, match="no complete checkpoint-\\* folder in output_dir"):
         load_config([*base, "--resume_from_checkpoint", "true"])
-    for step in (2, 10):
-        (out / f"checkpoint-{step}").mkdir(parents=True)
-        (out / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    assert load_config([*base, "--resume_from_checkpoint", "true"])[2].resume_from_checkpoint == str(
+    for step in (2, 10, 12):  # the files resume checks (tests/test_crash_safe.py damages each)
+        folder = out / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        (folder / "model.safetensors").write_text("")
+        if step != 12:  # checkpoint-12 never got its EPO state: incomplete
+            (folder / "epo_state.json").write_text(json.dumps({"entropy_history": {}}))
+    notes = []
+    assert load_config([*base, "--resume_from_checkpoint", "true"], notes)[2].resume_from_checkpoint == str(
         out / "checkpoint-10"
+    )
+    assert notes[0].startswith(
+        f"resume: skipping {out / 'checkpoint-12'}: {out / 'checkpoint-12'}/epo_state.json is missing"
     )
     assert load_config([*base, "--resume_from_checkpoint", "false"])[2].resume_from_checkpoint is None
     assert not (out / "tiny-model").exists()
