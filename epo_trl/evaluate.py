@@ -258,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or "-h" in argv or "--help" in argv:
         print(__doc__)
         print(eval_parser().format_help())
+        if not argv:
+            print("epo-trl eval: error: --model is required (the options are above).", file=sys.stderr)
         return 0 if argv else 2
     args, config = parse_args(argv)
     import torch

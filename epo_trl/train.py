@@ -528,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         algo = flag_value(rest, "algo") or read_config_file(path).get("algo", "epo")
         print(config_parser(algo if algo in ALGOS else "epo").format_help())
+        if not argv:
+            print("epo-trl train: error: no recipe or options given (the options are above).", file=sys.stderr)
+            print("  fix: epo-trl train recipes/cpu/maze_epo.yaml", file=sys.stderr)
         return 0 if argv else 2
     notes: list[str] = []
     script, rollout_config, args = load_config(argv, notes)

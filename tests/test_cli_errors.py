@@ -45,6 +45,8 @@ TRAIN_CASES = [
     ("unknown-env", [MAZE, "--env", "mazee"], None, "env='mazee' is not a registered environment (did you mean 'maze'?)"),
     ("unknown-task", [MAZE, "--env_kwargs", "{task: fly}"], None, "env 'maze': Unknown maze task 'fly'"),
     ("bad-env-kwargs", [MAZE, "--env_kwargs", "size"], None, "env_kwargs='size' is not a YAML mapping"),
+    ("env-option-of-the-wrong-type", [MAZE, "--env_kwargs", "{size: big}"], None,
+     "env 'maze': maze size='big' must be an integer >= 2."),
     ("vllm-tiny-head-dim", [MAZE, "--use_vllm", "true"], None, "vLLM's CPU attention needs head_dim >= 32"),
     ("local-model-missing", [MAZE, "--model_name_or_path", "./models/tiny"], None,
      "model_name_or_path='./models/tiny': no such model folder."),
@@ -185,3 +187,14 @@ def test_help_lists_every_field_with_help_text(capsys):
     for flag in ("--tasks_per_step", "--prompt_history_pairs", "--entropy_history_window", "--learning_rate"):
         assert flag in out
     assert "--temperature" in out  # the trainer's (the rollout samples at it)
+
+
+@pytest.mark.parametrize(
+    "command, expected", [("train", "no recipe or options given"), ("eval", "--model is required")]
+)
+def test_no_arguments_prints_the_help_and_an_error_line(command, expected, capsys):
+    assert main([command]) == 2
+    captured = capsys.readouterr()
+    assert "--output_dir" in captured.out or "--model" in captured.out  # the help
+    first = captured.err.splitlines()[0]
+    assert first.startswith(f"epo-trl {command}: error: ") and expected in first

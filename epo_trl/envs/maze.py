@@ -262,8 +262,10 @@ class MazeFactory(EnvFactory):
     ):
         if task not in (*TASKS, "mixed"):
             raise ValueError(f"Unknown maze task {task!r}; use 'key', 'reach' or 'mixed'.")
-        if size < 2:
-            raise ValueError(f"Maze size must be >= 2 (got {size}).")
+        for name, value, low in (("size", size, 2), ("distractors", distractors, 0), ("num_train", num_train, 1),
+                                 ("num_valid", num_valid, 1)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"maze {name}={value!r} must be an integer >= {low}.")
         self.size, self.task, self.distractors = size, task, distractors
         self.num_train, self.num_valid = num_train, num_valid
 
