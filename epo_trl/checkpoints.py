@@ -114,8 +114,5 @@ def truncate_log(path: str, step: int) -> int:
                 kept.append(line if line.endswith("\n") else line + "\n")
             else:
                 dropped += 1
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept))
     return dropped

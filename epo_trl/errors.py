@@ -79,24 +79,31 @@ def run_command(func, argv: list[str], prog: str) -> int:
 VLLM_CPU_MIN_HEAD_DIM = 32  # vLLM's CPU attention: "Unsupported CPU attention configuration: head_dim=8"
 
 
+def require_vllm_cpu_head_dim(head_dim: int, what: str, fix: str) -> None:
+    """On a machine without CUDA, refuse attention heads vLLM's CPU build cannot run."""
+    import torch
+
+    if head_dim < VLLM_CPU_MIN_HEAD_DIM and not torch.cuda.is_available():
+        raise UsageError(
+            f"{what} on CPU: vLLM's CPU attention needs head_dim >= {VLLM_CPU_MIN_HEAD_DIM}, and it is {head_dim}.",
+            fix,
+        )
+
+
 def check_vllm_cpu_head_dim(model: str, needed_for: str) -> None:
-    """On a machine without CUDA, refuse a local model whose attention heads vLLM's CPU build cannot run."""
+    """`require_vllm_cpu_head_dim` for a local model folder (hub ids are not read here)."""
     import json
     import os
 
-    import torch
-
     path = os.path.join(model, "config.json")
-    if torch.cuda.is_available() or not os.path.isfile(path):
+    if not os.path.isfile(path):
         return
     with open(path) as f:
         config = json.load(f)
     heads = config.get("num_attention_heads") or 1
-    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // heads
-    if head_dim < VLLM_CPU_MIN_HEAD_DIM:
-        raise UsageError(
-            f"{needed_for} on CPU: vLLM's CPU attention needs head_dim >= {VLLM_CPU_MIN_HEAD_DIM}, and {model} has "
-            f"head_dim {head_dim}.",
-            "fix: use HF generate (--backend hf / --use_vllm false), or a model with larger heads (the built-in tiny "
-            "model: --tiny_hidden_size 64 --tiny_head_dim 32).",
-        )
+    require_vllm_cpu_head_dim(
+        config.get("head_dim") or config.get("hidden_size", 0) // heads,
+        f"{needed_for} with {model}",
+        "fix: use HF generate (--backend hf / --use_vllm false), or a model with larger heads (the built-in tiny "
+        "model: --tiny_hidden_size 64 --tiny_head_dim 32).",
+    )

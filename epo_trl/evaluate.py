@@ -159,13 +159,14 @@ class VLLMOfflineBackend:
 
     lockstep = False  # one engine per process, no collective calls
 
-    def __init__(self, model: str, temperature: float = 1.0, seed: int = 0, **llm_kwargs):
+    def __init__(self, model: str, temperature: float = 1.0, seed: int = 0, llm=None, **llm_kwargs):
+        """`llm`: an engine already built from `model` (benchmarks build theirs in-process); else one is built."""
         from transformers import AutoTokenizer, GenerationConfig
         from vllm import LLM
 
         from .rollout.backends import eos_token_ids
 
-        self.llm = LLM(model=model, seed=seed, **llm_kwargs)
+        self.llm = llm if llm is not None else LLM(model=model, seed=seed, **llm_kwargs)
         self.temperature = temperature
         try:
             generation = SimpleNamespace(generation_config=GenerationConfig.from_pretrained(model))

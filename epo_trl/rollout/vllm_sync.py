@@ -76,9 +76,7 @@ class SyncCheck:
 
     def __init__(self, trainer, tolerance: float):
         self.trainer, self.tolerance = trainer, tolerance
-        tokenizer = trainer.processing_class
-        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap a tokenizer
-        self.probe = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"][:32]
+        self.probe = probe_ids(trainer.processing_class)
         self.diffs: list[float] = []
 
     def __call__(self) -> float:
@@ -109,13 +107,7 @@ class SyncCheck:
         vllm = trainer.vllm_generation
         temperature = trainer.temperature
         if vllm.mode == "colocate":
-            params = trl_vllm.SamplingParams(
-                n=1, temperature=temperature, max_tokens=PROBE_TOKENS, min_tokens=PROBE_TOKENS, logprobs=0,
-                ignore_eos=True, seed=0,
-            )  # fmt: skip
-            out = vllm.llm.generate([{"prompt_token_ids": self.probe}], params, use_tqdm=False)[0].outputs[0]
-            ids = list(out.token_ids)
-            return [(ids, _tensor([lp[token].logprob for token, lp in zip(ids, out.logprobs)]))]
+            return [engine_probe(vllm.llm, self.probe, temperature, trl_vllm.SamplingParams)]
         from accelerate.utils import broadcast_object_list
 
         # Server mode: the main process probes every server (one copy of the probe each), the others receive.
@@ -141,6 +133,22 @@ class SyncCheck:
                 trainer.model, ids, torch.ones_like(ids), len(completion), batch_size=1
             )[0]
         return logps.flatten().float().cpu()
+
+
+def probe_ids(tokenizer) -> list[int]:
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap a tokenizer
+    return tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"][:32]
+
+
+def engine_probe(llm, probe: list[int], temperature: float, sampling_params_cls) -> tuple[list[int], torch.Tensor]:
+    """PROBE_TOKENS sampled from a colocated engine after `probe`, with the engine's log-probs of them."""
+    params = sampling_params_cls(
+        n=1, temperature=temperature, max_tokens=PROBE_TOKENS, min_tokens=PROBE_TOKENS, logprobs=0, ignore_eos=True,
+        seed=0,
+    )  # fmt: skip
+    out = llm.generate([{"prompt_token_ids": probe}], params, use_tqdm=False)[0].outputs[0]
+    ids = list(out.token_ids)
+    return ids, _tensor([lp[token].logprob for token, lp in zip(ids, out.logprobs)])
 
 
 def _tensor(values) -> torch.Tensor:
