@@ -38,6 +38,18 @@ def on_main_process_first() -> Iterator[None]:
         yield
 
 
+def destroy_process_group() -> None:
+    """Tear the process group down before the interpreter does: left to finalization, gloo's worker threads can
+    abort the process (`terminate called without an active exception`, SIGABRT) after a run that succeeded. Call it
+    only on paths every rank reaches; a barrier first, so no rank leaves while another still sends."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")  # not imported: no group to tear down (and no torch import)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def vllm_parallelism(
     num_heads: int, num_kv_heads: int, gpus: int, intermediate_size: int | None = None
 ) -> tuple[int, int]:

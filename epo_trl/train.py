@@ -516,6 +516,14 @@ def write_outputs(trainer, script: ScriptArguments, train_metrics: dict) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    from .distributed import destroy_process_group
+
+    destroy_process_group()  # reached by every rank: a finished run, a stop at a step's end, or --help
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or "--help" in argv or "-h" in argv:
         path, rest = split_config_path([a for a in argv if a not in ("-h", "--help")])
