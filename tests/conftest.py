@@ -12,6 +12,6 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """Path of a tiny random Qwen2 model + byte-level BPE tokenizer, built offline once per session."""
-    from epo_trl.testing import build_tiny_model
+    from epo_trl.models.tiny import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny_model")))

@@ -16,7 +16,7 @@ import re
 import time
 import zlib
 
-from epo_trl.envs.base import EnvFactory, TaskSpec, TextEnv
+from epo_trl.envs.protocol import EnvFactory, TaskSpec, TextEnv
 from epo_trl.rollout import CallableBackend
 
 HANG_S = 3.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from epo_trl.envs.base import EnvFactory, TaskSpec, TextEnv
+from epo_trl.envs.protocol import EnvFactory, TaskSpec, TextEnv
 from epo_trl.rollout import CallableBackend, Generation
 
 

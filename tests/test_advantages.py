@@ -1,10 +1,10 @@
-"""GiGPO's anchor-state step advantages (epo_trl/advantages.py) and their use in step mode."""
+"""GiGPO's anchor-state step advantages (epo_trl/trainers/grpo/gigpo.py) and their use in step mode."""
 
 import math
 
 import pytest
 
-from epo_trl.advantages import combine, discounted_returns, step_advantages
+from epo_trl.trainers.grpo.gigpo import combine, discounted_returns, step_advantages
 
 
 def test_discounted_returns():
@@ -42,15 +42,16 @@ def test_combine_adds_the_weighted_step_term_and_zeroes_failed_episodes():
 
 
 def test_step_rollout_turn_advantages_gigpo_is_opt_in():
-    """StepRollout.turn_advantages: GRPO broadcast by default; with gigpo_omega, turns acting from the same
+    """step_batch.turn_advantages: GRPO broadcast by default; with gigpo_omega, turns acting from the same
     observation inside one group get GiGPO's step term (history[t][0] is the observation turn t acted on)."""
     from types import SimpleNamespace
 
     import torch
 
-    from epo_trl.envs.base import TaskSpec
+    from epo_trl.envs.protocol import TaskSpec
     from epo_trl.rollout import RolloutConfig, StepRollout
-    from epo_trl.rollout.engine import Episode, Turn
+    from epo_trl.rollout.episode import Episode, Turn
+    from epo_trl.trainers.grpo.step_batch import turn_advantages
 
     def episode(observations, won, invalid=()):
         e = Episode(task=TaskSpec("maze", "reach", 2, 0), won=won, done=won)
@@ -63,15 +64,20 @@ def test_step_rollout_turn_advantages_gigpo_is_opt_in():
     # One group of two: both start in room "A"; ep 0 wins at once, ep 1 makes an invalid turn in "A", then a
     # move from "A" that does not win.
     episodes = [episode(["A"], True), episode(["A", "A"], False, invalid={0})]
-    trainer = SimpleNamespace(
-        num_generations=2, model=SimpleNamespace(training=True), accelerator=SimpleNamespace(process_index=0)
-    )
+
+    def trainer(omega):
+        return SimpleNamespace(
+            num_generations=2,
+            model=SimpleNamespace(training=True),
+            accelerator=SimpleNamespace(process_index=0),
+            args=SimpleNamespace(gigpo_omega=omega),
+        )
+
     adv = torch.tensor([0.7, -0.7])
-    grpo = StepRollout(None, RolloutConfig())
+    rollout = StepRollout(None, RolloutConfig())
     flat = lambda rows: [a for row in rows for a in row]  # noqa: E731
-    assert flat(grpo.turn_advantages(episodes, adv, trainer)) == pytest.approx([0.7, -0.7, -0.7])
-    gigpo = StepRollout(None, RolloutConfig(gigpo_omega=0.5))
-    out = gigpo.turn_advantages(episodes, adv, trainer)
+    assert flat(turn_advantages(rollout, episodes, adv, trainer(0.0))) == pytest.approx([0.7, -0.7, -0.7])
+    out = turn_advantages(rollout, episodes, adv, trainer(0.5))
     # Returns from "A" (gamma 0.95): ep 0 turn 0: 10; ep 1 turn 0: -0.1 + 0.95 * 0 = -0.1; ep 1 turn 1: 0.
     expected = step_advantages([0, 0], [["A"], ["A", "A"]], [[10.0], [-0.1, 0.0]])
     assert [len(row) for row in out] == [1, 2]

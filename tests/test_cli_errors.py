@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from epo_trl.cli import main
-from epo_trl.errors import UsageError
+from epo_trl.cli.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAZE = os.path.join(ROOT, "recipes", "cpu", "maze_epo.yaml")
@@ -173,13 +173,13 @@ def test_debug_shows_the_traceback(monkeypatch, tiny_model):
 
 
 def test_help_lists_every_field_with_help_text(capsys):
-    from epo_trl.evaluate import EvalArguments
+    from epo_trl.cli.evaluate import EvalArguments
+    from epo_trl.cli.train import ScriptArguments
     from epo_trl.rollout import RolloutConfig
-    from epo_trl.train import ScriptArguments
 
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
-    from epo_trl.aepo import AEPOConfig  # every GRPOConfig, EPOConfig and AEPOConfig field
+    from epo_trl.trainers.aepo.aepo_config import AEPOConfig  # every GRPOConfig, EPOConfig and AEPOConfig field
 
     for cls in (ScriptArguments, RolloutConfig, EvalArguments, AEPOConfig):
         for f in cls.__dataclass_fields__.values():

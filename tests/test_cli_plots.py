@@ -1,8 +1,8 @@
-"""`epo_trl.plots.write_run_plots`: which PNGs a log history produces, and the no-matplotlib path."""
+"""`epo_trl.cli.plots.write_run_plots`: which PNGs a log history produces, and the no-matplotlib path."""
 
 import pytest
 
-from epo_trl import plots
+from epo_trl.cli import plots
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -16,9 +16,9 @@ import time
 import pytest
 import transformers.trainer as hf_trainer
 
-from epo_trl.checkpoints import checkpoint_problem, newest_complete
 from epo_trl.cli import main
-from epo_trl.train import load_config
+from epo_trl.cli.train import load_config
+from epo_trl.trainers.checkpoints import checkpoint_problem, newest_complete
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAZE = os.path.join(ROOT, "recipes", "cpu", "maze_epo.yaml")
@@ -129,7 +129,7 @@ def test_the_library_path_names_a_damaged_state_file(tmp_path, tiny_model):
     from helpers import length_reward, prompt_dataset, tiny_args
 
     from epo_trl import EPOConfig, EPOTrainer
-    from epo_trl.checkpoints import CheckpointError
+    from epo_trl.trainers.checkpoints import CheckpointError
 
     args = tiny_args(EPOConfig, tmp_path, save_strategy="steps", save_steps=1, max_steps=1)
     EPOTrainer(tiny_model, length_reward, args=args, train_dataset=prompt_dataset()).train()
@@ -189,7 +189,7 @@ def test_a_signal_stops_at_the_step_end_saves_and_resumes(tmp_path, signum, code
 
 
 def test_a_signal_before_any_step_is_not_a_traceback(tmp_path, capsys, monkeypatch):
-    import epo_trl.train as train_module
+    import epo_trl.cli.train as train_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -81,7 +81,7 @@ def test_docs_have_blocks_and_markers_precede_them():
 @pytest.fixture(scope="session")
 def hub_standin(tmp_path_factory):
     """The tiny local model that replaces every hub id in the docs."""
-    from epo_trl.testing import build_tiny_model
+    from epo_trl.models.tiny import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("hub_standin")), extra_words=["Solve"])
 

@@ -5,15 +5,8 @@ import math
 import pytest
 import torch
 
-from epo_trl.entropy import (
-    NO_TURN,
-    EntropyHistory,
-    masked_token_mean,
-    per_turn_sums,
-    phase_schedule,
-    smoothing_penalty,
-    turn_ids_from_mask,
-)
+from epo_trl.trainers.epo.epo_math import EntropyHistory, phase_schedule, smoothing_penalty
+from epo_trl.trainers.grpo.turn_math import NO_TURN, masked_token_mean, per_turn_sums, turn_ids_from_mask
 
 X = NO_TURN
 

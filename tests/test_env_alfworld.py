@@ -7,8 +7,8 @@ import pytest
 pytest.importorskip("alfworld")
 
 from epo_trl.envs import make_factory  # noqa: E402
-from epo_trl.envs._alfworld_games import SAMPLE_GAMES, write_sample_games  # noqa: E402
-from epo_trl.envs.alfworld import TASK_TYPES, ALFWorldFactory  # noqa: E402
+from epo_trl.envs.alfworld.env import TASK_TYPES, ALFWorldFactory  # noqa: E402
+from epo_trl.envs.alfworld.games import SAMPLE_GAMES, write_sample_games  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +126,9 @@ def test_missing_data_gives_clear_error(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_expert_plans_win_through_the_parallel_rollout_engine(factory, env):
     """All sample games at once through the lockstep engine (4 worker threads share TextWorld's parser)."""
+    from epo_trl.models.tiny import build_tokenizer
+    from epo_trl.models.warmstart import PlanBackend
     from epo_trl.rollout import RolloutConfig, RolloutEngine
-    from epo_trl.testing import build_tokenizer
-    from epo_trl.warmstart import PlanBackend
 
     tasks = _all_tasks(factory) * 2  # 8 episodes, two per game, stepped concurrently
     plans = []

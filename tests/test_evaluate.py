@@ -5,10 +5,10 @@ import re
 
 import pytest
 
+from epo_trl.cli.evaluate import evaluate, format_table, main, pass_at_k
 from epo_trl.envs import make_factory
-from epo_trl.evaluate import evaluate, format_table, main, pass_at_k
+from epo_trl.models.tiny import build_tokenizer
 from epo_trl.rollout import CallableBackend, RolloutConfig
-from epo_trl.testing import build_tokenizer
 
 MAX_TURNS = 6
 
@@ -68,7 +68,7 @@ def test_eval_numbers_match_the_episodes_played():
 
 
 def test_eval_cli_writes_json(tmp_path, capsys):
-    from epo_trl.testing import build_tiny_model
+    from epo_trl.models.tiny import build_tiny_model
 
     factory = make_factory("maze", size=2, task="reach", distractors=0)
     model = build_tiny_model(str(tmp_path / "m"), extra_words=factory.vocabulary())
@@ -93,8 +93,8 @@ def scripted_policy(factory, tokenizer):
 
 def test_eval_streams_its_json_and_ctrl_c_keeps_finished_episodes(tmp_path, capsys, monkeypatch):
     """The JSON is rewritten after every batch; Ctrl-C during batch 2 keeps batch 1 and prints its table."""
-    import epo_trl.evaluate as evaluate_module
-    from epo_trl.testing import build_tiny_model
+    import epo_trl.cli.evaluate as evaluate_module
+    from epo_trl.models.tiny import build_tiny_model
 
     factory = make_factory("maze", size=2, task="reach", distractors=0)
     model = build_tiny_model(str(tmp_path / "m"), extra_words=factory.vocabulary())
@@ -160,7 +160,7 @@ def test_eval_cli_on_scienceworld_with_a_scripted_policy(tmp_path, capsys):
 
     if shutil.which("java") is None:
         pytest.skip("ScienceWorld needs Java")
-    from epo_trl.testing import build_tiny_model
+    from epo_trl.models.tiny import build_tiny_model
 
     model = build_tiny_model(str(tmp_path / "m"))  # provides the (byte-level) tokenizer only
     out = tmp_path / "sw.json"

@@ -1,4 +1,4 @@
-"""KV reuse across turns (epo_trl/rollout/kv_cache.py): HFBackend's samples and logprobs, far less prefill."""
+"""KV reuse across turns (epo_trl/rollout/backends/hf_kv_cache.py): HFBackend's samples and logprobs, far less prefill."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fake_vllm import WORDS, CountdownFactory  # noqa: E402
 
+from epo_trl.models.tiny import build_tiny_model, build_tokenizer, words_of  # noqa: E402
 from epo_trl.rollout import HFBackend, PromptBuilder, RolloutConfig, RolloutEngine  # noqa: E402
 from epo_trl.rollout.backends import backend_for_trainer  # noqa: E402
-from epo_trl.rollout.kv_cache import KVCacheHFBackend  # noqa: E402
-from epo_trl.testing import build_tiny_model, build_tokenizer, words_of  # noqa: E402
+from epo_trl.rollout.backends.hf_kv_cache import KVCacheHFBackend  # noqa: E402
 
 # Cached keys/values come from earlier forwards: equal to a full prefill up to float32 rounding.
 LOGPROB_TOL = 1e-5

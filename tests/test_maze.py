@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from epo_trl.envs import make_factory, task_dataset
-from epo_trl.envs.base import TaskSpec
 from epo_trl.envs.maze import MazeFactory, solve
-from epo_trl.testing import build_tokenizer, words_of
+from epo_trl.envs.protocol import TaskSpec
+from epo_trl.models.tiny import build_tokenizer, words_of
 
 
 def play(factory, task, actions):

@@ -9,8 +9,8 @@ import pytest
 from envs_for_tests import admissible_picker
 
 from epo_trl.envs.maze import MazeFactory
+from epo_trl.models.tiny import CHATML_TEMPLATE, build_tokenizer
 from epo_trl.rollout import ActionParser, PromptBuilder, RolloutConfig, RolloutEngine
-from epo_trl.testing import CHATML_TEMPLATE, build_tokenizer
 
 ALFWORLD_HEADER = pytest.importorskip("epo_trl.envs.alfworld").ALFWORLD_PROMPT_HEADER
 SCIENCEWORLD_HEADER = pytest.importorskip("epo_trl.envs.scienceworld").SCIENCEWORLD_PROMPT_HEADER

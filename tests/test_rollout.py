@@ -14,8 +14,9 @@ from envs_for_tests import ScriptedFactory  # noqa: E402
 from envs_for_tests import task as scripted_task  # noqa: E402
 from fake_vllm import WORDS, CountdownFactory, CountingBackend, scripted_backend  # noqa: E402
 
-from epo_trl.envs.base import TaskSpec  # noqa: E402
 from epo_trl.envs.maze import MazeFactory  # noqa: E402
+from epo_trl.envs.protocol import TaskSpec  # noqa: E402
+from epo_trl.models.tiny import build_tiny_model, build_tokenizer, words_of  # noqa: E402
 from epo_trl.rollout import (  # noqa: E402
     ActionParser,
     HFBackend,
@@ -28,7 +29,6 @@ from epo_trl.rollout import (  # noqa: E402
     episode_return_reward,
     run_episodes,
 )
-from epo_trl.testing import build_tiny_model, build_tokenizer, words_of  # noqa: E402
 
 
 def vocabulary() -> list[str]:
@@ -223,7 +223,7 @@ import sys
 sys.path.insert(0, {os.path.dirname(__file__)!r})
 from envs_for_tests import WORDS, ScriptedFactory, task
 from epo_trl.rollout import CallableBackend, RolloutConfig, RolloutEngine
-from epo_trl.testing import build_tokenizer
+from epo_trl.models.tiny import build_tokenizer
 
 tok = build_tokenizer(WORDS)
 ids = tok("<action> go </action>", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -321,7 +321,7 @@ def test_trajectory_mode_trains_with_plain_grpo_trainer(tiny_model_dir, tmp_path
 
 
 class HookedGRPOTrainer:
-    """Built lazily (TRL import is slow): GRPOTrainer + the 3-line step-mode hook EPOTrainer also has."""
+    """Built lazily (TRL import is slow): GRPOTrainer + the 3-line step-mode hook MultiTurnGRPOTrainer also has."""
 
     @staticmethod
     def make(**kwargs):
@@ -331,9 +331,10 @@ class HookedGRPOTrainer:
             seen_turn_ids: list = []
 
             def _generate_and_score_completions(self, inputs):
-                hook = getattr(self.rollout_func, "build_training_batch", None)
-                if hook:
-                    batch = hook(inputs, self)
+                if getattr(self.rollout_func, "mode", None) == "step":
+                    from epo_trl.trainers.grpo import step_batch
+
+                    batch = step_batch.build_training_batch(self.rollout_func, inputs, self)
                     Trainer.seen_turn_ids.append(batch["turn_ids"].tolist())
                     return batch
                 return super()._generate_and_score_completions(inputs)
@@ -369,6 +370,8 @@ def test_step_mode_trains_and_rows_carry_turn_ids(tiny_model_dir, tmp_path):
 
 
 def test_step_batch_advantages_and_padding(tiny_model_dir, tmp_path):
+    from epo_trl.trainers.grpo import step_batch
+
     """Rows get their episode's group-normalised return; dummy rows are fully masked; failed episodes get 0."""
     from epo_trl.envs import task_dataset
 
@@ -396,7 +399,7 @@ def test_step_batch_advantages_and_padding(tiny_model_dir, tmp_path):
     )
     tasks = [TaskSpec("countdown", "count", 2, 0).key()] * 4
     trainer.model.train()
-    batch = rollout.build_training_batch([{"prompt": k} for k in tasks], trainer)
+    batch = step_batch.build_training_batch(rollout, [{"prompt": k} for k in tasks], trainer)
     n = batch["advantages"].numel()
     assert n % 2 == 0 and list(batch)[0] == "prompt_ids"
     # members 0,1 won in 2 turns (R=10), members 2,3 wasted turn 0 (R=9.9): positive vs negative advantages

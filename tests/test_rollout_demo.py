@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.mark.slow
 def test_demo_quick_runs_to_the_end(tmp_path, capsys):
-    from epo_trl.demo import main
+    from epo_trl.cli.demo import main
 
     assert main(["--quick", "--output-dir", str(tmp_path), "--seed", "1"]) == 0
     metrics = json.loads((tmp_path / "final_metrics.json").read_text())
@@ -39,7 +39,7 @@ def test_demo_is_the_studys_epo_run(tmp_path):
     trainer and rollout field must match, except where output goes and how many env workers step the maze."""
     import dataclasses
 
-    from epo_trl.demo import HIDDEN_SIZE, NUM_TRAIN, WARM_START, _parse, demo_configs
+    from epo_trl.cli.demo import HIDDEN_SIZE, NUM_TRAIN, WARM_START, _parse, demo_configs
     from epo_trl.study import FULL, SHARED, _setup
 
     script, rollout, args = _setup(SHARED, "epo", 0, str(tmp_path))

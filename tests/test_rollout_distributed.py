@@ -21,7 +21,7 @@ def free_port() -> int:
 
 
 def stub_trainer(accelerator, tokenizer, steps_per_generation: int):
-    """The attributes `StepRollout.build_training_batch` reads from a GRPOTrainer."""
+    """The attributes `step_batch.build_training_batch` reads from a GRPOTrainer."""
     args = SimpleNamespace(
         steps_per_generation=steps_per_generation,
         gradient_accumulation_steps=steps_per_generation,
@@ -53,9 +53,10 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     from fake_vllm import WORDS, CountdownFactory, CountingBackend
     from vllm_standin import make_vllm_generation, vllm_standin
 
-    from epo_trl.envs.base import TaskSpec
+    from epo_trl.envs.protocol import TaskSpec
+    from epo_trl.models.tiny import build_tokenizer, words_of
     from epo_trl.rollout import RankSync, RolloutConfig, RolloutEngine, StepRollout, VLLMBackend
-    from epo_trl.testing import build_tokenizer, words_of
+    from epo_trl.trainers.grpo import step_batch
 
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == 2
@@ -96,7 +97,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
             CountdownFactory(), RolloutConfig(max_turns=6, max_turn_tokens=8), step_backend, tokenizer
         )
         trainer = stub_trainer(accelerator, tokenizer, steps_per_generation=4)
-        batch = rollout.build_training_batch([{"prompt": t.key()} for t in tasks], trainer)
+        batch = step_batch.build_training_batch(rollout, [{"prompt": t.key()} for t in tasks], trainer)
     out = {
         "calls": server.calls,
         "lengths": lengths,

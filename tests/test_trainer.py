@@ -173,7 +173,7 @@ def test_resume_from_foreign_checkpoint_is_a_clear_error(tiny_model, tmp_path):
         tiny_model, length_reward, args=tiny_args(EPOConfig, tmp_path), train_dataset=prompt_dataset()
     )
     os.makedirs(tmp_path / "ckpt")
-    from epo_trl.checkpoints import CheckpointError
+    from epo_trl.trainers.checkpoints import CheckpointError
 
     with pytest.raises(
         CheckpointError, match=r"ckpt/epo_state.json is missing: EPOTrainer writes it before any other"

@@ -28,12 +28,14 @@ pytest.importorskip("vllm", reason="real vLLM not installed (make test installs 
 from helpers import tiny_args  # noqa: E402
 
 from epo_trl import EPOConfig, EPOTrainer  # noqa: E402
-from epo_trl.aepo import AEPOConfig, AEPOTrainer  # noqa: E402
 from epo_trl.envs import task_dataset  # noqa: E402
 from epo_trl.envs.maze import MazeFactory  # noqa: E402
-from epo_trl.rollout import RolloutConfig, StepRollout, TrajectoryRollout, episode_return_reward, vllm_sync  # noqa: E402
+from epo_trl.models.tiny import build_tiny_model, build_tokenizer, words_of  # noqa: E402
+from epo_trl.rollout import RolloutConfig, StepRollout, TrajectoryRollout, episode_return_reward  # noqa: E402
 from epo_trl.rollout.prompts import PromptBuilder  # noqa: E402
-from epo_trl.testing import build_tiny_model, build_tokenizer, words_of  # noqa: E402
+from epo_trl.trainers import vllm_sync
+from epo_trl.trainers.aepo.aepo_config import AEPOConfig  # noqa: E402
+from epo_trl.trainers.aepo.aepo_trainer import AEPOTrainer
 
 pytestmark = pytest.mark.slow
 _ENGINES: list = []  # trainers whose engine the next teardown frees
@@ -277,7 +279,7 @@ def test_server_pool_splits_generation_over_two_real_servers(two_servers):
     from transformers import AutoModelForCausalLM
     from trl.generation.vllm_client import VLLMClient
 
-    from epo_trl.rollout.vllm_servers import ServerPool
+    from epo_trl.trainers.vllm_servers import ServerPool
 
     path, urls = two_servers
     pool = ServerPool([VLLMClient(base_url=url, connection_timeout=30) for url in urls])

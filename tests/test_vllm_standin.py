@@ -18,9 +18,10 @@ from trl.generation.vllm_generation import VLLMGeneration
 from trl.trainer.grpo_trainer import GRPOTrainer
 from vllm_standin import make_vllm_generation, model_checksums, vllm_standin
 
+from epo_trl.models.tiny import build_tiny_model
 from epo_trl.rollout import VLLMBackend
-from epo_trl.rollout.backends import eos_token_ids, sampled_logprobs
-from epo_trl.testing import build_tiny_model
+from epo_trl.rollout.backends.base import eos_token_ids
+from epo_trl.rollout.backends.vllm import sampled_logprobs
 
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
 
@@ -139,9 +140,9 @@ def test_a_turn_ending_in_the_second_eos_is_not_truncated(tiny):
     """The engine decides truncation with the backend's EOS ids (the trainer's eos_token_ids), not the tokenizer's."""
     from fake_vllm import CountdownFactory
 
+    from epo_trl.models.tiny import build_tokenizer, words_of
     from epo_trl.rollout import CallableBackend, RolloutConfig, RolloutEngine
     from epo_trl.rollout.engine import rollout_metrics
-    from epo_trl.testing import build_tokenizer, words_of
 
     tok = build_tokenizer(["go", "count", "zero", "won", *words_of([CountdownFactory.prompt_header])])
     second_eos = tok.convert_tokens_to_ids("zero")

@@ -16,12 +16,13 @@ from transformers import TrainerCallback
 from vllm_standin import model_checksums, vllm_standin
 
 from epo_trl import EPOConfig, EPOTrainer
-from epo_trl.aepo import AEPOConfig, AEPOTrainer
 from epo_trl.envs import task_dataset
 from epo_trl.envs.maze import MazeFactory
+from epo_trl.models.tiny import build_tiny_model, build_tokenizer, words_of
 from epo_trl.rollout import RolloutConfig, StepRollout, TrajectoryRollout, episode_return_reward
 from epo_trl.rollout.prompts import PromptBuilder
-from epo_trl.testing import build_tiny_model, build_tokenizer, words_of
+from epo_trl.trainers.aepo.aepo_config import AEPOConfig
+from epo_trl.trainers.aepo.aepo_trainer import AEPOTrainer
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 STEPS = 3
@@ -164,7 +165,7 @@ def test_a_server_that_drops_the_weights_fails_the_sync_check(maze_model, tmp_pa
     the probe after the push must see that its weights are not the trainer's."""
     from vllm_standin import FakeVLLMClient
 
-    from epo_trl.rollout.vllm_sync import StaleEngineError
+    from epo_trl.trainers.vllm_sync import StaleEngineError
 
     monkeypatch.setattr(FakeVLLMClient, "update_named_params", lambda self, metadata, params: [p for p in params])
     factory = MazeFactory(size=2, task="reach")

@@ -5,9 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from epo_trl.envs.maze import MazeFactory
+from epo_trl.models.tiny import build_tiny_model, build_tokenizer
+from epo_trl.models.warmstart import PlanBackend, behaviour_clone, expert_turns, noisy_plans, warm_start
 from epo_trl.rollout import RolloutConfig, RolloutEngine
-from epo_trl.testing import build_tiny_model, build_tokenizer
-from epo_trl.warmstart import PlanBackend, behaviour_clone, expert_turns, noisy_plans, warm_start
 
 
 def test_expert_turns_are_winning_step_mode_turns():

@@ -11,9 +11,9 @@ import pytest
 from envs_for_tests import WORDS, ScriptedFactory, admissible_picker, task
 
 from epo_trl.envs.maze import MazeFactory
+from epo_trl.envs.pool import EnvPool, ProcessEnvPool, ThreadEnvPool, resolve_kind, worker_main
+from epo_trl.models.tiny import build_tokenizer
 from epo_trl.rollout import CallableBackend, RolloutConfig, RolloutEngine, run_episodes
-from epo_trl.rollout.workers import EnvPool, ProcessEnvPool, ThreadEnvPool, resolve_kind, worker_main
-from epo_trl.testing import build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +74,8 @@ def test_threads_and_processes_give_the_same_maze_episodes(tokenizer, mode):
 
 def test_threads_and_processes_give_the_same_alfworld_episodes(tmp_path, tokenizer):
     pytest.importorskip("alfworld")
-    from epo_trl.envs._alfworld_games import write_sample_games
-    from epo_trl.envs.alfworld import ALFWorldFactory
+    from epo_trl.envs.alfworld.env import ALFWorldFactory
+    from epo_trl.envs.alfworld.games import write_sample_games
 
     write_sample_games(tmp_path)
     factory = ALFWorldFactory(data_path=str(tmp_path))
@@ -130,7 +130,7 @@ def test_worker_protocol_messages_are_plain_json(monkeypatch):
             outbox.append(json.loads(json.dumps(msg)))
 
     monkeypatch.setattr(os, "setsid", lambda: None)
-    monkeypatch.setattr("epo_trl.rollout.workers._watch_parent", lambda parent: None)
+    monkeypatch.setattr("epo_trl.envs.pool.wire._watch_parent", lambda parent: None)
     worker_main(Conn(), ScriptedFactory())
     assert outbox[0] == {"ready": True} and len(outbox) == 6
     assert outbox[1]["value"] == {"obs": "count 2", "goal": "reach zero", "admissible": ["go"]}
@@ -145,7 +145,7 @@ import sys
 sys.path.insert(0, {os.path.dirname(__file__)!r})
 from envs_for_tests import WORDS, ScriptedFactory, task
 from epo_trl.rollout import CallableBackend, RolloutConfig, RolloutEngine
-from epo_trl.testing import build_tokenizer
+from epo_trl.models.tiny import build_tokenizer
 
 if __name__ == "__main__":
     tok = build_tokenizer(WORDS)
@@ -178,3 +178,24 @@ def test_thread_pool_is_the_default_for_thread_safe_envs(tokenizer):
     engine = RolloutEngine(MazeFactory(), tokenizer, RolloutConfig())
     assert isinstance(engine.pool, ThreadEnvPool) and isinstance(engine.pool, EnvPool)
     engine.close()
+
+
+def test_worker_processes_import_no_torch():
+    """A worker process imports only `epo_trl.envs` and the env's own package: no torch, TRL or vLLM (seconds of
+    start-up and hundreds of MB per worker otherwise), even though this test process has them all loaded."""
+    import sys
+
+    from env_import_probe import ProbeFactory
+
+    from epo_trl.envs.pool import EnvPool, ProcessEnvPool
+
+    assert "torch" in sys.modules  # the parent has it: the worker must not inherit or re-import it
+    pool = EnvPool.create(ProbeFactory(), num_workers=1, timeout=120.0, kind="processes")
+    try:
+        assert isinstance(pool, ProcessEnvPool)
+        handle = pool.acquire()
+        [(ok, value)] = pool.reset([(handle, ProbeFactory().tasks()[0])])
+        assert ok, value
+        assert value["obs"] == "none", f"the worker process loaded: {value['obs']}"
+    finally:
+        pool.close()

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import torch
 import trl.generation.vllm_generation as vllm_generation
 
-from epo_trl.rollout.backends import eos_token_ids
+from epo_trl.rollout.backends.base import eos_token_ids
 
 
 def checksum(tensor: torch.Tensor) -> float:

@@ -74,8 +74,8 @@ def maze_model(output_dir: str, hidden_size: int = 32, num_layers: int = 2, seed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..envs.maze import MazeFactory
+    from ..models.tiny import build_tiny_model, build_tokenizer, words_of
     from ..rollout import PromptBuilder
-    from ..testing import build_tiny_model, build_tokenizer, words_of
 
     factory = MazeFactory()
     prompt_words = words_of(PromptBuilder(build_tokenizer(), factory.prompt_header).vocabulary_texts())
@@ -94,7 +94,7 @@ def maze_model(output_dir: str, hidden_size: int = 32, num_layers: int = 2, seed
 
 def recipe_config(algo: str, overrides: dict):
     """(script, rollout, trainer args) from `recipes/cpu/maze_<algo>.yaml` plus overrides, via the real CLI parser."""
-    from ..train import load_config
+    from ..cli.train import load_config
 
     return load_config([str(RECIPES / f"maze_{algo.replace('-', '_')}.yaml")], overrides=overrides)
 

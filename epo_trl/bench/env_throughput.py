@@ -99,7 +99,7 @@ def _pool_steps_per_s(pool, tasks, total_steps: int, choose, warmup: int) -> tup
 
 
 def _sweep(factory, locked_threads: bool, tasks, total_steps: int, workers, choose, warmup: int) -> dict:
-    from ..rollout.workers import ProcessEnvPool, ThreadEnvPool
+    from ..envs.pool import ProcessEnvPool, ThreadEnvPool
 
     out = {}
     for kind in ("threads", "processes"):
@@ -118,7 +118,7 @@ def _sweep(factory, locked_threads: bool, tasks, total_steps: int, workers, choo
 
 
 def scienceworld(total_steps: int, workers=WORKERS) -> dict:
-    from ..envs.base import TaskSpec
+    from ..envs.protocol import TaskSpec
     from ..envs.scienceworld import ScienceWorldFactory
 
     factory = ScienceWorldFactory(task_names=[SW_TASK], held_out_tasks=(), env_step_limit=100_000)
@@ -128,8 +128,8 @@ def scienceworld(total_steps: int, workers=WORKERS) -> dict:
 
 
 def alfworld(total_steps: int, workers=WORKERS) -> dict:
-    from ..envs._alfworld_games import write_sample_games
-    from ..envs.alfworld import ALFWorldFactory
+    from ..envs.alfworld.env import ALFWorldFactory
+    from ..envs.alfworld.games import write_sample_games
 
     with tempfile.TemporaryDirectory() as root:
         write_sample_games(root)
@@ -144,7 +144,7 @@ _STARTUP_SCRIPT = """
 import sys, time
 import torch, trl  # a trainer has these loaded before its rollout starts workers
 from epo_trl.envs.maze import MazeFactory
-from epo_trl.rollout.workers import ProcessEnvPool
+from epo_trl.envs.pool import ProcessEnvPool
 
 if __name__ == "__main__":
     factory, task = MazeFactory(), MazeFactory().tasks()[0]
@@ -192,7 +192,7 @@ def run(quick: bool = False, smoke: bool = False, envs: tuple[str, ...] = ("scie
 
 
 def to_markdown(results: dict) -> str:
-    from ..rollout.workers import DEFAULT_START_METHOD
+    from ..envs.pool import DEFAULT_START_METHOD
 
     rows, lines = [], []
     for env, settings in results.items():

@@ -37,7 +37,7 @@ def _build_qwen05b_shape(path: str) -> str:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from epo_trl.testing import build_tokenizer
+    from ..models.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     hidden, layers, vocab = next(iter(CUDA_MODELS.values()))
@@ -55,7 +55,7 @@ def _trainer(kind: str, model_path: str, out: str, device: str = "cpu"):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from epo_trl import EPOConfig, EPOTrainer
+    from .. import EPOConfig, EPOTrainer
 
     common = dict(
         output_dir=out,
@@ -181,7 +181,7 @@ def run(quick: bool = False, smoke: bool = False, device: str = "cpu") -> dict:
     """`smoke`: one tiny model, one rep (tests); `device="cuda"`: the Qwen2.5-0.5B-shaped bf16 model on a GPU."""
     import torch
 
-    from epo_trl.testing import build_tiny_model
+    from ..models.tiny import build_tiny_model
 
     reps = 1 if smoke else 3 if quick else 20
     models = CUDA_MODELS if device == "cuda" else SMOKE_MODELS if smoke else MODELS

@@ -53,7 +53,7 @@ def _sync_cost(llm, model, tokenizer, reps: int) -> dict:
     import torch
     from vllm import SamplingParams
 
-    from ..rollout.vllm_sync import engine_probe, probe_ids, push_cpu_colocate
+    from ..trainers.vllm_sync import engine_probe, probe_ids, push_cpu_colocate
 
     def named_params():
         for name, param in model.named_parameters():
@@ -84,8 +84,8 @@ def _measure(name, path, dtype, factory, config, tasks, reps) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..evaluate import VLLMOfflineBackend
     from ..rollout import HFBackend, KVCacheHFBackend, RolloutEngine
+    from ..rollout.backends.vllm import VLLMOfflineBackend
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
@@ -139,7 +139,7 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
         rows.append(_measure("tiny (hidden 64)", path, "float32", factory, config, tasks, reps))
         if not smoke:
             try:
-                from ..testing import build_smollm2
+                from ..models.smollm2 import build_smollm2
 
                 smol = build_smollm2()
             except Exception as e:  # the wheel is an optional extra

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .base import SPLITS, EnvFactory, TaskSpec, TextEnv
+from .protocol import SPLITS, EnvFactory, TaskSpec, TextEnv
 
 # name -> "module:FactoryClass"; modules are imported lazily so optional extras stay optional.
 ENV_REGISTRY: dict[str, str] = {

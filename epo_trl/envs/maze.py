@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from .base import EnvFactory, TaskSpec, TextEnv
+from .protocol import EnvFactory, TaskSpec, TextEnv, words_of
 
 DIRECTIONS = {"north": (-1, 0), "south": (1, 0), "east": (0, 1), "west": (0, -1)}
 OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
@@ -287,7 +287,5 @@ class MazeFactory(EnvFactory):
 
     def vocabulary(self) -> list[str]:
         """Every word the env can print (and the header), for building a word-level tokenizer."""
-        from ..testing import words_of
-
         digits = [str(i) for i in range(10)]
         return sorted(set(words_of([*_TEXTS, self.prompt_header, *ITEMS, *digits])))

@@ -23,7 +23,7 @@ import shutil
 import threading
 from typing import Any
 
-from .base import EnvFactory, TaskSpec, TextEnv
+from .protocol import EnvFactory, TaskSpec, TextEnv
 
 #: Task types held out of training by default and played in `valid_unseen` (OOD). One per topic family,
 #: so each held-out type has a trained sibling (e.g. boil/melt are trained, freeze is held out). This is

@@ -6,13 +6,18 @@
 - `run_episodes`: play tasks without a trainer (evaluation, benchmarks).
 """
 
-from .backends import CallableBackend, Generation, GenerationBackend, HFBackend, RankSync, VLLMBackend
-from .engine import EnvPool, Episode, RolloutConfig, RolloutEngine, RolloutResult, run_episodes, success_rate
-from .kv_cache import KVCacheHFBackend
+from .backends.base import Generation, GenerationBackend, RankSync
+from .backends.hf import HFBackend
+from .backends.hf_kv_cache import KVCacheHFBackend
+from .backends.scripted import CallableBackend
+from .backends.vllm import VLLMBackend
+from .config import RolloutConfig
+from .engine import EnvPool, RolloutEngine, run_episodes, success_rate
+from .episode import Episode, RolloutResult
 from .parsing import ActionParser, ParsedAction
 from .prompts import PromptBuilder
 from .rewards import episode_return_reward, won_reward
-from .step_mode import StepRollout
+from .step import StepRollout
 from .trajectory import TrajectoryRollout
 
 __all__ = [

@@ -106,7 +106,7 @@ class PromptBuilder:
         return text
 
     def vocabulary_texts(self) -> list[str]:
-        """The fixed words of every prompt (feed `epo_trl.testing.words_of` with them for tiny tokenizers)."""
+        """The fixed words of every prompt (feed `epo_trl.models.tiny.words_of` with them for tiny tokenizers)."""
         return [
             self.header,
             self.turn_text("goal", 1, "obs", ["act"], [("obs", "act")]),

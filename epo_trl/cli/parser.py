@@ -1,52 +1,27 @@
-"""`epo-trl` command line: `train`, `eval`, `demo` (also `python -m epo_trl ...`), and the config parser they share.
+"""The config parser every `epo-trl` command shares.
 
 The parser is TRL's `TrlParser` (an `HfArgumentParser`) over the command's dataclasses, so flags are typed by
 the dataclass field, choices and help text come from field metadata, and a YAML file (`--config FILE` as with
 `trl grpo`, or the file as first argument) sets the defaults that flags override. Values written in the YAML
 file keep their YAML types; values on the command line are typed by the field (`--run_name no` is the string
 "no"). What we add: every key must belong to exactly one dataclass, no abbreviated flags, one-line errors that
-name the closest key (epo_trl.errors), and the source of every value (flag, file or default).
+name the closest key (epo_trl.cli.errors), and the source of every value (flag, file or default).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import os
 import re
-import sys
 import types
 import typing
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import UsageError, run_command, user_errors
-
-# subcommand -> "module:function"; each function takes argv (list[str]) and returns an exit code.
-COMMANDS = {
-    "train": "epo_trl.train:main",
-    "eval": "epo_trl.evaluate:main",
-    "demo": "epo_trl.demo:main",
-}
+from .errors import UsageError, user_errors
 
 FLAG, FILE, DEFAULT = "flag", "file", "default"  # where a value came from, most explicit first
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in {"-h", "--help"}:
-        print("usage: epo-trl {" + ",".join(COMMANDS) + "} [options]\n\nRun `epo-trl COMMAND --help` for options.")
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        close = difflib.get_close_matches(command, COMMANDS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        print(f"epo-trl: error: unknown command {command!r}{hint}; choose one of {sorted(COMMANDS)}", file=sys.stderr)
-        return 2
-    module_name, func_name = COMMANDS[command].split(":")
-    func = getattr(importlib.import_module(module_name), func_name)
-    return run_command(func, rest, f"epo-trl {command}")
 
 
 def shared_fields(dataclass_types: Sequence[type]) -> dict[str, list[str]]:
@@ -57,18 +32,6 @@ def shared_fields(dataclass_types: Sequence[type]) -> dict[str, list[str]]:
             if f.init:
                 owners.setdefault(f.name, []).append(cls.__name__)
     return {name: classes for name, classes in owners.items() if len(classes) > 1}
-
-
-def cli_view(cls: type, hidden: dict[str, str]) -> type:
-    """`cls` with the fields in `hidden` (name -> why) taken off the command line (init=False, default kept)."""
-    if not hidden:
-        return cls
-    specs = []
-    for f in dataclasses.fields(cls):
-        if f.name in hidden:
-            default = {"default": f.default} if f.default is not dataclasses.MISSING else {}
-            specs.append((f.name, f.type, dataclasses.field(init=False, **default)))
-    return dataclasses.make_dataclass(cls.__name__, specs, bases=(cls,))
 
 
 def yaml_problem(error) -> str:
@@ -151,19 +114,17 @@ def _parser_class():
 class ConfigParser:
     """Parse `[CONFIG.yaml | --config CONFIG.yaml] [--field value ...]` into dataclasses, with TrlParser.
 
-    `hidden`: {class: {field: why}} fields kept off the command line (see `cli_view`). `extra_known`:
-    {key: hint} keys that are valid elsewhere (e.g. AEPO fields with `--algo epo`), named in the error.
+    `extra_known`: {key: hint} keys that are valid elsewhere (e.g. AEPO fields with `--algo epo`), named in the
+    error.
     """
 
     def __init__(
         self,
         dataclass_types: Sequence[type],
         prog: str,
-        hidden: dict[type, dict[str, str]] | None = None,
         extra_known: dict[str, str] | None = None,
     ):
-        hidden = hidden or {}
-        self.types = [cli_view(cls, hidden.get(cls, {})) for cls in dataclass_types]
+        self.types = list(dataclass_types)
         shared = shared_fields(self.types)
         if shared:  # argparse would refuse the duplicate flag anyway; say which classes collide
             raise UsageError(
@@ -286,10 +247,11 @@ class ConfigParser:
         sources = {k: FLAG if k in explicit else FILE if k in file_values else DEFAULT for k in values}
         return values, sources
 
-    def build(self, values: dict[str, Any]) -> list:
-        """Instantiate every dataclass from `values`; a validation error names the class and the message."""
+    def build(self, values: dict[str, Any], classes: Sequence[type] | None = None) -> list:
+        """Instantiate every dataclass (or `classes`, each with the fields of `values` it has) from `values`; a
+        validation error names the class and the message."""
         out = []
-        for cls in self.types:
+        for cls in classes or self.types:
             kwargs = {}
             for f in dataclasses.fields(cls):
                 if f.init and f.name in values:
@@ -388,7 +350,3 @@ def flag_value(argv: Sequence[str], key: str) -> str | None:
         if token.startswith(f"--{key}="):
             return token.split("=", 1)[1]
     return None
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

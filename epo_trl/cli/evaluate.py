@@ -18,15 +18,15 @@ import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
-from .cli import ConfigParser, check_model_reference, read_config_file, split_config_path
-from .envs import EnvFactory, TaskSpec, make_factory
+from ..envs import EnvFactory, TaskSpec, make_factory
+from ..rollout import HFBackend, RolloutConfig, run_episodes
+from ..rollout.backends.vllm import VLLMOfflineBackend
 from .errors import UsageError, check_vllm_cpu_head_dim, require_module, user_errors
-from .rollout import HFBackend, RolloutConfig, run_episodes
+from .parser import ConfigParser, check_model_reference, read_config_file, split_config_path
 
-FAST_CAPS = {"limit": 2, "max_turns": 3}  # EPO_TRL_DOCS_FAST=1 (epo_trl.train.FAST_ENV), for the docs test
+FAST_CAPS = {"limit": 2, "max_turns": 3}  # EPO_TRL_DOCS_FAST=1 (epo_trl.cli.train.FAST_ENV), for the docs test
 
 
 @dataclass
@@ -152,51 +152,6 @@ def format_table(summary: dict[str, Any]) -> str:
         f"pass@{k} over {summary['tasks']} tasks: {summary[f'pass@{k}']:.3f}",
     ]
     return "\n".join(rows)
-
-
-class VLLMOfflineBackend:
-    """Generation with a standalone `vllm.LLM` (evaluation without a trainer); CPU (vllm-cpu) or GPU."""
-
-    lockstep = False  # one engine per process, no collective calls
-
-    def __init__(self, model: str, temperature: float = 1.0, seed: int = 0, llm=None, **llm_kwargs):
-        """`llm`: an engine already built from `model` (benchmarks build theirs in-process); else one is built."""
-        from transformers import AutoTokenizer, GenerationConfig
-        from vllm import LLM
-
-        from .rollout.backends import eos_token_ids
-
-        self.llm = llm if llm is not None else LLM(model=model, seed=seed, **llm_kwargs)
-        self.temperature = temperature
-        try:
-            generation = SimpleNamespace(generation_config=GenerationConfig.from_pretrained(model))
-        except OSError:  # no generation_config.json: the tokenizer's EOS only
-            generation = None
-        self.eos_ids = eos_token_ids(AutoTokenizer.from_pretrained(model), generation)
-
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float | None = None):
-        from vllm import SamplingParams
-
-        from .rollout import Generation
-        from .rollout.backends import cut_at_eos
-
-        params = SamplingParams(
-            temperature=self.temperature if temperature is None else temperature,
-            max_tokens=max_new_tokens,
-            logprobs=0,
-            stop_token_ids=self.eos_ids,
-        )
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling_params=params, use_tqdm=False)
-        ids, logprobs = [], []
-        for out in outputs:
-            sample = out.outputs[0]
-            cut = cut_at_eos(sample.token_ids, self.eos_ids)
-            ids.append(cut)
-            # logprobs=0: each position holds the sampled token's (temperature-scaled) log-probability
-            logprobs.append(
-                [step[token].logprob for token, step in zip(cut, sample.logprobs or [])] or [0.0] * len(cut)
-            )
-        return Generation(ids, logprobs)
 
 
 def make_backend(args: EvalArguments, temperature: float):

@@ -17,9 +17,25 @@ training return (default 10 x won, plus invalid-action penalties).
 
 from __future__ import annotations
 
+import math
+import numbers
+import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
+
+# What counts as one word of an env's text (for word-level tokenizers covering an env: `EnvFactory.vocabulary`).
+_WORD_RE = r"</?think>|</?action>|[A-Za-z]+|\d|[^\sA-Za-z\d]"
+
+
+def words_of(texts: Iterable[str]) -> list[str]:
+    """Every token-like piece of `texts`, for building a tokenizer that covers an environment."""
+    out: list[str] = []
+    for text in texts:
+        out.extend(re.findall(_WORD_RE, text))
+    return out
+
 
 SPLITS = ("train", "valid_seen", "valid_unseen")
 
@@ -112,3 +128,67 @@ class EnvFactory(ABC):
     def task_type(self, task: TaskSpec) -> str:
         """The type a task instance belongs to (default: its task name)."""
         return task.task
+
+
+# ----- what envs return, checked next to the env (a wrong type fails the episode with a message naming the env and
+# the field) -------------------------------------------------------------------------------------------------------
+class EnvProtocolError(TypeError):
+    """An environment returned a value of the wrong type (named env, named field)."""
+
+
+def _bad(env: str, field: str, value: Any, expected: str) -> EnvProtocolError:
+    return EnvProtocolError(
+        f"env {env!r} returned {field} = {value!r:.80} ({type(value).__name__}); expected {expected}"
+    )
+
+
+def _as_bool(env: str, field: str, value: Any) -> bool:
+    # numpy bools are fine; strings ("false" is truthy) and numbers are not
+    if isinstance(value, bool) or type(value).__name__ in ("bool_", "bool"):
+        return bool(value)
+    raise _bad(env, field, value, "a bool")
+
+
+def check_admissible(env: str, value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(a, str) for a in value):
+        raise _bad(env, "admissible_actions()", value, "a list of str or None")
+    return list(value)
+
+
+def check_reset(env: str, out: Any) -> tuple[str, str]:
+    """(observation, goal) of `env.reset(task)`."""
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise _bad(env, "reset()", out, "a tuple (observation, info)")
+    obs, info = out
+    if not isinstance(obs, str):
+        raise _bad(env, "reset() observation", obs, "a str")
+    if not isinstance(info, dict):
+        raise _bad(env, "reset() info", info, "a dict")
+    goal = info.get("goal", "")
+    if not isinstance(goal, str):
+        raise _bad(env, "reset() info['goal']", goal, "a str")
+    return obs, goal
+
+
+def check_step(env: str, out: Any) -> tuple[str, bool, bool]:
+    """(observation, done, won) of `env.step(action)`; the reward must be a finite number."""
+    if not isinstance(out, tuple) or len(out) != 4:
+        raise _bad(env, "step()", out, "a tuple (observation, reward, done, info)")
+    obs, reward, done, info = out
+    if not isinstance(obs, str):
+        raise _bad(env, "step() observation", obs, "a str")
+    if isinstance(reward, (bool, str)) or not isinstance(reward, numbers.Real) or not math.isfinite(reward):
+        raise _bad(env, "step() reward", reward, "a finite number")
+    done = _as_bool(env, "step() done", done)
+    if not isinstance(info, dict):
+        raise _bad(env, "step() info", info, "a dict")
+    won = _as_bool(env, "step() info['won']", info.get("won", False))
+    return obs, done, won
+
+
+def check_projection(env: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise _bad(env, "project_action()", value, "a str or None")
+    return value or None

@@ -1,6 +1,6 @@
 """PNG plots of a training run from `trainer.state.log_history` (`pip install "epo-trl[plots]"` for matplotlib).
 
-    from epo_trl.plots import write_run_plots
+    from epo_trl.cli.plots import write_run_plots
     write_run_plots(trainer.state.log_history, trainer.args.output_dir)   # -> list of PNG paths written
 
 Plots (each written only when its metrics were logged): `success_rate.png` (`rollout/success_rate`),

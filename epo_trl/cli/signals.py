@@ -67,7 +67,7 @@ class StopOnSignal(TrainerCallback):
         return 128 + int(self.signal or signal.SIGINT)
 
     def kept(self, trainer) -> str:
-        from .checkpoints import newest_complete
+        from ..trainers.checkpoints import newest_complete
 
         last, _ = newest_complete(trainer.args.output_dir)
         return f"newest complete checkpoint: {last}" if last else "no complete checkpoint was written"

@@ -1,26 +1,25 @@
-"""AEPOConfig / AEPOTrainer: target-entropy control by a REINFORCE term on temperature-shifted samples.
+"""AEPOTrainer: target-entropy control by a REINFORCE term on temperature-shifted samples.
 
 AEPO (arXiv 2510.08141), in our form (docs/method.md, "AEPO: target-entropy control"):
 
-    L = L_TRL (+ EPO's terms) + aepo_coef * L_reg,   L_reg = - token-mean over kept samples of log pi_theta(o_j)
+    L = L_TRL + aepo_coef * L_reg,   L_reg = - token-mean over kept samples of log pi_theta(o_j)
 
 Kept samples are re-sampled at T = T_high when the last step's entropy H <= H*, else T_low, and kept when their
-within-group advantage exceeds a threshold. Thin by design: the math lives in `epo_trl.aepo_math`; this file
-re-samples through TRL's own generation path, spreads the term over the step's micro-batches, keeps every rank
-in lockstep, logs metrics and checkpoints the state.
+within-group advantage exceeds a threshold. The only changes w.r.t. MultiTurnGRPOTrainer: the re-sampling after each
+generation step, `method_loss` (A4, A5) and the state it keeps across steps; the math lives in `aepo_math`.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from trl.trainer.utils import pad
 
+from ..grpo.grpo_trainer import ActionTokens, MultiTurnGRPOTrainer, float_or_none
+from .aepo_config import AEPOConfig
 from .aepo_math import (
     choose_temperature,
     group_advantages,
@@ -30,128 +29,10 @@ from .aepo_math import (
     select_kept,
     share_cap,
 )
-from .config import EPOConfig, _check
-from .trainer import EPOTrainer
-
-ESTIMATORS = ("full", "sampled")
 
 
-@dataclass
-class AEPOConfig(EPOConfig):
-    r"""
-    Configuration class for [`AEPOTrainer`]: every [`EPOConfig`] parameter, plus AEPO's.
-
-    EPO's terms are off by default (`entropy_coef=0`, `smoothing=False`), so AEPO alone is GRPO + `aepo_coef *
-    L_reg`; set them to combine both.
-
-    Parameters:
-        aepo_target_entropy (`float`, *optional*, defaults to `0.5`):
-            H*: target token entropy in nats (the released headline runs used 0.75).
-        aepo_temperature_high (`float`, *optional*, defaults to `1.2`):
-            T_high (> 1): sampling temperature of the regularisation samples while H <= H* (raises entropy).
-        aepo_temperature_low (`float`, *optional*, defaults to `0.8`):
-            T_low (in (0, 1)): sampling temperature while H > H* (lowers entropy).
-        aepo_coef (`float`, *optional*, defaults to `0.02`):
-            alpha: weight of L_reg. The released code had no explicit alpha: it substituted up to 60 kept rows
-            into a 2560-row batch, i.e. alpha ~ 60 / 2560 ~ 0.023 when the cap is reached. `0` disables AEPO.
-        aepo_resample_share (`float`, *optional*, defaults to `0.25`):
-            Share of each rank's distinct prompts re-sampled every generation step (at least one prompt).
-        aepo_num_resamples (`int`, *optional*, defaults to `5`):
-            n: completions (or episodes) sampled per re-sampled prompt; the group for the advantage.
-        aepo_advantage_threshold (`float`, *optional*, defaults to `0.05`):
-            A re-sample is kept when its reward minus its group's mean reward exceeds this.
-        aepo_max_kept (`int`, *optional*, defaults to `60`):
-            Global cap (all ranks) on kept samples per generation step while H <= H*.
-        aepo_max_kept_above_target (`int`, *optional*, defaults to `30`):
-            Global cap while H > H*.
-        aepo_entropy_estimator (`str`, *optional*, defaults to `"full"`):
-            `"full"`: full-vocabulary token entropy of the last optimizer step (TRL's); `"sampled"`: mean
-            -log pi of the sampled action tokens of the last step (the released estimator).
-    """
-
-    entropy_coef: float = field(
-        default=0.0,
-        metadata={"help": "lambda: weight of EPO's entropy bonus and smoothing term (AEPO default 0 = off)."},
-    )
-    smoothing: bool = field(
-        default=False,
-        metadata={"help": "Enable EPO's entropy smoothing regulariser (AEPO default False)."},
-    )
-    aepo_target_entropy: float = field(
-        default=0.5,
-        metadata={"help": "H*: target token entropy in nats (> 0; released headline runs: 0.75)."},
-    )
-    aepo_temperature_high: float = field(
-        default=1.2,
-        metadata={"help": "T_high (> 1): temperature of the regularisation samples while H <= H*."},
-    )
-    aepo_temperature_low: float = field(
-        default=0.8,
-        metadata={"help": "T_low (in (0, 1)): temperature of the regularisation samples while H > H*."},
-    )
-    aepo_coef: float = field(
-        default=0.02,
-        metadata={"help": "alpha (>= 0): weight of L_reg; ~60/2560 matches the released runs. 0 disables AEPO."},
-    )
-    aepo_resample_share: float = field(
-        default=0.25,
-        metadata={"help": "Share (in (0, 1]) of each rank's distinct prompts re-sampled per generation step."},
-    )
-    aepo_num_resamples: int = field(
-        default=5,
-        metadata={"help": "n (>= 2): samples per re-sampled prompt, the group of the within-group advantage."},
-    )
-    aepo_advantage_threshold: float = field(
-        default=0.05,
-        metadata={"help": "Keep a re-sample when reward - group mean > this (>= 0)."},
-    )
-    aepo_max_kept: int = field(
-        default=60,
-        metadata={"help": "Global cap (>= 1) on kept samples per generation step while H <= H*."},
-    )
-    aepo_max_kept_above_target: int = field(
-        default=30,
-        metadata={"help": "Global cap (>= 0) on kept samples per generation step while H > H*."},
-    )
-    aepo_entropy_estimator: str = field(
-        default="full",
-        metadata={
-            "help": "Entropy H compared with H*: full-vocabulary token entropy, or the sampled -log pi estimator.",
-            "choices": list(ESTIMATORS),
-        },
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check(self.aepo_target_entropy > 0, "aepo_target_entropy", self.aepo_target_entropy, "> 0 (nats)")
-        _check(self.aepo_temperature_high > 1, "aepo_temperature_high", self.aepo_temperature_high, "> 1")
-        _check(0 < self.aepo_temperature_low < 1, "aepo_temperature_low", self.aepo_temperature_low, "in (0, 1)")
-        _check(self.aepo_coef >= 0, "aepo_coef", self.aepo_coef, ">= 0 (use 0 to disable AEPO)")
-        _check(0 < self.aepo_resample_share <= 1, "aepo_resample_share", self.aepo_resample_share, "in (0, 1]")
-        _check(self.aepo_num_resamples >= 2, "aepo_num_resamples", self.aepo_num_resamples, ">= 2 (a group)")
-        _check(
-            self.aepo_advantage_threshold >= 0,
-            "aepo_advantage_threshold",
-            self.aepo_advantage_threshold,
-            ">= 0 (only above-mean samples are reinforced)",
-        )
-        _check(self.aepo_max_kept >= 1, "aepo_max_kept", self.aepo_max_kept, ">= 1 (use aepo_coef=0 to disable)")
-        _check(
-            self.aepo_max_kept_above_target >= 0,
-            "aepo_max_kept_above_target",
-            self.aepo_max_kept_above_target,
-            ">= 0",
-        )
-        _check(
-            self.aepo_entropy_estimator in ESTIMATORS,
-            "aepo_entropy_estimator",
-            self.aepo_entropy_estimator,
-            f"one of {ESTIMATORS}",
-        )
-
-
-class AEPOTrainer(EPOTrainer):
-    """Drop-in replacement for `trl.GRPOTrainer` / `EPOTrainer` (same constructor) that trains with AEPO.
+class AEPOTrainer(MultiTurnGRPOTrainer):
+    """Drop-in replacement for `trl.GRPOTrainer` (same constructor) that trains with AEPO.
 
     Every training generation step re-samples `aepo_resample_share` of the prompts `aepo_num_resamples` times at
     the temperature chosen from the last step's entropy, through TRL's own generation path (HF generate, vLLM,
@@ -159,20 +40,32 @@ class AEPOTrainer(EPOTrainer):
     functions and keeps the above-mean ones. Their REINFORCE term is added on top of the normal batch, split
     over the micro-batches of each optimizer step so it counts exactly once per step.
 
-    Not supported: step-mode rollouts (`build_training_batch`), TRL `tools` / `environment_factory`, images.
+    Not supported: step-mode rollouts (`StepRollout`), TRL `tools` / `environment_factory`, images.
     """
 
-    _tag_names = ["trl", "grpo", "epo", "aepo"]
+    _tag_names = ["trl", "grpo", "multi-turn", "aepo"]
     _name = "AEPO"
+    _paper = {  # the model card's citation; authors left to the arXiv entry (not in our sources)
+        "title": "Arbitrary Entropy Policy Optimization",
+        "id": "2510.08141",
+        # docstyle-ignore
+        "citation": """\
+@misc{aepo2025,
+    title  = {{Arbitrary Entropy Policy Optimization}},
+    year   = 2025,
+    eprint = {arXiv:2510.08141}
+}""",
+    }
     config_class = AEPOConfig
+    checkpoint_keys = ("aepo",)
 
     def __init__(self, model, reward_funcs=None, args=None, *pargs, **kwargs):
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
-        if getattr(self.rollout_func, "build_training_batch", None) is not None:
+        if getattr(self.rollout_func, "mode", None) == "step":
             raise ValueError(
                 "AEPOTrainer re-samples whole episodes through the rollout_func contract (one row per prompt); a "
-                "step-mode rollout (one row per turn, `build_training_batch`) cannot be re-sampled that way. Use "
-                "TrajectoryRollout, or EPOTrainer for step mode."
+                "step-mode rollout (one row per turn) cannot be re-sampled that way. Use TrajectoryRollout, or "
+                "EPOTrainer for step mode."
             )
         if self.tools or self.environment_factories is not None:
             raise ValueError(
@@ -183,7 +76,6 @@ class AEPOTrainer(EPOTrainer):
         self._aepo_active: dict | None = None  # the ones the current optimizer step trains on
         self._aepo_micro = 0  # micro-batch index inside the current optimizer step
         self._aepo_reg_sum = 0.0  # this rank's sum of -log pi over kept tokens during the current step
-        self._aepo_logps: torch.Tensor | None = None
         self._aepo_sampled_sums: torch.Tensor | None = None
         # (A5) sampled estimator of the last optimizer step (all ranks, all micro-batches); only for "sampled".
         self.aepo_sampled_entropy: float | None = None
@@ -332,30 +224,18 @@ class AEPOTrainer(EPOTrainer):
                     del metrics[k][lengths[k] :]
 
     # --- loss -----------------------------------------------------------------------------------------
-    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
-        logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
-        if kwargs.get("compute_entropy"):  # the training forward: its log-probs feed the sampled estimator
-            self._aepo_logps = logps
-        return logps, entropies, aux
-
-    def _compute_loss(self, model, inputs):
-        loss = super()._compute_loss(model, inputs)
-        logps, self._aepo_logps = self._aepo_logps, None
+    def method_loss(self, model, inputs, tokens: ActionTokens):
+        extra = super().method_loss(model, inputs, tokens)
         if not self.model.training or self.args.aepo_coef == 0:
-            return loss
+            return extra
         if self.args.aepo_entropy_estimator == "sampled":
-            mask = inputs["completion_mask"]
-            if "tool_mask" in inputs:
-                mask = mask * inputs["tool_mask"]
-            sums = sampled_entropy_sums(logps, mask)  # (A5)
+            sums = sampled_entropy_sums(tokens.logps, tokens.mask)  # (A5)
             self._aepo_sampled_sums = sums if self._aepo_sampled_sums is None else self._aepo_sampled_sums + sums
         if self._aepo_micro == 0:  # fixed for the whole optimizer step, even if a new generation batch arrives
             self._aepo_active = self._aepo_batch
-        loss = loss + self._aepo_term(model, self._aepo_micro)
+        extra = extra + self._aepo_term(model, self._aepo_micro)
         self._aepo_micro += 1
-        if self.accelerator.sync_gradients:
-            self._aepo_finish_step()
-        return loss
+        return extra
 
     def _aepo_term(self, model, micro: int):
         """(A4) alpha * this micro-batch's share of L_reg: its rows' -sum log pi over the GLOBAL token count.
@@ -383,36 +263,32 @@ class AEPOTrainer(EPOTrainer):
         self._aepo_reg_sum = self._aepo_reg_sum + total.detach()
         return self.args.aepo_coef * total * self.accelerator.num_processes / batch["num_tokens"]
 
-    def _aepo_finish_step(self) -> None:
-        """Reduce the step's L_reg and sampled-entropy sums over ranks (one collective, on every rank)."""
-        acc = self.accelerator
+    def step_sums(self) -> torch.Tensor:
+        """This rank's L_reg sum and sampled-entropy (sum, count) of the step, reduced with the base's."""
         sampled = self._aepo_sampled_sums
-        sampled = torch.zeros(2, dtype=torch.float64) if sampled is None else sampled.cpu()
+        sampled = torch.zeros(2, dtype=torch.float64) if sampled is None else sampled.detach().double().cpu()
         reg = torch.as_tensor(self._aepo_reg_sum, dtype=torch.float64).reshape(1).cpu()
-        reg_total, h_sum, h_count = acc.reduce(torch.cat([reg, sampled]).to(acc.device), reduction="sum").tolist()
+        self._aepo_micro, self._aepo_reg_sum, self._aepo_sampled_sums = 0, 0.0, None
+        return torch.cat([super().step_sums(), reg, sampled])
+
+    def on_step_end(self, turn_means: dict[int, float], sums: torch.Tensor) -> None:
+        super().on_step_end(turn_means, sums[:-3])
+        reg_total, h_sum, h_count = sums[-3:].tolist()
         batch = self._aepo_active
-        if batch is not None:
+        if batch is not None and self.args.aepo_coef > 0:
             self._metrics["train"]["aepo/reg_loss"].append(reg_total / batch["num_tokens"] if batch["rows"] else 0.0)
         if h_count > 0:
             self.aepo_sampled_entropy = h_sum / h_count
-        self._aepo_micro, self._aepo_reg_sum, self._aepo_sampled_sums = 0, 0.0, None
 
     # --- checkpointing --------------------------------------------------------------------------------
     def state_for_checkpoint(self) -> dict:
-        state = super().state_for_checkpoint()
-        state["aepo"] = {"last_step_entropy": self.last_step_entropy, "sampled_entropy": self.aepo_sampled_entropy}
-        return state
+        return {**super().state_for_checkpoint(), "aepo": {"sampled_entropy": self.aepo_sampled_entropy}}
 
     def load_checkpoint_state(self, state: dict) -> None:
-        super().load_checkpoint_state(state)
         if "aepo" not in state:
             raise ValueError(
-                "This checkpoint's epo_state.json has no 'aepo' entry: it was written by EPOTrainer, so the entropy "
-                "AEPO's temperature choice depends on is missing. Resume from an AEPOTrainer checkpoint."
+                "This checkpoint's epo_state.json has no 'aepo' entry: it was not written by AEPOTrainer, so the "
+                "entropy AEPO's temperature choice depends on is missing. Resume from an AEPOTrainer checkpoint."
             )
-        self.last_step_entropy = _float_or_none(state["aepo"]["last_step_entropy"])
-        self.aepo_sampled_entropy = _float_or_none(state["aepo"]["sampled_entropy"])
-
-
-def _float_or_none(x) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+        super().load_checkpoint_state(state)
+        self.aepo_sampled_entropy = float_or_none(state["aepo"]["sampled_entropy"])

@@ -18,7 +18,7 @@ import re
 import threading
 from typing import Any
 
-from .base import EnvFactory, TaskSpec, TextEnv
+from ..protocol import EnvFactory, TaskSpec, TextEnv
 
 #: ALFWorld's six task types (alfworld.agents.environment.alfred_tw_env.TASK_TYPES).
 TASK_TYPES: tuple[str, ...] = (

@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .envs import EnvFactory, TaskSpec
-from .rollout import Generation, RolloutConfig, RolloutEngine
+from ..envs import EnvFactory, TaskSpec
+from ..rollout import Generation, RolloutConfig, RolloutEngine
 
 
 class PlanBackend:
@@ -153,7 +153,7 @@ def behaviour_clone(
 def sampled_success(model, tokenizer, factory: EnvFactory, tasks: Sequence[TaskSpec], config: RolloutConfig,
                     mode: str = "step", seed: int = 0) -> float:  # fmt: skip
     """Share of `tasks` won by the model sampling at temperature 1 (the rollout's sampling), with HF generate."""
-    from .rollout import HFBackend, run_episodes
+    from ..rollout import HFBackend, run_episodes
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)

