@@ -1,9 +1,9 @@
 """`python -m epo_trl.study`: GRPO vs EPO-Base vs EPO (vs EPO + GiGPO, the demo) on the built-in maze, several seeds.
 
-Every run goes through the real CLI path (`epo_trl.cli.train.load_config` on `recipes/cpu/maze_<algo>.yaml` plus the
-shared overrides below, then `build_trainer`), so algorithms differ only in what their recipe/`--algo` pins.
-The setting is the demo's (`epo_trl.demo`: a hidden-64 tiny model warm-started on a noisy demonstrator, KL anchor,
-batch-std rewards, step mode), where plain GRPO learns. Per seed, the warm start is built once and shared by every
+Every run goes through the real CLI path (`epo_trl.cli.train.load_config` on the demo's recipe,
+`recipes/cpu/demo.yaml`, with `--algo` and the few overrides below, then `build_trainer`), so algorithms differ only
+in what `--algo` switches. The setting is the demo's (a hidden-64 tiny model warm-started on a noisy demonstrator,
+KL anchor, batch-std rewards, trajectory mode), where plain GRPO learns. Per seed, the warm start is built once and shared by every
 algorithm (same start, same held-out "before"). Per optimizer step it records train success, TRL's token entropy and
 the per-turn entropies; after training, held-out success with HF generate on `valid_seen` and `valid_unseen`.
 Writes one JSON per finished run (so an interrupted study can still be reported), `results.json`, PNG plots and
@@ -26,20 +26,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .cli.demo import (
-    EPISODES_PER_STEP,
-    GROUP,
-    HIDDEN_SIZE,
-    KL_BETA,
-    LEARNING_RATE,
-    MAX_STEPS,
-    MAX_TURN_TOKENS,
-    MAX_TURNS,
-    NUM_TRAIN,
-    QUICK_WARM_START,
-    SCALE_REWARDS,
-    WARM_START,
-)
+from .cli.demo import QUICK as QUICK_OVERRIDES
+from .cli.train import DEMO_RECIPE
 
 AEPO_TARGET_ENTROPY = 0.05
 
@@ -61,81 +49,67 @@ LABELS = {
     "epo-base-bonus": "EPO-Base, bonus 0.1",
     "epo-bonus": "EPO, bonus 0.1",
 }
-# recipe file of each algo (default: its own)
-RECIPE = {"epo-step": "epo", "grpo-nokl": "grpo", "epo-nokl": "epo", "epo-base-bonus": "epo-base", "epo-bonus": "epo"}
+# the method (`--algo`) of each study algo (default: itself)
+METHOD = {"epo-step": "epo", "grpo-nokl": "grpo", "epo-nokl": "epo", "epo-base-bonus": "epo-base", "epo-bonus": "epo"}
 ALGO_EXTRA: dict[str, dict] = {
     "epo-step": {"rollout_mode": "step"},
-    # AEPO alone (its recipe turns EPO's terms off); H* between the warm start's entropy and a collapsed policy's.
-    "aepo": {"aepo_target_entropy": AEPO_TARGET_ENTROPY},
+    # AEPO alone (TRL's bonus off); H* between the warm start's entropy and a collapsed policy's.
+    "aepo": {"aepo_target_entropy": AEPO_TARGET_ENTROPY, "entropy_coef": 0.0},
     "grpo-nokl": {"beta": 0.0},
     "epo-nokl": {"beta": 0.0},
     "epo-base-bonus": {"entropy_coef": 0.1},
     "epo-bonus": {"entropy_coef": 0.1},
 }
-# The demo's setting (see epo_trl/cli/demo.py for why each value): 2x2 `reach` maze, strict <action> format.
-SHARED = {
-    "env_kwargs": {"size": 2, "task": "reach", "distractors": 0, "num_train": NUM_TRAIN},
-    "tiny_hidden_size": HIDDEN_SIZE,
-    "warmstart_steps": 0,  # the study builds the warm starts itself (WARM_START), once per seed and rollout mode
-    "require_tags": True,
-    "rollout_mode": "trajectory",
-    "max_turns": MAX_TURNS,
-    "max_turn_tokens": MAX_TURN_TOKENS,
-    "tasks_per_step": EPISODES_PER_STEP // GROUP,
-    "num_generations": GROUP,
-    "beta": KL_BETA,
-    "scale_rewards": SCALE_REWARDS,
-    "learning_rate": LEARNING_RATE,
-    "lr_scheduler_type": "constant",
-    "max_steps": MAX_STEPS,
-    "report_to": [],
-    "disable_tqdm": True,
-    "logging_steps": 1,
-}
-FULL = {"algos": ALGOS[:4], "seeds": (0, 1, 2, 3, 4), "eval_tasks": 64, "warm_start": WARM_START}
-QUICK = {"algos": ("grpo", "aepo", "epo-step"), "seeds": (0,), "eval_tasks": 4, "warm_start": QUICK_WARM_START}
-QUICK_OVERRIDES = {"max_steps": 2, "tasks_per_step": 2, "num_generations": 4, "max_turns": 3}
+# What the study changes in the demo's recipe: quiet runs (the study keeps log_history), one warm start per seed.
+SHARED = {"report_to": [], "disable_tqdm": True}
+FULL = {"algos": ALGOS[:4], "seeds": (0, 1, 2, 3, 4), "eval_tasks": 64}
+QUICK = {"algos": ("grpo", "aepo", "epo-step"), "seeds": (0,), "eval_tasks": 4}
 GAIN_TARGET = 0.30  # the demo's bar: held-out success after - before
 
 
 # ----- one run ---------------------------------------------------------------------------------------------------
 def _setup(overrides: dict, algo: str, seed: int, output_dir: str):
-    from .bench.common import quiet_logs, recipe_config, setup_offline
+    from .bench.common import quiet_logs, setup_offline
+    from .cli.train import load_config
 
     setup_offline()
     quiet_logs()
-    extra = {**overrides, **ALGO_EXTRA.get(algo, {}), "seed": seed, "output_dir": output_dir}
-    return recipe_config(RECIPE.get(algo, algo), extra)
+    extra = {**overrides, **ALGO_EXTRA.get(algo, {}), "algo": METHOD.get(algo, algo), "seed": seed,
+             "output_dir": output_dir}  # fmt: skip
+    return load_config([str(DEMO_RECIPE)], overrides=extra)
+
+
+def warm_settings(script) -> dict:
+    """The recipe's warm start, as the report describes it."""
+    return {"steps": script.warmstart_steps, "target_success": script.warmstart_target_success, "check_every": 50,
+            "noisy_steps": script.warmstart_noisy_steps, "noise": script.warmstart_noise}  # fmt: skip
 
 
 def mode_of(algo: str, overrides: dict) -> str:
     """The rollout mode `algo` runs in (and its warm start is rendered in)."""
-    return ALGO_EXTRA.get(algo, {}).get("rollout_mode", overrides["rollout_mode"])
+    return ALGO_EXTRA.get(algo, {}).get("rollout_mode", overrides.get("rollout_mode", "trajectory"))
 
 
 def _held_out(model, tokenizer, factory, rollout, eval_tasks: int, seed: int, mode: str) -> dict[str, float]:
-    from .cli.demo import evaluate_held_out
+    from .rollout.evaluation import held_out
 
-    result = evaluate_held_out(model, tokenizer, factory, rollout, eval_tasks, 1.0, seed, mode)
+    result = held_out(model, tokenizer, factory, rollout, eval_tasks, 1.0, seed, mode)
     return {split: r["success_rate"] for split, r in result.items()}
 
 
-def warm_one(seed: int, mode: str, model_dir: str, overrides: dict, warm: dict, eval_tasks: int) -> dict:
-    """Build seed's warm-started model for `mode` in `model_dir` (shared by every algo of that mode) and its
-    held-out success."""
+def warm_one(seed: int, mode: str, output_dir: str, overrides: dict, eval_tasks: int) -> dict:
+    """Build seed's warm-started model for `mode` in `output_dir/tiny-model` (shared by every algo of that mode), as
+    `epo-trl train` builds it from the recipe, and its held-out success."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .cli.demo import demo_words
+    from .cli.train import WARM_START_FILE, resolve_model
     from .envs import make_factory
-    from .models.tiny import build_tiny_model
-    from .models.warmstart import warm_start
 
-    script, rollout, _ = _setup({**overrides, "rollout_mode": mode}, "grpo", seed, os.path.dirname(model_dir))
+    script, rollout, _ = _setup({**overrides, "rollout_mode": mode}, "grpo", seed, output_dir)
     factory = make_factory(script.env, **script.env_kwargs)
     t0 = time.perf_counter()
-    # The demo's model (words, size, seed); `resolve_model` then finds this folder and uses it as is.
-    build_tiny_model(model_dir, demo_words(factory), hidden_size=script.tiny_hidden_size, seed=seed)
-    summary = warm_start(model_dir, factory, factory.tasks(script.train_split), rollout, mode=mode, seed=seed, **warm)
+    model_dir = resolve_model(script, factory, output_dir, rollout, seed)
+    summary = json.loads(Path(model_dir, WARM_START_FILE).read_text())
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     before = _held_out(model, AutoTokenizer.from_pretrained(model_dir), factory, rollout, eval_tasks, seed, mode)
     return {"seed": seed, "mode": mode, "warm_s": time.perf_counter() - t0, "warm_start": summary, "before": before}
@@ -450,11 +424,11 @@ Generated by `{meta["command"]}` on {meta["date"]} ({meta["machine"]}); total wa
 Why the setting is what it is, and the negative results that led to it: [docs/study/setting.md](study/setting.md).
 
 ## Setup
-Recipes `recipes/cpu/maze_<algo>.yaml` through `epo_trl.cli.train.load_config/build_trainer` (the CLI path), all
-with the same overrides: {shared}; seeds {list(meta["seeds"])}. Per algorithm: {extra}. GRPO, EPO-Base and EPO
-run on `EPOTrainer` (GRPO = EPO's terms off), AEPO on `AEPOTrainer` (EPO's terms off), all four in trajectory mode
-(one row per episode: AEPO re-samples whole episodes). The EPO run is `make demo` with the same seed (same
-settings, tested), so its row is the demo's spread over seeds.
+The demo's recipe `recipes/cpu/demo.yaml` with `--algo` per method, through `epo_trl.cli.train.load_config/build_trainer`
+(the CLI path), all with the same overrides: {shared}; seeds {list(meta["seeds"])}. Per algorithm: {extra}. GRPO
+runs on `MultiTurnGRPOTrainer` (the multi-turn base), EPO-Base and EPO on `EPOTrainer`, AEPO on `AEPOTrainer`, all
+four in trajectory mode (one row per episode: AEPO re-samples whole episodes). The EPO run is `make demo` with the
+same seed (same recipe), so its row is the demo's spread over seeds.
 Warm start, per seed and rollout mode, shared by the algorithms of that mode: behaviour cloning on the expert
 until the model, sampling, wins {warm["target_success"]} of 32 train tasks (at most {warm["steps"]} steps, checked
 every {warm["check_every"]}), then {warm["noisy_steps"]} steps on a noisy demonstrator's plays (each turn a random
@@ -530,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     plan = QUICK if opts.quick else FULL
     overrides = {**SHARED, **(QUICK_OVERRIDES if opts.quick else {})}
-    warm_cfg = plan["warm_start"]
+    warm_cfg = warm_settings(_setup(overrides, "epo", 0, opts.output_dir)[0])
     seeds = opts.seeds or list(plan["seeds"])
     algos = opts.algos or list(plan["algos"])
     modes = sorted({mode_of(a, overrides) for a in algos})
@@ -560,8 +534,8 @@ def main(argv: list[str] | None = None) -> int:
 
             def warm(job):
                 mode, seed = job
-                spec = {"seed": seed, "mode": mode, "model_dir": os.path.join(tmp, f"warm-{mode}-{seed}", "model"),
-                        "overrides": overrides, "warm": warm_cfg, "eval_tasks": plan["eval_tasks"]}  # fmt: skip
+                spec = {"seed": seed, "mode": mode, "output_dir": os.path.join(tmp, f"warm-{mode}-{seed}"),
+                        "overrides": overrides, "eval_tasks": plan["eval_tasks"]}  # fmt: skip
                 result = _launch("warm", spec, threads, str(raw / f"warm-{mode}-{seed}.json"))
                 progress(f"warm start ({mode} mode) seed {seed}", result)
                 return {**result, "mode": mode}
@@ -572,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                 mode = mode_of(algo, overrides)
                 spec = {"algo": algo, "seed": seed, "output_dir": os.path.join(tmp, f"{algo}-{seed}"),
                         "overrides": overrides, "eval_tasks": plan["eval_tasks"],
-                        "warm_dir": os.path.join(tmp, f"warm-{mode}-{seed}", "model")}  # fmt: skip
+                        "warm_dir": os.path.join(tmp, f"warm-{mode}-{seed}", "tiny-model")}  # fmt: skip
                 result = _launch("run", spec, threads, str(result_file))
                 if "error" in result:
                     result_file.write_text(json.dumps(result))

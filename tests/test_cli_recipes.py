@@ -272,7 +272,7 @@ def test_cli_warm_start_flags_reach_the_library_call_unchanged(tmp_path):
     model equals a direct `warm_start` call with the flags' values, bit for bit, and differs from the expert-only one."""
     import torch
 
-    from epo_trl.models.tiny import build_tiny_model
+    from epo_trl.models.tiny import build_tiny_model, env_words
     from epo_trl.models.warmstart import warm_start
 
     flags = ["--warmstart_steps", "4", "--warmstart_noisy_steps", "3", "--warmstart_noise", "0.5"]
@@ -284,7 +284,7 @@ def test_cli_warm_start_flags_reach_the_library_call_unchanged(tmp_path):
 
     def direct(name, **phases):
         path = build_tiny_model(
-            str(tmp_path / name), extra_words=factory.vocabulary(), hidden_size=script.tiny_hidden_size
+            str(tmp_path / name), extra_words=env_words(factory), hidden_size=script.tiny_hidden_size
         )
         warm_start(path, factory, tasks, rollout, 4, script.rollout_mode, **phases)
         return AutoModelForCausalLM.from_pretrained(path).state_dict()

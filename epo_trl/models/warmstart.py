@@ -15,6 +15,7 @@ import torch
 
 from ..envs import EnvFactory, TaskSpec
 from ..rollout import Generation, RolloutConfig, RolloutEngine
+from ..rollout.evaluation import sampled_summary
 
 
 class PlanBackend:
@@ -150,17 +151,6 @@ def behaviour_clone(
     return losses
 
 
-def sampled_success(model, tokenizer, factory: EnvFactory, tasks: Sequence[TaskSpec], config: RolloutConfig,
-                    mode: str = "step", seed: int = 0) -> float:  # fmt: skip
-    """Share of `tasks` won by the model sampling at temperature 1 (the rollout's sampling), with HF generate."""
-    from ..rollout import HFBackend, run_episodes
-
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        records = run_episodes(HFBackend(model, tokenizer, temperature=1.0), factory, tasks, tokenizer, config, mode)
-    return sum(r["won"] for r in records) / max(len(records), 1)
-
-
 def warm_start(model_dir: str, factory: EnvFactory, tasks: Sequence[TaskSpec], config: RolloutConfig,
                steps: int, mode: str = "step", seed: int = 0, target_success: float | None = None,
                check_every: int = 50, check_tasks: int = 32, noise: float = 0.0,
@@ -188,7 +178,8 @@ def warm_start(model_dir: str, factory: EnvFactory, tasks: Sequence[TaskSpec], c
     say = log or (lambda line: None)
 
     def reached(step: int) -> bool:
-        checks.append((step, sampled_success(model, tokenizer, factory, tasks[:check_tasks], config, mode, seed)))
+        summary = sampled_summary(model, tokenizer, factory, tasks[:check_tasks], config, 1.0, seed, mode)
+        checks.append((step, summary["success_rate"]))
         say(f"warm start: expert cloning step {step}/{steps}, sampled train success {checks[-1][1]:.2f} "
             f"(stops at {target_success})")  # fmt: skip
         return checks[-1][1] >= target_success
