@@ -1,4 +1,4 @@
-"""Test helpers for the rollout tests: a fake `VLLMGeneration`, a scripted env and a counting backend."""
+"""Test helpers for the rollout tests: a scripted env and a counting backend (the vLLM stand-in: vllm_standin.py)."""
 
 from __future__ import annotations
 
@@ -7,40 +7,6 @@ import time
 
 from epo_trl.envs.protocol import EnvFactory, TaskSpec, TextEnv
 from epo_trl.rollout import CallableBackend, Generation
-
-
-class FakeVLLMGeneration:
-    """Honours `trl.generation.vllm_generation.VLLMGeneration.generate`'s signature and return shapes.
-
-    `policy(prompt_ids) -> completion_ids` plays the model. In server mode the call is a real collective like
-    TRL's (gather the prompts of all ranks, generate, slice this rank's part back), so unequal calls across ranks
-    hang or mis-slice exactly as with a real server; `calls` records the prompt count of every call.
-    """
-
-    def __init__(self, policy, mode: str = "server", max_completion_length: int = 16, temperature: float = 1.0):
-        self.policy, self.mode = policy, mode
-        self.max_completion_length, self.temperature = max_completion_length, temperature
-        self.calls: list[int] = []
-
-    def generate(self, prompts: list[list[int]], images, num_generations: int, profiler=None) -> tuple:
-        import torch.distributed as dist
-
-        assert images is None and num_generations == 1, "the rollout must call with images=None, num_generations=1"
-        self.calls.append(len(prompts))
-        if self.mode == "server" and dist.is_available() and dist.is_initialized():
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, prompts)
-            if len({len(p) for p in gathered}) != 1:
-                raise RuntimeError(f"ranks sent different prompt counts {[len(p) for p in gathered]}")
-            all_prompts = [p for chunk in gathered for p in chunk]
-            rank = dist.get_rank()
-        else:
-            all_prompts, rank = prompts, 0
-        completions = [list(self.policy(p))[: self.max_completion_length] for p in all_prompts]
-        logprobs = [[[-0.5] for _ in c] for c in completions]  # (batch, completion_len, num_logprobs=1)
-        token_ids = [[[t] for t in c] for c in completions]
-        mine = slice(rank * len(prompts), (rank + 1) * len(prompts))
-        return all_prompts[mine], completions[mine], logprobs[mine], token_ids[mine]
 
 
 class CountingBackend:

@@ -322,7 +322,6 @@ class EnvRollout:
         self.backend, self.tokenizer = backend, tokenizer
         self.engine: RolloutEngine | None = None
         self.last_result: RolloutResult | None = None
-        self.last_metrics: dict[str, float] = {}
 
     def _engine(self, trainer) -> RolloutEngine:
         if self.engine is None:
@@ -343,7 +342,7 @@ class EnvRollout:
         # Sample at the trainer's current temperature: its own, or the one AEPO sets for its re-samples.
         temperature = getattr(trainer, "temperature", None)
         self.last_result = engine.run(tasks, backend, self.mode, sync, temperature=temperature)
-        self.last_metrics = log_rollout_metrics(trainer, self.last_result, self.config)
+        log_rollout_metrics(trainer, self.last_result, self.config)
         return self.last_result
 
     def close(self) -> None:
