@@ -120,18 +120,14 @@ def run_one(algo: str, seed: int, output_dir: str, overrides: dict, eval_tasks: 
     import torch
     from transformers import PrinterCallback
 
-    from .cli.train import build_trainer
+    from .cli.train import build_trainer, train_and_close
 
     script, rollout, args = _setup(overrides, algo, seed, output_dir)
     shutil.copytree(warm_dir, os.path.join(args.output_dir, "tiny-model"))  # where resolve_model looks
     trainer = build_trainer(script, rollout, args)
     trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the study keeps log_history instead
     t0 = time.perf_counter()
-    try:
-        trainer.train()
-    finally:
-        trainer.rollout_func.close()
-    train_s = time.perf_counter() - t0
+    _, train_s = train_and_close(trainer)
     steps = [h for h in trainer.state.log_history if "rollout/success_rate" in h]
     per_turn: dict[str, list[float | None]] = {}
     for i, h in enumerate(steps):

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -452,7 +453,7 @@ def test_two_ranks_stay_in_lockstep_when_one_keeps_nothing(tiny_model, tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    ranks = [json.loads(Path(tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world"] == 2
     assert ranks[0]["state"] == ranks[1]["state"]
     assert ranks[0]["weights"] == pytest.approx(ranks[1]["weights"], rel=1e-6)

@@ -1,5 +1,7 @@
 """`epo_trl.cli.plots.write_run_plots`: which PNGs a log history produces, and the no-matplotlib path."""
 
+from pathlib import Path
+
 import pytest
 
 from epo_trl.cli import plots
@@ -27,7 +29,7 @@ def test_every_plot_is_written(tmp_path):
     written = plots.write_run_plots(history(turns=30), str(tmp_path), kappa_low=0.0, kappa_high=2.0)
     names = [p.rsplit("/", 1)[-1] for p in written]
     assert names == ["success_rate.png", "return.png", "turn_entropy.png", "entropy_band.png"]
-    assert all(open(p, "rb").read(8) == PNG for p in written)
+    assert all(Path(p).read_bytes()[:8] == PNG for p in written)
 
 
 def test_only_logged_metrics_are_plotted(tmp_path):

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -51,7 +52,7 @@ def _owner_values(objs, key):
 def test_every_recipe_routes_each_value_to_its_config(recipe, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # hub ids are validated offline elsewhere; nothing loads here
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    raw = yaml.safe_load(open(recipe))
+    raw = yaml.safe_load(Path(recipe).read_text())
     script, rollout, args = load_config([recipe, *CPU, "--output_dir", str(tmp_path)])
     objs = (script, rollout, args)
     derived = {"tasks_per_step", "output_dir", "use_cpu", "bf16", "use_vllm"}
@@ -84,7 +85,7 @@ def test_every_recipe_routes_each_value_to_its_config(recipe, tmp_path, monkeypa
             assert (args.smoothing_kappa_low, args.smoothing_kappa_high) == (0.0, 2.0)
             assert args.entropy_coef == 0.001 and args.smoothing_coef == 0.1 and args.smoothing
         # every field line says where its value comes from: [R] released or [ours]
-        for line in open(recipe).read().splitlines():
+        for line in Path(recipe).read_text().splitlines():
             if line and not line.startswith((" ", "#", "output_dir", "env_kwargs")):
                 assert "# [R]" in line or "# [ours]" in line, line
 
@@ -213,7 +214,7 @@ SMALL = ["--task_limit", "4", "--max_turns", "3", "--max_turn_tokens", "6", "--r
 
 
 def _logs(path):
-    return [json.loads(line) for line in open(path)]
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 def _step_metrics(entry):
@@ -239,7 +240,7 @@ def test_cli_stop_and_resume_continues_like_an_uninterrupted_run(tmp_path):
     for key in want:
         assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
 
-    final = json.load(open(straight / "final_metrics.json"))
+    final = json.loads(Path(straight / "final_metrics.json").read_text())
     assert final["global_step"] == 2 and final["episodes_per_step"] == 8 and final["algo"] == "epo"
     assert final["last"]["loss"] == pytest.approx(reference[2]["loss"])
     pytest.importorskip("matplotlib")
@@ -264,7 +265,7 @@ def test_cli_warm_starts_the_builtin_model(tmp_path):
     cold = AutoModelForCausalLM.from_pretrained(fresh).state_dict()
     assert warm.keys() == cold.keys()
     assert any(not torch.equal(warm[k], cold[k]) for k in cold)
-    assert json.load(open(out / "final_metrics.json"))["global_step"] == 1
+    assert json.loads(Path(out / "final_metrics.json").read_text())["global_step"] == 1
 
 
 def test_cli_warm_start_flags_reach_the_library_call_unchanged(tmp_path):
@@ -314,16 +315,16 @@ def test_two_process_cli_run_checkpoints_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr[-4000:]
     assert "8 episodes per optimizer step = 2 tasks x 4 generations = 2 process(es) x 4 episodes" in first.stdout
     ckpt = out / "checkpoint-2"
-    history = json.load(open(ckpt / "epo_state.json"))["entropy_history"]
+    history = json.loads(Path(ckpt / "epo_state.json").read_text())["entropy_history"]
     assert history["num_steps"] == 2
     second = subprocess.run(
         [*launch, "--max_steps", "4", "--resume_from_checkpoint", "true"], capture_output=True, text=True, timeout=600
     )
     assert second.returncode == 0, second.stderr[-4000:]
     assert f"resuming from {ckpt}" in second.stdout
-    resumed = json.load(open(out / "checkpoint-4" / "epo_state.json"))["entropy_history"]
+    resumed = json.loads(Path(out / "checkpoint-4" / "epo_state.json").read_text())["entropy_history"]
     assert resumed["num_steps"] == 4  # continued from step 2's history, did not restart
-    assert json.load(open(out / "checkpoint-4" / "trainer_state.json"))["global_step"] == 4
+    assert json.loads(Path(out / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
     assert [e["step"] for e in _logs(out / "logs.jsonl") if "loss" in e] == [1, 2, 3, 4]
 
 

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import transformers.trainer as hf_trainer
@@ -31,7 +32,7 @@ def train(out, *extra):
 
 
 def logged_steps(out):
-    return [json.loads(line)["step"] for line in open(out / "logs.jsonl") if '"loss"' in line]
+    return [json.loads(line)["step"] for line in Path(out / "logs.jsonl").read_text().splitlines() if '"loss"' in line]
 
 
 class Crash(Exception):
@@ -85,7 +86,7 @@ def test_crash_after_the_files_keeps_a_complete_checkpoint_with_epo_state(tmp_pa
     with pytest.raises(Crash):
         train(out, "--max_steps", "3", "--save_steps", "1", "--save_total_limit", "1")
     assert checkpoint_problem(str(out / "checkpoint-2")) is None
-    assert json.load(open(out / "checkpoint-2" / "epo_state.json"))["entropy_history"]["num_steps"] == 2
+    assert json.loads(Path(out / "checkpoint-2" / "epo_state.json").read_text())["entropy_history"]["num_steps"] == 2
     assert newest_complete(str(out))[0] == str(out / "checkpoint-2")
 
 

@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -50,7 +51,7 @@ class Block:
 
 def collect(path: str) -> tuple[list[Block], list[int]]:
     """(code blocks, lines of no-run markers that do not precede a fence)."""
-    lines = open(path).read().splitlines()
+    lines = Path(path).read_text().splitlines()
     blocks, stray, i = [], [], 0
     while i < len(lines):
         if NO_RUN.match(lines[i].strip()) and not (i + 1 < len(lines) and FENCE.match(lines[i + 1])):

@@ -10,7 +10,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fake_vllm import WORDS, CountdownFactory  # noqa: E402
+from countdown_env import WORDS, CountdownFactory  # noqa: E402
 
 from epo_trl.models.tiny import build_tiny_model, build_tokenizer, words_of  # noqa: E402
 from epo_trl.rollout import HFBackend, PromptBuilder, RolloutConfig, RolloutEngine  # noqa: E402

@@ -2,6 +2,7 @@
 
 import ast
 import os
+from pathlib import Path
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "epo_trl")
 
@@ -20,7 +21,7 @@ def _modules() -> dict[str, tuple[str, bool]]:
 
 def _imports(module: str, path: str, is_pkg: bool, mods, top_level_only: bool) -> set[str]:
     """Project modules `module` imports (at import time only, or anywhere), without its own parent packages."""
-    tree = ast.parse(open(path).read())
+    tree = ast.parse(Path(path).read_text())
     nodes = tree.body if top_level_only else list(ast.walk(tree))
     if top_level_only:  # `if TYPE_CHECKING:` / `if __name__ == ...` bodies are not import-time edges we follow
         nodes = [n for n in nodes if not isinstance(n, ast.If)]

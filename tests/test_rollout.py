@@ -10,9 +10,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
+from countdown_env import WORDS, CountdownFactory, CountingBackend, scripted_backend  # noqa: E402
 from envs_for_tests import ScriptedFactory  # noqa: E402
 from envs_for_tests import task as scripted_task  # noqa: E402
-from fake_vllm import WORDS, CountdownFactory, CountingBackend, scripted_backend  # noqa: E402
 
 from epo_trl.envs.maze import MazeFactory  # noqa: E402
 from epo_trl.envs.protocol import TaskSpec  # noqa: E402

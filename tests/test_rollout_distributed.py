@@ -50,7 +50,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     import json
 
     from accelerate import Accelerator
-    from fake_vllm import WORDS, CountdownFactory, CountingBackend
+    from countdown_env import WORDS, CountdownFactory, CountingBackend
     from vllm_standin import make_vllm_generation, vllm_standin
 
     from epo_trl.envs.protocol import TaskSpec

@@ -17,6 +17,7 @@ parallelism (one engine per CPU process here) and sleep mode (CUDA memory pools)
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -188,7 +189,7 @@ def test_cpu_vllm_recipe_trains_through_the_cli(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in open(tmp_path / "logs.jsonl") if '"loss"' in line]
+    rows = [json.loads(line) for line in Path(tmp_path / "logs.jsonl").read_text().splitlines() if '"loss"' in line]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for row in rows:  # step mode (the recipe's) logs TRL's sampling metrics and the sync check
         assert row["vllm/sync_logprob_diff"] <= PROBE_TOL
@@ -217,6 +218,7 @@ def two_servers(tmp_path_factory):
 
     path = build_tiny_model(str(tmp_path_factory.mktemp("served")), hidden_size=64, head_dim=32)
     ports = [_free_port(), _free_port()]
+    logs = [open(tmp_path_factory.mktemp("log") / f"server-{port}.log", "w") for port in ports]
     env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     procs = [
         subprocess.Popen(
@@ -240,9 +242,9 @@ def two_servers(tmp_path_factory):
             ],  # fmt: skip
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=open(tmp_path_factory.mktemp("log") / f"server-{port}.log", "w"),
+            stderr=log,
         )
-        for port in ports
+        for port, log in zip(ports, logs)
     ]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     try:
@@ -265,6 +267,8 @@ def two_servers(tmp_path_factory):
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        for log in logs:
+            log.close()
 
 
 def _prompt_tokens(url: str) -> float:

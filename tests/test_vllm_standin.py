@@ -138,7 +138,7 @@ def test_eos_ids_include_the_generation_configs(tiny):
 
 def test_a_turn_ending_in_the_second_eos_is_not_truncated(tiny):
     """The engine decides truncation with the backend's EOS ids (the trainer's eos_token_ids), not the tokenizer's."""
-    from fake_vllm import CountdownFactory
+    from countdown_env import CountdownFactory
 
     from epo_trl.models.tiny import build_tokenizer, words_of
     from epo_trl.rollout import CallableBackend, RolloutConfig, RolloutEngine

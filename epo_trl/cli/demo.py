@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..rollout.evaluation import held_out
     from .console import use_console
     from .plots import write_run_plots
-    from .train import DEMO_RECIPE, WARM_START_FILE, build_trainer, describe, load_config
+    from .train import DEMO_RECIPE, WARM_START_FILE, build_trainer, describe, load_config, train_and_close
 
     eval_tasks = opts.eval_tasks or (8 if opts.quick else 64)
     notes: list[str] = []
@@ -116,12 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                         opts.eval_temperature, opts.seed, script.rollout_mode)  # fmt: skip
 
     before = evaluate()
-    train_started = time.perf_counter()
-    try:
-        trainer.train()
-    finally:
-        trainer.rollout_func.close()
-    train_seconds = time.perf_counter() - train_started
+    _, train_seconds = train_and_close(trainer)
     after = evaluate()
 
     history = trainer.state.log_history

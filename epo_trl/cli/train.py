@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -494,6 +495,16 @@ def build_trainer(script: ScriptArguments, rollout_config: RolloutConfig, args, 
     return trainer_cls(
         model, [episode_return_reward], args=args, train_dataset=dataset, rollout_func=rollout, callbacks=callbacks
     )
+
+
+def train_and_close(trainer, **train_kwargs):
+    """`trainer.train(...)`, then close the rollout's env pool whatever happens; returns (TrainOutput, seconds)."""
+    started = time.perf_counter()
+    try:
+        output = trainer.train(**train_kwargs)
+    finally:
+        trainer.rollout_func.close()
+    return output, time.perf_counter() - started
 
 
 def _jsonl_callback(path: str):

@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from subprocess import PIPE
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +66,7 @@ def load_run(out: str) -> tuple[list[dict], list[dict]]:
     """(per-rank json records, per-rank parameter dicts) written by `main`."""
     import torch
 
-    records = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in (0, 1)]
+    records = [json.loads(Path(os.path.join(out, f"rank{r}.json")).read_text()) for r in (0, 1)]
     return records, [torch.load(os.path.join(out, f"rank{r}.pt")) for r in (0, 1)]
 
 

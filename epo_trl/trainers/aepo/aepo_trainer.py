@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 from trl.trainer.utils import pad
 
-from ..grpo.grpo_trainer import ActionTokens, MultiTurnGRPOTrainer, float_or_none
+from ..grpo.grpo_trainer import ActionTokens, MultiTurnGRPOTrainer, arxiv_paper, float_or_none
 from .aepo_config import AEPOConfig
 from .aepo_math import (
     choose_temperature,
@@ -45,17 +45,7 @@ class AEPOTrainer(MultiTurnGRPOTrainer):
 
     _tag_names = ["trl", "grpo", "multi-turn", "aepo"]
     _name = "AEPO"
-    _paper = {  # the model card's citation; authors left to the arXiv entry (not in our sources)
-        "title": "Arbitrary Entropy Policy Optimization",
-        "id": "2510.08141",
-        # docstyle-ignore
-        "citation": """\
-@misc{aepo2025,
-    title  = {{Arbitrary Entropy Policy Optimization}},
-    year   = 2025,
-    eprint = {arXiv:2510.08141}
-}""",
-    }
+    _paper = arxiv_paper("aepo2025", "Arbitrary Entropy Policy Optimization", "2510.08141", 2025)
     config_class = AEPOConfig
     checkpoint_keys = ("aepo",)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..grpo.grpo_trainer import ActionTokens, MultiTurnGRPOTrainer
+from ..grpo.grpo_trainer import ActionTokens, MultiTurnGRPOTrainer, arxiv_paper
 from ..grpo.turn_math import masked_token_mean
 from .epo_config import EPOConfig
 from .epo_math import EntropyHistory, phase_schedule, smoothing_penalty
@@ -23,17 +23,12 @@ class EPOTrainer(MultiTurnGRPOTrainer):
 
     _tag_names = ["trl", "grpo", "multi-turn", "epo"]
     _name = "EPO"
-    _paper = {  # the model card's citation; authors left to the arXiv entry (not in our sources)
-        "title": "EPO: Entropy-regularized Policy Optimization for LLM Agents Reinforcement Learning",
-        "id": "2509.22576",
-        # docstyle-ignore
-        "citation": """\
-@misc{epo2025,
-    title  = {{EPO: Entropy-regularized Policy Optimization for LLM Agents Reinforcement Learning}},
-    year   = 2025,
-    eprint = {arXiv:2509.22576}
-}""",
-    }
+    _paper = arxiv_paper(
+        "epo2025",
+        "EPO: Entropy-regularized Policy Optimization for LLM Agents Reinforcement Learning",
+        "2509.22576",
+        2025,
+    )
     config_class = EPOConfig
     checkpoint_keys = ("entropy_history",)
 

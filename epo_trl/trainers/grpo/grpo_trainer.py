@@ -33,6 +33,14 @@ _PREPARED = "_epo_prepared"  # marks a micro-batch that `_prepare_inputs` alread
 _SEQUENCE_MEAN_LOSSES = ("grpo", "sapo", "dr_grpo", "luspo")
 
 
+def arxiv_paper(key: str, title: str, arxiv_id: str, year: int) -> dict:
+    """A trainer's `_paper` (TRL's model-card citation) for an arXiv paper; authors are left to the arXiv entry."""
+    citation = (
+        f"@misc{{{key},\n    title  = {{{{{title}}}}},\n    year   = {year},\n    eprint = {{arXiv:{arxiv_id}}}\n}}"
+    )
+    return {"title": title, "id": arxiv_id, "citation": citation}
+
+
 @dataclasses.dataclass
 class ActionTokens:
     """The training forward's action tokens of one micro-batch (or row chunk), as every method's loss sees them."""
