@@ -78,3 +78,21 @@ def test_data_flows_one_way():
             assert not {d for d in deps if d.startswith("epo_trl.cli")}, (module, deps)
         if module.endswith(("_math", ".gigpo")):
             assert not deps, (module, deps)
+
+
+def test_old_import_paths_still_work_with_a_deprecation_warning():
+    """Code written against the layout before docs/architecture.md keeps importing (epo_trl/_moved.py)."""
+    import importlib
+    import warnings
+
+    import epo_trl
+    from epo_trl.models.tiny import build_tiny_model
+    from epo_trl.trainers.epo import EPOConfig
+
+    assert epo_trl.EPOConfig is EPOConfig  # the public path never moved
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert importlib.import_module("epo_trl.testing").build_tiny_model is build_tiny_model
+        assert importlib.import_module("epo_trl.config").EPOConfig is EPOConfig
+    assert [w.category for w in caught] == [DeprecationWarning] * 2
+    assert "epo_trl.models.tiny.build_tiny_model" in str(caught[0].message)

@@ -56,8 +56,18 @@ class ConsoleProgress(ProgressCallback):
         self.training_bar.write(format_line(logs, step, state.max_steps, per_step))
 
 
-def use_console(trainer) -> None:
-    """Replace the trainer's dict-printing callback (progress bar or printer) with `ConsoleProgress`."""
+    def close(self) -> None:
+        """Close the bar now (a run that stopped on an error): its last state is drawn before the error line, not
+        after it when the bar is garbage-collected."""
+        if self.training_bar is not None:
+            self.training_bar.close()
+            self.training_bar = None
+
+
+def use_console(trainer) -> ConsoleProgress:
+    """Replace the trainer's dict-printing callback (progress bar or printer) with `ConsoleProgress`; return it."""
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(ConsoleProgress())
+    console = ConsoleProgress()
+    trainer.add_callback(console)
+    return console

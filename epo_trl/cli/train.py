@@ -596,13 +596,14 @@ def _main(argv: list[str] | None) -> int:
                 print(f"epo-trl train: logs.jsonl: dropped {dropped} row(s) past the checkpoint", flush=True)
     stop = StopOnSignal(save=script.save_on_interrupt)
     trainer = build_trainer(script, rollout_config, args, callbacks=[_jsonl_callback(log_file), stop])
-    use_console(trainer)  # a short line per logging step; the full metrics go to logs.jsonl / TensorBoard
+    console = use_console(trainer)  # a short line per logging step; the full metrics go to logs.jsonl / TensorBoard
     try:
         with stop.installed():
             output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
             if stop.signal is None:
                 trainer.save_model(args.output_dir)
     except KeyboardInterrupt:  # a second signal: stopped inside a step
+        console.close()
         if main_process:
             print(f"epo-trl train: {stop.describe(trainer, inside_step=True)}", file=sys.stderr, flush=True)
         return stop.exit_code()
@@ -614,6 +615,7 @@ def _main(argv: list[str] | None) -> int:
             f"fix: free space and resume (--resume_from_checkpoint true); {stop.kept(trainer)}.",
         ) from e
     finally:
+        console.close()
         trainer.rollout_func.close()
     if stop.signal is not None:
         if main_process:
