@@ -55,7 +55,6 @@ class ConsoleProgress(ProgressCallback):
         self._last = (now, step)
         self.training_bar.write(format_line(logs, step, state.max_steps, per_step))
 
-
     def close(self) -> None:
         """Close the bar now (a run that stopped on an error): its last state is drawn before the error line, not
         after it when the bar is garbage-collected."""
