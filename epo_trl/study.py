@@ -451,8 +451,8 @@ step-to-step change std = std of H[k+1] - H[k] over the second half (oscillation
 
 {chr(10).join(answer(summary))}
 
-Caveats: {len(meta["seeds"])} seed(s), {meta["overrides"]["max_steps"]} steps of
-{meta["overrides"]["tasks_per_step"] * meta["overrides"]["num_generations"]} episodes on a ~0.2M-parameter tiny model
+Caveats: {len(meta["seeds"])} seed(s), {meta["setting"]["max_steps"]} steps of
+{meta["setting"]["episodes_per_step"]} episodes on a ~0.2M-parameter tiny model
 and a 2x2 maze that the expert wins in 3 moves. The setting was chosen so that the baseline learns, not to provoke
 the failures EPO targets (early entropy collapse, late instability under a plain bonus). Two variants probe them
 (`--algos grpo-nokl epo-nokl epo-base-bonus epo-bonus`, [study-variants.md](study-variants.md)): no KL anchor, and a
@@ -500,7 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     plan = QUICK if opts.quick else FULL
     overrides = {**SHARED, **(QUICK_OVERRIDES if opts.quick else {})}
-    warm_cfg = warm_settings(_setup(overrides, "epo", 0, opts.output_dir)[0])
+    recipe_script, _, recipe_args = _setup(overrides, "epo", 0, opts.output_dir)
+    warm_cfg = warm_settings(recipe_script)
+    setting = {"max_steps": recipe_args.max_steps, "episodes_per_step": recipe_args.per_device_train_batch_size,
+               "num_generations": recipe_args.num_generations}  # fmt: skip
     seeds = opts.seeds or list(plan["seeds"])
     algos = opts.algos or list(plan["algos"])
     modes = sorted({mode_of(a, overrides) for a in algos})
@@ -586,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_tasks=plan["eval_tasks"],
         overrides=overrides,
         warm_start=warm_cfg,
+        setting=setting,
     )
     results = {
         "meta": meta,
