@@ -8,9 +8,7 @@ import platform
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from pathlib import Path
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "cpu"
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -94,9 +92,9 @@ def maze_model(output_dir: str, hidden_size: int = 32, num_layers: int = 2, seed
 
 def recipe_config(algo: str, overrides: dict):
     """(script, rollout, trainer args) from `recipes/cpu/maze_<algo>.yaml` plus overrides, via the real CLI parser."""
-    from ..cli.train import load_config
+    from ..cli.train import CPU_RECIPES, load_config
 
-    return load_config([str(RECIPES / f"maze_{algo.replace('-', '_')}.yaml")], overrides=overrides)
+    return load_config([str(CPU_RECIPES / f"maze_{algo.replace('-', '_')}.yaml")], overrides=overrides)
 
 
 class Stopwatch:

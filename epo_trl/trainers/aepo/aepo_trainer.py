@@ -256,8 +256,10 @@ class AEPOTrainer(MultiTurnGRPOTrainer):
     def step_sums(self) -> torch.Tensor:
         """This rank's L_reg sum and sampled-entropy (sum, count) of the step, reduced with the base's."""
         sampled = self._aepo_sampled_sums
-        sampled = torch.zeros(2, dtype=torch.float64) if sampled is None else sampled.detach().double().cpu()
-        reg = torch.as_tensor(self._aepo_reg_sum, dtype=torch.float64).reshape(1).cpu()
+        device = self.accelerator.device
+        sampled = torch.zeros(2, dtype=torch.float64) if sampled is None else sampled.detach().double()
+        reg = torch.as_tensor(self._aepo_reg_sum, dtype=torch.float64).reshape(1)
+        sampled, reg = sampled.to(device), reg.to(device)
         self._aepo_micro, self._aepo_reg_sum, self._aepo_sampled_sums = 0, 0.0, None
         return torch.cat([super().step_sums(), reg, sampled])
 

@@ -66,7 +66,7 @@ class EPOTrainer(MultiTurnGRPOTrainer):
                     (active & (penalty.detach() > 0) & mask).sum().double(),
                     mask.sum().double(),
                 ]
-            ).cpu()
+            )  # on the device: moved once per step, in the base's reduce
             self._epo_sums = sums if self._epo_sums is None else self._epo_sums + sums
         weight = tokens.entropy_coef * a.smoothing_coef * self.schedule_weight()  # lam * c * beta_k
         if not a.smoothing or weight == 0.0:
@@ -75,7 +75,9 @@ class EPOTrainer(MultiTurnGRPOTrainer):
         return extra + weight * masked_token_mean(penalty, tokens.mask) / tokens.accumulation  # (E5) + L_smooth term
 
     def step_sums(self) -> torch.Tensor:
-        mine = self._epo_sums if self._epo_sums is not None else torch.zeros(3, dtype=torch.float64)
+        mine = self._epo_sums
+        if mine is None:
+            mine = torch.zeros(3, dtype=torch.float64, device=self.accelerator.device)
         self._epo_sums = None
         return torch.cat([super().step_sums(), mine])
 

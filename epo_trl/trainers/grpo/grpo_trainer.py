@@ -231,11 +231,11 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
         set `last_step_entropy`, log, and hand both to `on_step_end`."""
         sums, counts = self._turn_stats or [torch.zeros(0, dtype=torch.float64)] * 2
         self._turn_stats = None
-        scalars = self.step_sums().double().cpu()
         device = self.accelerator.device
+        scalars = self.step_sums().double().to(device)
         # Ranks may have seen different numbers of turns: agree on the largest, then sum padded vectors.
         n = int(self.accelerator.gather(torch.tensor([sums.numel()], device=device)).max().item())
-        packed = torch.cat([scalars, _pad(sums.double().cpu(), n), _pad(counts.double().cpu(), n)]).to(device)
+        packed = torch.cat([scalars, _pad(sums.double().to(device), n), _pad(counts.double().to(device), n)])
         packed = self.accelerator.reduce(packed, reduction="sum").cpu()
         k = scalars.numel()
         scalars, sums, counts = packed[:k], packed[k : k + n], packed[k + n :]
@@ -263,7 +263,7 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
     def step_sums(self) -> torch.Tensor:
         """This rank's sums over the current optimizer step that the method needs reduced over ranks; return
         `torch.cat([super().step_sums(), mine])` and take them back in `on_step_end` from the end."""
-        return torch.zeros(0, dtype=torch.float64)
+        return torch.zeros(0, dtype=torch.float64, device=self.accelerator.device)
 
     def on_step_end(self, turn_means: dict[int, float], sums: torch.Tensor) -> None:
         """After every optimizer step, on every rank: the step's per-turn mean entropies (E2) and the global
