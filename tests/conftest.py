@@ -15,3 +15,21 @@ def tiny_model(tmp_path_factory):
     from epo_trl.models.tiny import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("tiny_model")))
+
+
+@pytest.fixture(scope="session")
+def alfworld_data(tmp_path_factory):
+    """A folder of small real ALFWorld games (epo_trl.envs.alfworld.games), written once per session."""
+    pytest.importorskip("alfworld")
+    from epo_trl.envs.alfworld.games import write_sample_games
+
+    root = tmp_path_factory.mktemp("alfworld_data")
+    write_sample_games(root)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def alfworld_factory(alfworld_data):
+    from epo_trl.envs.alfworld.env import ALFWorldFactory
+
+    return ALFWorldFactory(data_path=alfworld_data, expert="handcoded")

@@ -8,19 +8,17 @@ pytest.importorskip("alfworld")
 
 from epo_trl.envs import make_factory  # noqa: E402
 from epo_trl.envs.alfworld.env import TASK_TYPES, ALFWorldFactory  # noqa: E402
-from epo_trl.envs.alfworld.games import SAMPLE_GAMES, write_sample_games  # noqa: E402
+from epo_trl.envs.alfworld.games import SAMPLE_GAMES  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("alfworld_data")
-    write_sample_games(root)
-    return str(root)
+def data_root(alfworld_data):
+    return alfworld_data
 
 
 @pytest.fixture(scope="module")
-def factory(data_root):
-    return ALFWorldFactory(data_path=data_root, expert="handcoded")
+def factory(alfworld_factory):
+    return alfworld_factory
 
 
 @pytest.fixture(scope="module")

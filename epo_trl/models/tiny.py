@@ -20,6 +20,18 @@ CHATML_TEMPLATE = (
 )
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Tags of Qwen2.5's tool-calling format (TRL's `qwen2_5.jinja`); `tool_calling=True` tokenizers hold each whole.
+TOOL_WORDS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<tools>", "</tools>", "name",
+              "arguments", "{", "}"]  # fmt: skip
+
+
+def tool_calling_template() -> str:
+    """TRL's own Qwen2.5 chat template: renders tool schemas, tool calls and tool results, and TRL knows how to
+    parse its tool calls (`add_response_schema`). TRL refuses `tools` / `environment_factory` without one."""
+    from importlib.resources import files
+
+    return (files("trl") / "chat_templates" / "qwen2_5.jinja").read_text()
+
 
 # Words every tiny tokenizer knows: chat roles, the action-format tags and common env words.
 BASE_WORDS = (
@@ -31,13 +43,16 @@ BASE_WORDS = (
 ).split(" ")
 
 
-def build_tokenizer(extra_words: Iterable[str] = ()):
+def build_tokenizer(extra_words: Iterable[str] = (), tool_calling: bool = False):
     """A small byte-level BPE tokenizer in Qwen2's format, whose vocabulary holds every given word whole.
 
     It is a real `Qwen2Tokenizer` (same pre-tokenizer and byte-level decoder as Qwen2.5), so it loads
     back through `AutoTokenizer` with a Qwen2 model config, and any text still tokenizes (byte fallback
-    through the 256 byte symbols). pad = `<|endoftext|>`, eos = `<|im_end|>`, ChatML chat template.
+    through the 256 byte symbols). pad = `<|endoftext|>`, eos = `<|im_end|>`, ChatML chat template;
+    `tool_calling=True`: Qwen2.5's tool-calling template instead (for TRL's `tools` / `environment_factory`).
     """
+    if tool_calling:
+        extra_words = [*TOOL_WORDS, *extra_words]
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
@@ -64,7 +79,7 @@ def build_tokenizer(extra_words: Iterable[str] = ()):
         vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
     fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
-    fast.chat_template = CHATML_TEMPLATE
+    fast.chat_template = tool_calling_template() if tool_calling else CHATML_TEMPLATE
     return fast
 
 
@@ -86,17 +101,19 @@ def build_tiny_model(
     seed: int = 0,
     head_dim: int = 8,
     tie_word_embeddings: bool = True,
+    tool_calling: bool = False,
 ) -> str:
     """Save a tiny random Qwen2 model and its tokenizer to `output_dir`; return the path.
 
     `vocab_size` larger than the tokenizer's vocabulary pads the embedding (used by benchmarks to get a
     realistic 32k+ vocabulary for the entropy computation). vLLM's CPU attention needs `head_dim` >= 32 (it
-    rejects 8, the default here); `tie_word_embeddings=False` gives an untied LM head.
+    rejects 8, the default here); `tie_word_embeddings=False` gives an untied LM head; `tool_calling` as in
+    `build_tokenizer`.
     """
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = build_tokenizer(extra_words)
+    tokenizer = build_tokenizer(extra_words, tool_calling=tool_calling)
     vocab = max(len(tokenizer), vocab_size or 0)
     heads = max(1, hidden_size // head_dim)
     config = Qwen2Config(

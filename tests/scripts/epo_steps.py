@@ -49,17 +49,18 @@ def accelerate_launch(config: str, argv: list[str], timeout: int = 600) -> subpr
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-_RUNS: dict[str, str] = {}
+_RUNS: dict[tuple[str, str], str] = {}
 
 
-def run_once(config: str, model_path: str, tmp_path_factory) -> str:
-    """OUT folder of a finished launch under CONFIG, run at most once per test session (DDP is everyone's baseline)."""
-    if config not in _RUNS:
-        out = str(tmp_path_factory.mktemp(f"epo_steps_{config}"))
-        proc = accelerate_launch(config, [os.path.abspath(__file__), model_path, out])
+def run_once(config: str, model_path: str, tmp_path_factory, mode: str = "rollout") -> str:
+    """OUT folder of a finished launch under CONFIG, run at most once per test session (DDP is everyone's baseline).
+    mode "rollout": a scripted rollout_func; "tools": TRL's tool loop on an environment_factory (tool_policy.py)."""
+    if (config, mode) not in _RUNS:
+        out = str(tmp_path_factory.mktemp(f"epo_steps_{config}_{mode}"))
+        proc = accelerate_launch(config, [os.path.abspath(__file__), model_path, out, mode])
         assert proc.returncode == 0, proc.stderr[-4000:]
-        _RUNS[config] = out
-    return _RUNS[config]
+        _RUNS[config, mode] = out
+    return _RUNS[config, mode]
 
 
 def load_run(out: str) -> tuple[list[dict], list[dict]]:
@@ -89,7 +90,7 @@ def full_parameters(trainer) -> dict:
 DEEPSPEED_CPU_ARGS = {"use_cpu": False, "ddp_backend": "gloo"}
 
 
-def main(model_path: str, out: str) -> None:
+def main(model_path: str, out: str, mode: str = "rollout") -> None:
     import torch
     from datasets import Dataset
 
@@ -110,8 +111,23 @@ def main(model_path: str, out: str) -> None:
         EPOConfig, out, max_steps=NUM_STEPS, entropy_coef=0.05, smoothing_coef=1.0, smoothing_kappa_low=1.0,
         smoothing_kappa_high=1.0, **(DEEPSPEED_CPU_ARGS if deepspeed else {"use_cpu": True}),
     )  # fmt: skip
-    ds = Dataset.from_dict({"prompt": [f"go north {i}" for i in range(16)]})
-    trainer = EPOTrainer(model_path, length_reward, args=args, train_dataset=ds, rollout_func=rollout)
+    if mode == "tools":  # rank r's policy stops less often: ranks hold different numbers of turns
+        from tool_policy import Counter, ScriptedToolPolicy, increment_call
+
+        args.max_completion_length = 160
+        ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": f"count {i}"}] for i in range(16)]})
+        trainer = EPOTrainer(model_path, None, args=args, train_dataset=ds, environment_factory=Counter)
+        ScriptedToolPolicy(trainer, increment_call, stop_probability=0.5 - 0.25 * trainer.accelerator.process_index)
+        generate = trainer._generate_and_score_completions
+
+        def spy(inputs):
+            seen.extend(x["prompt"][0]["content"] for x in inputs)
+            return generate(inputs)
+
+        trainer._generate_and_score_completions = spy
+    else:
+        ds = Dataset.from_dict({"prompt": [f"go north {i}" for i in range(16)]})
+        trainer = EPOTrainer(model_path, length_reward, args=args, train_dataset=ds, rollout_func=rollout)
     trainer.train()
     acc = trainer.accelerator
     plugin = acc.state.deepspeed_plugin
@@ -133,4 +149,4 @@ def main(model_path: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

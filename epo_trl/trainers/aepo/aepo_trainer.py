@@ -12,6 +12,7 @@ generation step, `method_loss` (A4, A5) and the state it keeps across steps; the
 from __future__ import annotations
 
 import copy
+import inspect
 from collections import defaultdict
 from contextlib import contextmanager
 
@@ -40,7 +41,10 @@ class AEPOTrainer(MultiTurnGRPOTrainer):
     functions and keeps the above-mean ones. Their REINFORCE term is added on top of the normal batch, split
     over the micro-batches of each optimizer step so it counts exactly once per step.
 
-    Not supported: step-mode rollouts (`StepRollout`), TRL `tools` / `environment_factory`, images.
+    With TRL's `tools` / `environment_factory`, the re-samples run TRL's own tool-calling loop: each gets an
+    environment instance of its own (reset with its dataset row), and its tool results are masked out of (A4).
+
+    Not supported: step-mode rollouts (`StepRollout`), images.
     """
 
     _tag_names = ["trl", "grpo", "multi-turn", "aepo"]
@@ -57,11 +61,7 @@ class AEPOTrainer(MultiTurnGRPOTrainer):
                 "step-mode rollout (one row per turn) cannot be re-sampled that way. Use TrajectoryRollout, or "
                 "EPOTrainer for step mode."
             )
-        if self.tools or self.environment_factories is not None:
-            raise ValueError(
-                "AEPOTrainer does not support TRL's `tools` / `environment_factory`. For multi-turn agents pass a "
-                "`rollout_func` (e.g. epo_trl.rollout.TrajectoryRollout), or use EPOTrainer."
-            )
+        self._aepo_environment_pool: dict = {}  # environment name -> instances the re-samples reuse
         self._aepo_batch: dict | None = None  # kept rows of the latest generation batch
         self._aepo_active: dict | None = None  # the ones the current optimizer step trains on
         self._aepo_micro = 0  # micro-batch index inside the current optimizer step
@@ -99,19 +99,20 @@ class AEPOTrainer(MultiTurnGRPOTrainer):
         temperature = self.aepo_temperature()
         above = entropy is not None and entropy > a.aepo_target_entropy
 
-        # Whole groups: distinct prompts. Every rank re-samples the same number, so generation calls (vLLM server,
-        # ZeRO-3 gathers) and the reward gather line up across ranks.
+        # Whole groups: distinct dataset rows (not prompts: TRL environment rows share one prompt and differ in the
+        # task column). Every rank re-samples the same number, so generation calls (vLLM server, ZeRO-3 gathers)
+        # and the reward gather line up across ranks.
         seen: dict[str, int] = {}
         for i, x in enumerate(inputs):
-            seen.setdefault(repr(x["prompt"]), i)
+            seen.setdefault(repr(sorted(x.items())), i)
         firsts = list(seen.values())
         fewest = int(acc.gather(torch.tensor([len(firsts)], device=device)).min().item())
         num_prompts = min(max(1, round(a.aepo_resample_share * fewest)), len(firsts))
         rng = torch.Generator().manual_seed(a.seed * 1_000_003 + self.state.global_step * 1009 + rank)
         chosen = sorted(torch.randperm(len(firsts), generator=rng)[:num_prompts].tolist())
         rows = [copy.copy(inputs[firsts[i]]) for i in chosen for _ in range(n)]
-        prompts = [x["prompt"] for x in rows]
-        with self._aepo_sampling(temperature, n):
+        prompts = [x.get("prompt", [{"role": "user", "content": ""}]) for x in rows]  # TRL's default with envs
+        with self._aepo_sampling(temperature, n), self._aepo_environments(rows, prompts):
             prompt_ids, completion_ids, tool_mask, completions, _, extra, images, _ = self._generate(prompts)
             if images is not None:
                 raise ValueError(
@@ -167,6 +168,51 @@ class AEPOTrainer(MultiTurnGRPOTrainer):
             "loss_mask": loss_mask,
             "num_tokens": max(num_tokens, 1.0),  # global: the token mean of (A4) spans every rank
         }
+
+    @contextmanager
+    def _aepo_environments(self, rows: list[dict], prompts: list):
+        """With `tools` / `environment_factory`: give every re-sample its environment instance (reset with its row,
+        the observation appended to its prompt, in place) and its tool dicts, as GRPOTrainer's
+        `_generate_and_score_completions` does for the batch (TRL 1.16); TRL's batch state is restored after."""
+        if not self.tools:
+            yield
+            return
+        names = ("environments", "_batch_environments", "_sync_tool_dicts", "_async_tool_dicts")
+        saved = {k: getattr(self, k, None) for k in names}
+        environments = []
+        if self.environment_factories is not None:
+            self._batch_environments = [x.get("environment") if self._multi_environment else None for x in rows]
+            cursor: dict = {}
+            for name in self._batch_environments:
+                pool = self._aepo_environment_pool.setdefault(name, [])
+                if cursor.get(name, 0) == len(pool):
+                    pool.append(self.environment_factories[name]())
+                environments.append(pool[cursor.get(name, 0)])
+                cursor[name] = cursor.get(name, 0) + 1
+        self.environments = environments or None
+        self._sync_tool_dicts, self._async_tool_dicts = [], []
+        for i in range(len(rows)):
+            methods = []
+            if environments:
+                methods = [
+                    getattr(environments[i], member)
+                    for member, _ in inspect.getmembers(type(environments[i]), predicate=inspect.isfunction)
+                    if member not in ("reset", "get_reward") and not member.startswith("_")
+                ]
+            tools = self._standalone_tools + methods
+            self._sync_tool_dicts.append({t.__name__: t for t in tools if not inspect.iscoroutinefunction(t)})
+            self._async_tool_dicts.append({t.__name__: t for t in tools if inspect.iscoroutinefunction(t)})
+        for i, (env, row) in enumerate(zip(environments, rows)):
+            kwargs = {k: v for k, v in row.items() if k != "environment"} if self._multi_environment else row
+            observation = env.reset(**kwargs)
+            if isinstance(observation, str):  # text observations only, as AEPO supports no images
+                last = prompts[i][-1]
+                prompts[i] = [*prompts[i][:-1], {**last, "content": last["content"] + observation}]
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                setattr(self, k, v)
 
     @contextmanager
     def _aepo_sampling(self, temperature: float, num_generations: int):
