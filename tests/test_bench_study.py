@@ -104,3 +104,20 @@ def test_bench_vllm_cpu(tmp_path):
     assert _finite(row["step_engine_ratio"], row["trajectory_engine_ratio"], row["hf_tps"], row["hf_kv_tps"])
     assert 0 < row["push_s"] < 60 and row["probe_diff"] <= 0.02  # the pushed, perturbed weights are the engine's
     assert "## 5. Real vLLM on CPU" in out.read_text()
+
+
+def test_bench_tool_race_plays_identical_episodes(tmp_path):
+    """The race's loops play the same episodes: ours `turns` generate calls, TRL's one more (the stop); every action
+    token count follows from the forced texts' lengths."""
+    results, report = _bench(tmp_path, "tool_race")
+    rows = {r["loop"]: r for r in results["tool_race"]["rows"]}
+    assert set(rows) == {"ours: step", "ours: trajectory", "TRL tool loop"}
+    episodes, turns = rows["TRL tool loop"]["episodes"], rows["TRL tool loop"]["turns"]
+    action = rows["ours: step"]["forced_lengths"]["action"]  # token lengths of the forced texts
+    call, stop = (rows["TRL tool loop"]["forced_lengths"][k] for k in ("call", "stop"))
+    for loop in ("ours: step", "ours: trajectory"):
+        assert rows[loop]["calls"] == turns and rows[loop]["action_tokens"] == episodes * turns * action
+    assert rows["TRL tool loop"]["calls"] == turns + 1
+    assert rows["TRL tool loop"]["action_tokens"] == episodes * (turns * call + stop)
+    assert all(_finite(r["wall_s"], r["tok_s"], r["peak_rss_growth_mb"]) for r in rows.values())
+    assert "## 6. Our lockstep engine vs TRL's tool-calling loop" in report

@@ -24,6 +24,7 @@ SECTIONS = {
     "env_throughput": "3. Environment throughput",
     "turn_scaling": "4. Cost vs number of turns",
     "vllm_cpu": "5. Real vLLM on CPU: rollout engine, vs HF generate, weight sync",
+    "tool_race": "6. Our lockstep engine vs TRL's tool-calling loop (environment_factory)",
 }
 
 HOW_TO_READ = {
@@ -66,6 +67,17 @@ differ, so it is a rate ratio) — target >= 0.95. **vLLM ÷ HF**: the same traj
 engine (`push_cpu_colocate`: vLLM's reload of every tensor + the tied LM head re-pack); **probe check** = the check
 EPOTrainer runs after every push (8 probe tokens on the engine + one trainer forward); **probe mean abs Δ log p** = its
 mean |engine - trainer| log-prob after perturbed weights were pushed (the check fails above 0.1).""",
+    "tool_race": """One GRPO generation step (`_generate_and_score_completions`: rollout, padding, scoring) of one group on the
+maze, three ways on the same model: our engine in step mode and in trajectory mode (`rollout_func`, HF generate
+re-prefilling each turn), and TRL's own tool loop (`environment_factory=trl_environment(factory)`, the Qwen2.5
+tool-calling template, whose system prompt carries the tool's JSON schema). The episodes are identical: each turn's
+text is forced through HF `generate` on the real model (a logits processor allows only the scripted token, so the
+compute is that of generating those tokens), the agent acts `look` every turn, and every episode lasts exactly the
+same number of actions. An action costs 7 generated tokens in our `<action>` format and ~33 as a JSON tool call;
+TRL's loop needs one more generation per episode, in which the agent stops calling tools. **prefill tokens** = prompt
+tokens run through the model over all generate calls; **vs TRL wall** = TRL's wall time per step ÷ this loop's.
+Every loop runs in a fresh process; median of the reps after a warm-up step. vLLM is not raced: the forcing is an HF
+logits processor, and no vLLM equivalent was built.""",
 }
 
 GPU_SECTION = """## GPU (device)
