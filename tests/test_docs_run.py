@@ -3,7 +3,8 @@
 How (documented in docs/configuration.md, "Docs that run"):
 - Python blocks run each on its own (a fresh namespace, a fresh working folder): a fragment fails.
 - Shell blocks run with `bash -e` in a fresh folder that links `recipes/`, with `epo-trl` on PATH.
-- Hub ids (`Qwen/...`, `HuggingFaceTB/...`, ...) are replaced by a tiny local model: no network here.
+- Hub ids (`Qwen/...`, `HuggingFaceTB/...`, ...) are replaced by a tiny local model (Qwen2.5's chat template): no
+  network here.
 - EPO_TRL_DOCS_FAST=1 caps CLI runs (`epo-trl train`: max_steps 2, warmstart_steps 10, max_turns 3; `epo-trl
   eval`: 2 tasks, max_turns 3).
 - A block that cannot run here (GPU, vLLM, several nodes, network, installs) has `<!-- no-run: why -->` on the
@@ -81,10 +82,11 @@ def test_docs_have_blocks_and_markers_precede_them():
 
 @pytest.fixture(scope="session")
 def hub_standin(tmp_path_factory):
-    """The tiny local model that replaces every hub id in the docs."""
+    """The tiny local model that replaces every hub id in the docs; its chat template is Qwen2.5's (tool calling,
+    as the Qwen2.5 models the docs name have), so TRL's `environment_factory` examples run too."""
     from epo_trl.models.tiny import build_tiny_model
 
-    return build_tiny_model(str(tmp_path_factory.mktemp("hub_standin")), extra_words=["Solve"])
+    return build_tiny_model(str(tmp_path_factory.mktemp("hub_standin")), extra_words=["Solve"], tool_calling=True)
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b.id)

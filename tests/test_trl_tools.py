@@ -106,6 +106,24 @@ def test_epo_environment_factory_turns_are_assistant_segments(tool_model, tmp_pa
     assert sorted(int(t) for t in history["turns"]) == list(range(max(len(_hand_turn_entropies(trainer.model, b))
                                                                       for b in batches)))  # fmt: skip
     assert all(log["epo/smooth_penalty"] >= 0 for log in logs) and logs[-1]["epo/smooth_penalty"] > 0
+    # EPO's term on the last batch ignores whatever sits on tool-result tokens: huge entropies there change nothing.
+    from epo_trl.trainers.grpo.grpo_trainer import ActionTokens
+    from epo_trl.trainers.grpo.turn_math import turn_ids_from_mask
+
+    batch = batches[-1]
+    mask = batch["completion_mask"] * batch["tool_mask"]
+    h = torch.rand(mask.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 8
+
+    def epo_term(entropies):
+        tokens = ActionTokens(logps=torch.zeros_like(h), entropies=entropies, mask=mask,
+                              turn_ids=turn_ids_from_mask(mask), accumulation=1.0, entropy_coef=0.01)  # fmt: skip
+        return trainer.method_loss(trainer.model, batch, tokens)
+
+    trainer.model.eval()
+    on_tools = (batch["tool_mask"] == 0) & (batch["completion_mask"] == 1)
+    assert on_tools.any() and epo_term(h) > 0
+    assert epo_term(h) == epo_term(torch.where(on_tools, h + 100.0, h))
+    assert epo_term(h) != epo_term(torch.where(mask.bool(), h + 1.0, h))  # ... while action tokens count
 
 
 def test_epo_dict_environment_factory_and_standalone_tools(tool_model, tmp_path):

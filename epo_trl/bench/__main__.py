@@ -2,6 +2,7 @@
 
     python -m epo_trl.bench [--quick] [--sections loss_overhead rollout_efficiency ...] [--output docs/benchmarks.md]
     python -m epo_trl.bench --sections loss_overhead --device cuda     # the bf16 ~0.5B run, on a GPU
+    python -m epo_trl.bench --sections tool_race --update              # re-run one section, keep the others
 
 Raw numbers go next to the report (`<output>.json`). Every section is a module with `run(quick) -> dict` and
 `to_markdown(results) -> str`.
@@ -99,6 +100,8 @@ def _parse(argv):
     parser.add_argument("--output", default="docs/benchmarks.md", help="markdown report (raw numbers: .json beside)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="loss_overhead only: 'cuda' = the bf16 ~0.5B model on a GPU")  # fmt: skip
+    parser.add_argument("--update", action="store_true",
+                        help="re-run only --sections and keep the other sections' results from <output>.json")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests: tiny sizes, 1 rep
     return parser.parse_args(argv)
 
@@ -125,8 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {name} done in {timings[name]:.0f} s", file=sys.stderr, flush=True)
     command = " ".join(["python -m epo_trl.bench", *argv])
     total = time.perf_counter() - started
-    report = render(results, timings, info, command, total)
     out = Path(opts.output)
+    previous = out.with_suffix(".json")
+    if opts.update and previous.exists():  # the other sections as the earlier run measured them
+        before = json.loads(previous.read_text())
+        results, timings = {**before["results"], **results}, {**before["section_s"], **timings}
+        command, total = f"{before['command']}; then {command}", before["total_s"] + total
+    report = render(results, timings, info, command, total)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
     raw = {"machine": info, "command": command, "total_s": total, "section_s": timings, "results": results}

@@ -162,8 +162,8 @@ def child(loop: str, path: str, episodes: int, turns: int, reps: int) -> dict:
                               "action_tokens": int(mask.sum())})  # fmt: skip
         sampling.set()
         sampler.join()
-    wall = statistics.median(walls)
-    s = stats[walls.index(wall)] if wall in walls else stats[0]
+    wall = statistics.median_low(walls)  # a rep's own wall time, so its counters and shares are that rep's
+    s = stats[walls.index(wall)]
     return {"loop": loop, "wall_s": wall, **s, "forced_lengths": trainer.forced_lengths, "tok_s": s["generated"] / wall, "peak_rss_growth_mb": max(peak[0], base) - base}
 
 
