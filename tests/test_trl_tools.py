@@ -150,23 +150,42 @@ def test_epo_dict_environment_factory_and_standalone_tools(tool_model, tmp_path)
     assert any(log.get("rewards/Doubler/mean", 0) >= 2 for log in logs)  # doubled at least once
 
 
-def test_aepo_resamples_run_the_tool_loop(tool_model, tmp_path):
-    """AEPOTrainer with environment_factory: the re-samples play TRL's tool loop on instances of their own
-    (reset with their row), are scored by the env's get_reward and kept out of TRL's metrics."""
-    trainer = AEPOTrainer(tool_model, None, args=_args(AEPOConfig, tmp_path, max_steps=2, aepo_num_resamples=6),
-                          train_dataset=Dataset.from_dict({"prompt": [PROMPT] * 8}), environment_factory=Counter)  # fmt: skip
+@pytest.mark.parametrize("form", ["environment_factory", "tools"])
+def test_aepo_resamples_run_the_tool_loop(tool_model, tmp_path, form):
+    """AEPOTrainer, 3 steps, with an environment_factory or standalone tools: the re-samples play TRL's tool loop
+    (with an env: on instances of their own, reset with their row), are scored and kept out of TRL's metrics."""
+    calls = []
+
+    def increment(step: int) -> str:
+        """Add to the counter.
+
+        Args:
+            step: How much to add.
+        """
+        calls.append(step)
+        return f"count {step}"
+
+    def count_calls(completions, **kw):
+        return [float(sum(bool(m.get("tool_calls")) for m in c)) for c in completions]
+
+    kwargs = {"environment_factory": Counter} if form == "environment_factory" else {"tools": [increment]}
+    reward = None if form == "environment_factory" else count_calls
+    args = _args(AEPOConfig, tmp_path, max_steps=3, aepo_num_resamples=6)
+    trainer = AEPOTrainer(tool_model, reward, args=args, train_dataset=Dataset.from_dict({"prompt": [PROMPT] * 12}),
+                          **kwargs)  # fmt: skip
     ScriptedToolPolicy(trainer, increment_call)
     trainer.train()
-    pool = trainer._aepo_environment_pool[None]
-    assert len(pool) == 6 and not any(e is t for e in pool for t in trainer._environment_pool[None])
-    assert any(e.count > 0 for e in pool)  # the re-samples called the tool
     logs = [log for log in trainer.state.log_history if "aepo/kept" in log]
-    assert len(logs) == 2 and all(0 < log["aepo/kept"] <= log["aepo/candidates"] < 6 for log in logs)  # above-mean
-    assert [log["aepo/temperature"] for log in logs] == [1.2, 0.8]  # (A1): no entropy yet, then H > H*
+    assert len(logs) == 3 and all(0 < log["aepo/kept"] <= log["aepo/candidates"] < 6 for log in logs)  # above-mean
+    assert [log["aepo/temperature"] for log in logs] == [1.2, 0.8, 0.8]  # (A1): no entropy yet, then H > H*
     assert all(log["aepo/reg_loss"] > 0 for log in logs)
-    # one tools/call_frequency entry per step: the re-samples' metrics were dropped
-    assert all(log["tools/call_frequency"] > 0 for log in logs)
-    assert len(trainer.state.log_history) == 3  # 2 steps + the summary, no extra rows
+    assert len(trainer.state.log_history) == 4  # 3 steps + the summary: the re-samples' metrics were dropped
+    if form == "environment_factory":
+        pool = trainer._aepo_environment_pool[None]
+        assert len(pool) == 6 and not any(e is t for e in pool for t in trainer._environment_pool[None])
+        assert any(e.count > 0 for e in pool)  # the re-samples called the tool on their own instances
+    else:  # more calls than the training batches made: the re-samples called the tool too
+        assert len(calls) > sum(log["tools/call_frequency"] * 4 for log in logs)
 
 
 def test_epo_tool_run_resumes_exactly(tool_model, tmp_path):

@@ -164,7 +164,14 @@ def child(loop: str, path: str, episodes: int, turns: int, reps: int) -> dict:
         sampler.join()
     wall = statistics.median_low(walls)  # a rep's own wall time, so its counters and shares are that rep's
     s = stats[walls.index(wall)]
-    return {"loop": loop, "wall_s": wall, **s, "forced_lengths": trainer.forced_lengths, "tok_s": s["generated"] / wall, "peak_rss_growth_mb": max(peak[0], base) - base}
+    return {
+        "loop": loop,
+        "wall_s": wall,
+        **s,
+        "forced_lengths": trainer.forced_lengths,
+        "tok_s": s["generated"] / wall,
+        "peak_rss_growth_mb": max(peak[0], base) - base,
+    }
 
 
 def _models(tmp: str, names) -> list[tuple[str, str]]:

@@ -45,8 +45,8 @@ def trl_environment(factory: EnvFactory, max_turns: int | None = None, task_colu
 
     `max_turns` ends an episode after that many `act` calls (TRL's own limit is `max_tool_calling_iterations`,
     which counts generations, not actions). An env that raises is closed and rebuilt on the next `reset`; its
-    rollout is reported (a warning naming the task) and scored None, which TRL excludes from that reward column.
-    """
+    rollout is reported (a warning naming the task) and scored None: TRL excludes it from that reward column, and
+    a rollout no reward function scores from its group's baseline (advantage 0)."""
     name = factory.name
 
     class Environment:
