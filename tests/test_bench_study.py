@@ -45,7 +45,7 @@ def test_bench_loss_overhead_and_envs(tmp_path):
             row["epo_step_s"],
             row["grpo_peak_mb"],
         )
-    for env in ("scienceworld", "alfworld"):
+    for env in ("scienceworld", "alfworld", "textworld_express"):
         rows = [r for r in results["env_throughput"][env].values() if isinstance(r, dict)]
         assert rows and all(_finite(r["steps_per_s"]) and r["steps_per_s"] > 0 for r in rows)
     assert "## 1. Loss overhead" in report and "## 3. Environment throughput" in report

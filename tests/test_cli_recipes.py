@@ -75,11 +75,11 @@ def test_every_recipe_routes_each_value_to_its_config(recipe, tmp_path, monkeypa
     if script.algo == "epo-base":
         assert args.smoothing is False and args.entropy_coef > 0
     if recipe in PAPER_RECIPES:
-        alfworld = "alfworld" in recipe
+        long = "alfworld" in recipe or "textworld_express" in recipe  # the ALFWorld horizon
         assert episodes == 128 and args.num_generations == 8
         assert args.learning_rate == 5e-6 and args.lr_scheduler_kwargs == {"min_lr_rate": 0.2}
-        assert rollout.max_turn_tokens == 512 and rollout.max_turns == (50 if alfworld else 30)
-        assert args.max_steps == (150 if alfworld else 125)
+        assert rollout.max_turn_tokens == 512 and rollout.max_turns == (50 if long else 30)
+        assert args.max_steps == (150 if long else 125)
         assert getattr(args, "entropy_history_window", None) is None  # released: cumulative reference
         if script.algo == "epo":
             assert (args.smoothing_kappa_low, args.smoothing_kappa_high) == (0.0, 2.0)

@@ -50,6 +50,7 @@ this is a worst case for the engine's relative overhead; with a real model `gen`
 turn); each turn steps 4 episodes (`project_action` + `step` + admissible actions), resets untimed; plus worker
 start-up per start method. ScienceWorld `lean` = the adapter's `step`; `full` = lean step + `admissible_actions()`
 every step; `package` = the `scienceworld` package's own `step` (rebuilds the valid-action list each call).
+TextWorldExpress = Coin Collector, 11 rooms with doors, a random admissible action every step (one JVM per env).
 "vs 1 env" is the aggregate speedup; on a 2-core machine, more than ~2x is not possible, and the JVMs' own GC and
 JIT threads compete for the same cores.""",
     "turn_scaling": """One EPOTrainer optimizer step (4 episodes = one GRPO group, lenient parsing, 6x6 `key` maze the random

@@ -23,7 +23,11 @@ from .common import md_table
 WORKERS = (1, 2, 4)
 ENVS = 4  # episodes stepped each turn, spread over the workers
 STEPS = {"full": 240, "quick": 80, "smoke": 8}  # total env steps per setting
-WARMUP_TURNS = {"scienceworld": 20, "alfworld": 3}  # untimed; the JVMs' JIT needs a few dozen steps
+WARMUP_TURNS = {
+    "scienceworld": 20,
+    "alfworld": 3,
+    "textworld_express": 20,
+}  # untimed; the JVMs' JIT needs a few dozen steps
 # Commands valid in any ScienceWorld room that neither end the episode nor need an object.
 SW_ACTIONS = ("look around", "inventory", "wait1", "look around", "go to hallway", "go to kitchen")
 SW_TASK = "boil"
@@ -140,6 +144,16 @@ def alfworld(total_steps: int, workers=WORKERS) -> dict:
         return _sweep(factory, True, tasks, total_steps, workers, choose, WARMUP_TURNS["alfworld"])
 
 
+def textworld_express(total_steps: int, workers=WORKERS) -> dict:
+    from ..envs.textworld_express import TextWorldExpressFactory
+
+    # Coin Collector, 11 rooms with doors (the long-horizon setting); a random admissible action each step
+    factory = TextWorldExpressFactory(game="coin", game_params="numLocations=11,includeDoors=1", num_train=8)
+    choose = lambda rng, adm, k: rng.choice(adm or ["look around"])  # noqa: E731
+    return _sweep(factory, False, factory.tasks("train"), total_steps, workers, choose,
+                  WARMUP_TURNS["textworld_express"])  # fmt: skip
+
+
 _STARTUP_SCRIPT = """
 import sys, time
 import torch, trl  # a trainer has these loaded before its rollout starts workers
@@ -182,10 +196,12 @@ def _guarded(fn, *args) -> dict:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
-def run(quick: bool = False, smoke: bool = False, envs: tuple[str, ...] = ("scienceworld", "alfworld")) -> dict:
+def run(
+    quick: bool = False, smoke: bool = False, envs: tuple[str, ...] = ("scienceworld", "alfworld", "textworld_express")
+) -> dict:
     steps = STEPS["smoke" if smoke else "quick" if quick else "full"]
     workers = (1, 2) if smoke else WORKERS
-    fns = {"scienceworld": scienceworld, "alfworld": alfworld}
+    fns = {"scienceworld": scienceworld, "alfworld": alfworld, "textworld_express": textworld_express}
     out = {name: _guarded(fns[name], steps, workers) for name in envs}
     out["worker_startup"] = _guarded(startup, ("forkserver",) if smoke else ("fork", "forkserver", "spawn"))
     return out

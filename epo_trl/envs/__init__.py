@@ -12,6 +12,7 @@ ENV_REGISTRY: dict[str, str] = {
     "maze": "epo_trl.envs.maze:MazeFactory",
     "scienceworld": "epo_trl.envs.scienceworld:ScienceWorldFactory",
     "alfworld": "epo_trl.envs.alfworld:ALFWorldFactory",
+    "textworld_express": "epo_trl.envs.textworld_express:TextWorldExpressFactory",
 }
 
 

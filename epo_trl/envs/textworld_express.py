@@ -1,0 +1,210 @@
+"""TextWorldExpress (Jansen & Côté, 2022) behind the `TextEnv` protocol: fast text games in one JVM per env.
+
+Wraps the `textworld-express` package (a Scala re-implementation of TextWorld-style games, driven through py4j;
+~2,200 random steps/s here). What this adapter adds:
+
+- task instances from the package's own seeded folds: train = the train fold, valid_seen = dev, valid_unseen = test
+  (for `twc`, the test fold holds unseen objects; for the other games the folds are disjoint seeds of one
+  distribution);
+- won = the game's `tasksuccess`; `taskfailure` (e.g. eating a wrong ingredient in CookingWorld) ends it as a loss;
+- actions are matched against the game's `validActions` (case and spacing normalised); anything else goes to the
+  game as typed, which answers it without a state change (as ALFWorld's engine does);
+- the expert is the game's gold path (`generateGoldPath=True`), from the start of an episode or from any prefix of it;
+- a crashed JVM is reported by `step` (`TextWorldExpressCrashedError`) and restarted by the next `reset`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from typing import Any
+
+from .protocol import EnvFactory, TaskSpec, TextEnv
+
+GAMES = ("coin", "cookingworld", "twc", "mapreader", "arithmetic", "sorting", "simonsays", "peckingorder")
+FOLDS = {"train": "train", "valid_seen": "dev", "valid_unseen": "test"}
+
+PROMPT_HEADERS = {
+    "coin": "You are an expert agent playing Coin Collector, a text game: explore the rooms (open doors when they "
+    "are closed) to find the coin, then take it.",
+    "cookingworld": "You are an expert agent playing CookingWorld, a text game: find the recipe, gather and prepare "
+    "its ingredients (slice, dice, chop, fry, roast, grill) and prepare the meal, then eat it.",
+    "twc": "You are an expert agent playing TextWorld Commonsense, a text game: put misplaced items in the places "
+    "where they belong in a house.",
+}
+DEFAULT_HEADER = "You are an expert agent playing a TextWorldExpress text game."
+
+
+class TextWorldExpressCrashedError(RuntimeError):
+    """The game's JVM died or its py4j bridge failed during a step; the next `reset` restarts it."""
+
+
+def _import_twx():
+    if shutil.which("java") is None:
+        raise RuntimeError(
+            "TextWorldExpress runs in a Java virtual machine, but no `java` executable is on PATH. Install a Java "
+            "runtime >= 11 (Debian/Ubuntu: `apt-get install default-jre-headless`) and check `java -version`."
+        )
+    try:
+        from textworld_express import TextWorldExpressEnv
+    except ImportError as e:
+        raise ImportError(
+            "The TextWorldExpress environment needs the textworld-express package: "
+            "pip install 'epo-trl[textworld-express]'."
+        ) from e
+    return TextWorldExpressEnv
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _fold_and_seed(task: TaskSpec) -> tuple[str, int]:
+    game, _, fold = task.task.partition("/")
+    if game not in GAMES or fold not in FOLDS.values():
+        raise ValueError(f"Not a TextWorldExpress task: {task.task!r}; expected '<game>/<train|dev|test>'.")
+    return fold, task.variation
+
+
+class TextWorldExpressTextEnv(TextEnv):
+    """One live game server (one JVM). Not thread-safe; the rollout runs these in worker processes."""
+
+    def __init__(self, game: str, game_params: str, env_step_limit: int, gold_path: bool = False):
+        self.game, self.game_params, self.env_step_limit, self.gold_path = game, game_params, env_step_limit, gold_path
+        self._twx = None  # started by the first reset, restarted after a crash
+        self._valid: list[str] = []
+        self._done = True
+
+    def _server(self):
+        if self._twx is None:
+            self._twx = _import_twx()(envStepLimit=self.env_step_limit)
+        return self._twx
+
+    def reset(self, task: TaskSpec) -> tuple[str, dict[str, Any]]:
+        fold, seed = _fold_and_seed(task)
+        try:
+            obs, infos = self._server().reset(
+                seed=seed, gameFold=fold, gameName=self.game, gameParams=self.game_params,
+                generateGoldPath=self.gold_path,
+            )  # fmt: skip
+        except Exception:
+            self._drop_server()
+            raise
+        self._valid, self._done = list(infos["validActions"]), False
+        return obs, {"goal": infos["taskDescription"]}
+
+    def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
+        if self._done:
+            raise RuntimeError("step() after the episode ended; call reset(task) first.")
+        try:
+            obs, reward, done, infos = self._twx.step(action)
+        except Exception as e:
+            self._drop_server()
+            raise TextWorldExpressCrashedError(f"TextWorldExpress failed on {action!r}: {e}") from e
+        won = bool(infos["tasksuccess"])
+        self._done = bool(done or won or infos["taskfailure"])
+        self._valid = list(infos["validActions"])
+        return obs, float(reward), self._done, {"won": won, "score": float(infos["score"])}
+
+    def admissible_actions(self) -> list[str] | None:
+        return list(self._valid)
+
+    def project_action(self, action: str) -> str | None:
+        cleaned = _normalise(action)
+        if not cleaned:
+            return None
+        # Not a valid action: the game answers it (gold paths themselves hold a few, e.g. opening an open door).
+        return next((a for a in self._valid if _normalise(a) == cleaned), cleaned)
+
+    def gold_actions(self) -> list[str]:
+        """The game's gold action sequence of the current episode (needs `gold_path=True`)."""
+        return list(self._twx.getGoldActionSequence())
+
+    def _drop_server(self) -> None:
+        twx, self._twx, self._done = self._twx, None, True
+        if twx is not None:
+            try:
+                twx.close()
+            except Exception:  # noqa: BLE001 - a dead JVM cannot be closed cleanly; it is dropped either way
+                pass
+
+    def close(self) -> None:
+        self._drop_server()
+
+
+class TextWorldExpressFactory(EnvFactory):
+    """TextWorldExpress games behind the protocol.
+
+    Args:
+        game: one of `GAMES` (coin, cookingworld, twc, ...).
+        game_params: the package's generation string, e.g. "numLocations=11,includeDoors=1" (Coin Collector) or
+            "numLocations=3,numIngredients=2,numDistractorItems=0" (CookingWorld); "" = the game's defaults.
+        num_train / num_valid: task instances (seeds of the fold) per split.
+        env_step_limit: the game's own move limit (the rollout's `max_turns` is usually lower).
+    """
+
+    name = "textworld_express"
+    thread_safe = False  # one JVM per env behind py4j: worker processes
+    worker_imports = ("textworld_express",)
+
+    def __init__(
+        self,
+        game: str = "coin",
+        game_params: str = "numLocations=5,includeDoors=0",
+        num_train: int = 256,
+        num_valid: int = 64,
+        env_step_limit: int = 100,
+    ):
+        if game not in GAMES:
+            raise ValueError(f"Unknown TextWorldExpress game {game!r}; use one of {list(GAMES)}.")
+        for label, value in (("num_train", num_train), ("num_valid", num_valid), ("env_step_limit", env_step_limit)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"textworld_express {label}={value!r} must be an integer >= 1.")
+        self.game, self.game_params = game, game_params
+        self.num_train, self.num_valid, self.env_step_limit = num_train, num_valid, env_step_limit
+        self.prompt_header = PROMPT_HEADERS.get(game, DEFAULT_HEADER)
+        self._seeds: dict[str, list[int]] = {}
+        self._expert: TextWorldExpressTextEnv | None = None
+        self._gold: dict[TaskSpec, list[str]] = {}
+
+    def make(self) -> TextWorldExpressTextEnv:
+        _import_twx()  # fail at make, with the install hint, not at the first reset
+        return TextWorldExpressTextEnv(self.game, self.game_params, self.env_step_limit)
+
+    def tasks(self, split: str = "train") -> list[TaskSpec]:
+        if split not in FOLDS:
+            raise ValueError(f"Unknown split {split!r}; TextWorldExpress has {list(FOLDS)}.")
+        fold = FOLDS[split]
+        if fold not in self._seeds:  # the fold's seeds, from the package (one short-lived JVM)
+            server = _import_twx()(envStepLimit=self.env_step_limit)
+            try:
+                server.load(self.game, self.game_params)
+                getter = {"train": server.getValidSeedsTrain, "dev": server.getValidSeedsDev,
+                          "test": server.getValidSeedsTest}[fold]  # fmt: skip
+                self._seeds[fold] = sorted(int(s) for s in getter())
+            finally:
+                server.close()
+        count = self.num_train if split == "train" else self.num_valid
+        return [TaskSpec(self.name, f"{self.game}/{fold}", seed) for seed in self._seeds[fold][:count]]
+
+    def task_type(self, task: TaskSpec) -> str:
+        return task.task.partition("/")[0]
+
+    def task_types(self) -> list[str]:
+        return [self.game]
+
+    def solve(self, task: TaskSpec, prefix: Sequence[str] = ()) -> list[str]:
+        """The gold path's remaining commands after `prefix`, which must itself be a start of the gold path (the
+        game gives no plan from other states)."""
+        if task not in self._gold:  # the game draws a (valid) gold path anew at every reset: keep the first
+            if self._expert is None:
+                self._expert = TextWorldExpressTextEnv(self.game, self.game_params, self.env_step_limit, True)
+            self._expert.reset(task)
+            self._gold[task] = self._expert.gold_actions()
+        gold = self._gold[task]
+        if gold[: len(prefix)] != list(prefix):
+            raise ValueError(
+                f"TextWorldExpress's expert is the game's gold path; {list(prefix)!r} leaves it (gold: {gold!r}). "
+                "Warm starts with noise need an expert that re-plans, which this game does not offer."
+            )
+        return list(gold[len(prefix) :])

@@ -1,0 +1,173 @@
+"""TextWorldExpress adapter on the real games (the package's JVM): gold paths win, invalid actions, folds, crash
+recovery, threads and processes, and `epo-trl eval`."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+
+pytest.importorskip("textworld_express")
+if shutil.which("java") is None:
+    pytest.skip("TextWorldExpress needs Java", allow_module_level=True)
+
+from envs_for_tests import admissible_picker  # noqa: E402
+
+from epo_trl.envs import make_factory  # noqa: E402
+from epo_trl.envs.textworld_express import TextWorldExpressCrashedError, TextWorldExpressFactory  # noqa: E402
+from epo_trl.models.tiny import build_tokenizer, env_words  # noqa: E402
+from epo_trl.rollout import CallableBackend, RolloutConfig, run_episodes  # noqa: E402
+
+COIN = {"game": "coin", "game_params": "numLocations=11,includeDoors=1"}
+COOKING = {"game": "cookingworld", "game_params": "numLocations=3,numIngredients=2,numDistractorItems=0"}
+
+
+def play(factory, task, actions):
+    env = factory.make()
+    try:
+        env.reset(task)
+        for a in actions:
+            _, reward, done, info = env.step(env.project_action(a))
+        return done, info, reward
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("kwargs", [COIN, COOKING], ids=["coin", "cookingworld"])
+def test_gold_paths_win_on_every_split(kwargs):
+    factory = make_factory("textworld_express", **kwargs, num_train=3, num_valid=2)
+    for split in ("train", "valid_seen", "valid_unseen"):
+        for task in factory.tasks(split):
+            plan = factory.solve(task)
+            done, info, reward = play(factory, task, plan)
+            assert done and info["won"] and info["score"] == 1.0, (task, plan)
+    # and from a prefix of the gold path, the expert finishes it
+    task = factory.tasks("train")[0]
+    plan = factory.solve(task)
+    assert factory.solve(task, plan[:2]) == plan[2:]
+    with pytest.raises(ValueError, match="gold path"):
+        factory.solve(task, ["inventory", "inventory"])
+
+
+def test_folds_are_disjoint_seeded_splits():
+    factory = TextWorldExpressFactory(**COIN, num_train=5, num_valid=4)
+    splits = {s: factory.tasks(s) for s in ("train", "valid_seen", "valid_unseen")}
+    assert [len(v) for v in splits.values()] == [5, 4, 4]
+    assert {t.task for t in splits["train"]} == {"coin/train"} and {t.task for t in splits["valid_unseen"]} == {
+        "coin/test"
+    }
+    seeds = [{t.variation for t in v} for v in splits.values()]
+    assert not (seeds[0] & seeds[1] or seeds[0] & seeds[2] or seeds[1] & seeds[2])
+    assert factory.task_type(splits["train"][0]) == "coin" and factory.task_types() == ["coin"]
+    # same seed, same game: the first observation repeats
+    env = factory.make()
+    try:
+        assert env.reset(splits["train"][1]) == env.reset(splits["train"][1])
+        assert env.reset(splits["train"][1])[0] != env.reset(splits["train"][2])[0]
+    finally:
+        env.close()
+
+
+def test_invalid_actions_bad_options_and_a_crash_restarts():
+    with pytest.raises(ValueError, match="Unknown TextWorldExpress game 'zork'"):
+        TextWorldExpressFactory(game="zork")
+    with pytest.raises(ValueError, match="num_train=0 must be an integer >= 1"):
+        TextWorldExpressFactory(num_train=0)
+    with pytest.raises(ValueError, match="Unknown split 'dev'"):
+        TextWorldExpressFactory().tasks("dev")
+    factory = TextWorldExpressFactory(**COIN, num_train=1)
+    task = factory.tasks()[0]
+    env = factory.make()
+    try:
+        obs, info = env.reset(task)
+        assert "coin" in info["goal"] and env.admissible_actions()
+        assert env.project_action("   ") is None and env.project_action("  LOOK   around ") == "look around"
+        reply, reward, done, _ = env.step(env.project_action("Fly to the MOON"))  # the game answers it
+        assert "unknown action" in reply.lower() and reward == 0.0 and not done
+        env._twx._gateway.java_process.kill()  # the JVM dies mid-episode
+        env._twx._gateway.java_process.wait()
+        with pytest.raises(TextWorldExpressCrashedError, match="look around"):
+            env.step("look around")
+        assert env.reset(task) == (obs, info)  # a fresh JVM, the same episode start
+        with pytest.raises(RuntimeError, match="after the episode ended"):
+            for command in factory.solve(task) + ["look around"]:
+                env.step(command)
+    finally:
+        env.close()
+
+
+def test_threads_and_processes_give_the_same_episodes():
+    factory = TextWorldExpressFactory(**COIN, num_train=3)
+    tokenizer = build_tokenizer(env_words(factory))
+    tasks = factory.tasks("train") * 2
+    records = {}
+    for kind in ("threads", "processes"):
+        config = RolloutConfig(max_turns=12, max_turn_tokens=24, num_workers=2, env_workers=kind,
+                               require_tags=False)  # fmt: skip
+        records[kind] = run_episodes(_picker(tokenizer), factory, tasks, tokenizer, config)
+    assert records["threads"] == records["processes"]
+    assert all(not r["failed"] for r in records["threads"]) and sum(len(r["turns"]) for r in records["threads"]) > 12
+
+
+def _picker(tokenizer):
+    """Takes the coin when it is offered, else an admissible action by a hash of the prompt."""
+    inner = admissible_picker(tokenizer).fn
+
+    def policy(prompts, n, t):
+        out = []
+        for ids, chosen in zip(prompts, inner(prompts, n, t), strict=True):
+            listed = re.findall(r"admissible actions : (.*) \.", tokenizer.decode(ids))
+            take = listed and "take coin" in listed[-1].split(" , ")
+            out.append(tokenizer("<action> take coin </action>")["input_ids"] + [tokenizer.eos_token_id] if take
+                       else chosen)  # fmt: skip
+        return out
+
+    return CallableBackend(policy)
+
+
+def take_coin_policy(factory, tokenizer):
+    return _picker(tokenizer)
+
+
+def test_eval_cli_plays_coin_collector(tmp_path, capsys):
+    from epo_trl.cli.evaluate import main
+    from epo_trl.models.tiny import build_tiny_model
+
+    model = build_tiny_model(str(tmp_path / "m"))  # provides the (byte-level) tokenizer only
+    out = tmp_path / "twx.json"
+    rc = main(["--model", model, "--env", "textworld_express", "--env_kwargs",
+               "{game: coin, game_params: 'numLocations=5,includeDoors=0'}", "--split", "valid_unseen", "--limit", "4",
+               "--max_turns", "30", "--max_turn_tokens", "32", "--policy", "test_env_textworld_express:take_coin_policy",
+               "--batch_size", "4", "--output", str(out)])  # fmt: skip
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert len(data["episodes"]) == 4 and all(
+        e["task"].startswith("textworld_express|coin/test|") for e in data["episodes"]
+    )
+    for e in data["episodes"]:  # a win is exactly an episode whose last action took the coin
+        assert e["won"] == (e["turns"][-1]["action"] == "take coin")
+    assert data["summary"]["success_rate"] > 0 and "coin" in data["summary"]["per_type"]
+    assert "pass@1 over 4 tasks" in capsys.readouterr().out
+
+
+def test_epo_trl_train_runs_the_cpu_recipe(tmp_path):
+    """`epo-trl train recipes/cpu/twx_coin_epo.yaml` for 2 optimizer steps: real games in worker processes, the
+    logged rollout metrics are those of 8 real episodes per step."""
+    import os
+
+    from epo_trl.cli import main
+
+    recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "cpu",
+                          "twx_coin_epo.yaml")  # fmt: skip
+    out = tmp_path / "run"
+    assert main(["train", recipe, "--max_steps", "2", "--max_turns", "8", "--output_dir", str(out)]) == 0
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["global_step"] == 2 and final["episodes_per_step"] == 8
+    logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+    steps = [e for e in logs if "loss" in e]
+    assert len(steps) == 2
+    for e in steps:
+        assert 0.0 <= e["rollout/success_rate"] <= 1.0 and e["rollout/env_failures"] == 0
+        assert 1 <= e["rollout/episode_length"] <= 8
