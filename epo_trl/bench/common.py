@@ -119,6 +119,12 @@ class Stopwatch:
         return timed
 
 
+def rss_mb() -> float:
+    """This process's resident memory now, in MiB (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def md_table(header: list[str], rows: list[list]) -> str:
     def cell(v):
         if isinstance(v, float):

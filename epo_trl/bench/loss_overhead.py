@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 
+from .common import rss_mb
+
 MODELS = {
     # name: (hidden_size, layers, vocab_size)
     "tiny (vocab 0.5k)": (64, 2, None),
@@ -148,11 +150,6 @@ def _prepare(kind: str, model_path: str, out: str, device: str = "cpu"):
     return trainer
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def memory_child(kind: str, model_path: str, vocab: int, reps: int, device: str = "cpu") -> None:
     """Subprocess entry: print JSON {'peak_increment_mb': ...} for one variant (CUDA: peak allocated memory)."""
     import torch
@@ -166,7 +163,7 @@ def memory_child(kind: str, model_path: str, vocab: int, reps: int, device: str 
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated() / 2**20
         else:
-            before = _rss_mb()
+            before = rss_mb()
         for _ in range(reps):
             _step(trainer, inputs)
         if device == "cuda":

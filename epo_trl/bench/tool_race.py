@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 
-from .common import md_table
+from .common import md_table, rss_mb
 
 SETTINGS = {  # name -> {model: (episodes, turns, reps)}
     "full": {"tiny": (16, 8, 3), "smollm2": (8, 4, 2)},
@@ -98,8 +98,9 @@ def _trainer(loop: str, path: str, out: str, episodes: int, turns: int):
         )["input_ids"]  # fmt: skip
         stop = tok(f"done{tok.eos_token}", add_special_tokens=False)["input_ids"]
         args = GRPOConfig(**common, max_completion_length=4096)
-        rows = list(tool_dataset(factory, limit=1))
-        trainer = GRPOTrainer(path, None, args=args, train_dataset=tool_dataset(factory, limit=1),
+        dataset = tool_dataset(factory, limit=1)
+        rows = list(dataset)
+        trainer = GRPOTrainer(path, None, args=args, train_dataset=dataset,
                               environment_factory=trl_environment(factory, max_turns=turns))  # fmt: skip
         forced = ForcedGeneration(trainer.model, tok)
 
@@ -117,18 +118,14 @@ def _trainer(loop: str, path: str, out: str, episodes: int, turns: int):
         forced = None
         backend = CallableBackend(lambda prompts, n, t: forced.generate(prompts, [action] * len(prompts)))
         rollout = (StepRollout if mode == "step" else TrajectoryRollout)(factory, config, backend=backend)
-        rows = list(task_dataset(factory, limit=1))
-        trainer = MultiTurnGRPOTrainer(path, episode_return_reward, args=args, train_dataset=task_dataset(factory,
-                                       limit=1), rollout_func=rollout)  # fmt: skip
+        dataset = task_dataset(factory, limit=1)
+        rows = list(dataset)
+        trainer = MultiTurnGRPOTrainer(path, episode_return_reward, args=args, train_dataset=dataset,
+                                       rollout_func=rollout)  # fmt: skip
         forced = ForcedGeneration(trainer.model, tok)
         trainer.forced_lengths = {"action": len(action)}
     trainer.model.eval()
     return trainer, forced, rows * episodes
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def child(loop: str, path: str, episodes: int, turns: int, reps: int) -> dict:
@@ -139,12 +136,12 @@ def child(loop: str, path: str, episodes: int, turns: int, reps: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         trainer, forced, rows = _trainer(loop, path, out, episodes, turns)
         walls, stats = [], []
-        base, peak = _rss_mb(), [0.0]
+        base, peak = rss_mb(), [0.0]
         sampling = threading.Event()
 
         def sample():  # peak RSS while the steps run (ru_maxrss would include the model's loading)
             while not sampling.wait(0.005):
-                peak[0] = max(peak[0], _rss_mb())
+                peak[0] = max(peak[0], rss_mb())
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
