@@ -20,7 +20,7 @@ TORCH_INDEX ?=
 RUFF_VERSION := 0.17.6
 LINT_VENV ?= .venv-lint
 
-.PHONY: install java test test-fast lint format demo bench study clean
+.PHONY: install java test test-fast lint format demo demo-llm bench study clean
 
 install: $(STAMP)
 
@@ -68,6 +68,10 @@ format: $(LINT_VENV)/bin/ruff
 
 demo: install
 	$(PY) -m epo_trl demo
+
+# SmolLM2-135M-Instruct: TRL SFTTrainer warm start, then EPO with rollouts on vLLM (CPU build; HF with VLLM=none)
+demo-llm: install
+	$(PY) -m epo_trl demo --llm
 
 bench: install
 	$(PY) -m epo_trl.bench

@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="re-render the report from the per-run JSON")
     opts = parser.parse_args(argv)
 
-    from .bench.common import machine_info, setup_offline
+    from .bench.common import machine_info, machine_summary, setup_offline
 
     setup_offline()
     started = time.perf_counter()
@@ -579,8 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "command": command + ("" if len(runs) == planned else f" (partial: {len(runs)} of {planned} runs finished)"),
         "date": info["date"],
-        "machine": f"{info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB, torch {info['torch']}, "
-        f"trl {info['trl']}",
+        "machine": machine_summary(info),
         "jobs": opts.jobs,
         "wall_s": wall_s,
     }

@@ -287,7 +287,7 @@ def test_cli_warm_start_flags_reach_the_library_call_unchanged(tmp_path):
         path = build_tiny_model(
             str(tmp_path / name), extra_words=env_words(factory), hidden_size=script.tiny_hidden_size
         )
-        warm_start(path, factory, tasks, rollout, 4, script.rollout_mode, **phases)
+        warm_start(path, factory, tasks, rollout, script.rollout_mode, steps=4, **phases)
         return AutoModelForCausalLM.from_pretrained(path).state_dict()
 
     cli = AutoModelForCausalLM.from_pretrained(out / "tiny-model").state_dict()

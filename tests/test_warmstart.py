@@ -88,9 +88,9 @@ def test_warm_start_rejects_noise_without_a_noisy_phase(tmp_path):
     factory = MazeFactory(size=2, task="reach", distractors=0)
     path = build_tiny_model(str(tmp_path / "m"), extra_words=factory.vocabulary(), hidden_size=16)
     with pytest.raises(ValueError, match="noisy_steps > 0"):
-        warm_start(path, factory, factory.tasks("train")[:2], RolloutConfig(), 1, noise=0.5)
+        warm_start(path, factory, factory.tasks("train")[:2], RolloutConfig(), steps=1, noise=0.5)
     with pytest.raises(ValueError, match="must be in"):
-        warm_start(path, factory, factory.tasks("train")[:2], RolloutConfig(), 1, noise=1.5, noisy_steps=1)
+        warm_start(path, factory, factory.tasks("train")[:2], RolloutConfig(), steps=1, noise=1.5, noisy_steps=1)
 
 
 def test_behaviour_cloning_stops_when_asked(tmp_path):

@@ -41,11 +41,16 @@ from pathlib import Path
 # --quick: a short CI run of the same recipe (< ~60 s)
 QUICK = {"max_steps": 2, "tasks_per_step": 2, "num_generations": 4, "max_turns": 3, "warmstart_steps": 20,
          "warmstart_target_success": None, "warmstart_noisy_steps": 10}  # fmt: skip
+QUICK_LLM = {**QUICK, "warmstart_steps": 2, "warmstart_noisy_steps": 2}
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="epo-trl demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", default="runs/demo", help="run folder (model, TensorBoard logs, metrics)")
+    parser.add_argument("--llm", action="store_true",
+                        help="the real-model demo: SmolLM2-135M-Instruct, warm-started with TRL's SFTTrainer, rollouts "
+                        "on vLLM when installed (recipes/cpu/demo_llm.yaml; make demo-llm)")  # fmt: skip
+    parser.add_argument("--output-dir", default=None,
+                        help="run folder (model, TensorBoard logs, metrics); default runs/demo or runs/demo-llm")  # fmt: skip
     parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the recipe's)")
     parser.add_argument("--quick", action="store_true", help="a short CI run (< ~60 s)")
     parser.add_argument("--warmstart-steps", type=int, default=None,
@@ -54,6 +59,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmstart-noisy-steps", type=int, default=None, help="steps on the noisy demonstrator")
     parser.add_argument("--warmstart-noise", type=float, default=None,
                         help="share of the noisy demonstrator's turns that are a random admissible action")  # fmt: skip
+    parser.add_argument("--algo", default=None, help="the method (default: the recipe's, epo); the study's baselines")
+    parser.add_argument("--no-zero-shot", action="store_true",
+                        help="--llm: skip evaluating the pretrained model before the warm start")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the model, the warm start, RL and evaluation")
     parser.add_argument("--eval-tasks", type=int, default=None, help="held-out tasks per split (default 64; 8)")
     parser.add_argument("--eval-temperature", type=float, default=1.0, help="sampling temperature of evaluation")
@@ -65,8 +73,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def demo_overrides(opts: argparse.Namespace) -> dict:
     """The recipe values the demo's flags replace (as `epo-trl train` flags would)."""
-    out = {"output_dir": opts.output_dir, "seed": opts.seed, **(QUICK if opts.quick else {})}
-    for key in ("max_steps", "warmstart_steps", "warmstart_noisy_steps", "warmstart_noise", "learning_rate",
+    quick = (QUICK_LLM if opts.llm else QUICK) if opts.quick else {}
+    out = {"output_dir": opts.output_dir or ("runs/demo-llm" if opts.llm else "runs/demo"), "seed": opts.seed, **quick}
+    for key in ("algo", "max_steps", "warmstart_steps", "warmstart_noisy_steps", "warmstart_noise", "learning_rate",
                 "rollout_mode"):  # fmt: skip
         if getattr(opts, key) is not None:
             out[key] = getattr(opts, key)
@@ -86,35 +95,69 @@ def _mean(history: list[dict], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def held_out_success(trainer, rollout, mode: str, tasks: int, temperature: float, seed: int) -> dict:
+    """Held-out success of the trainer's current weights: on its vLLM engine when it has one (weights pushed first:
+    the engine last saw the weights of the last rollout, not the last optimizer step), else HF generate."""
+    from ..rollout.backends import backend_for_trainer
+    from ..rollout.evaluation import HELD_OUT_SPLITS, evaluate, held_out
+
+    factory, tokenizer = trainer.rollout_func.factory, trainer.processing_class
+    if not getattr(trainer, "use_vllm", False):
+        return held_out(trainer.model, tokenizer, factory, rollout, tasks, temperature, seed, mode)
+    trainer.vllm_generation.sync_weights()
+    backend = backend_for_trainer(trainer)
+    return {
+        split: evaluate(backend, factory, factory.tasks(split)[:tasks], tokenizer, rollout, mode=mode, progress=False,
+                        temperature=temperature)[0]  # fmt: skip
+        for split in HELD_OUT_SPLITS
+    }
+
+
+def zero_shot_success(trainer, base: str, evaluate) -> dict:
+    """`evaluate()` with the pretrained model's weights (before the warm start) loaded into the trainer's model,
+    restored after: one engine serves all three evaluations."""
+    from transformers import AutoModelForCausalLM
+
+    model = trainer.model
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(AutoModelForCausalLM.from_pretrained(base, torch_dtype=model.dtype).state_dict())
+    try:
+        return evaluate()
+    finally:
+        model.load_state_dict(trained)
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = _parse(list(argv or []))
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "TRL_EXPERIMENTAL_SILENCE"):
         os.environ.setdefault(key, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from ..rollout.evaluation import held_out
     from .console import use_console
     from .plots import write_run_plots
-    from .train import DEMO_RECIPE, WARM_START_FILE, build_trainer, describe, load_config, train_and_close
+    from .train import (DEMO_LLM_RECIPE, DEMO_RECIPE, TINY_MODEL, WARM_START_FILE, base_model, build_trainer,
+                        describe, load_config, train_and_close)  # fmt: skip
 
+    recipe = DEMO_LLM_RECIPE if opts.llm else DEMO_RECIPE
     eval_tasks = opts.eval_tasks or (8 if opts.quick else 64)
     notes: list[str] = []
-    script, rollout, args = load_config([str(DEMO_RECIPE)], notes, overrides=demo_overrides(opts))
-    print(
-        "\n".join(f"epo-trl demo: {line}" for line in [f"recipe {DEMO_RECIPE.name}", *notes, *describe(script, args)])
-    )
+    script, rollout, args = load_config([str(recipe)], notes, overrides=demo_overrides(opts))
+    print("\n".join(f"epo-trl demo: {line}" for line in [f"recipe {recipe.name}", *notes, *describe(script, args)]))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    trainer = build_trainer(script, rollout, args, log=print)  # builds and warm-starts the tiny model
+    trainer = build_trainer(script, rollout, args, log=print)  # builds (tiny) and warm-starts the model
     warm_seconds = time.perf_counter() - started
-    warm_file = out / "tiny-model" / WARM_START_FILE
+    tiny = script.model_name_or_path == TINY_MODEL
+    warm_file = Path(trainer.model.name_or_path) / WARM_START_FILE
     warm = json.loads(warm_file.read_text()) if warm_file.exists() else {"steps": 0, "noisy_steps": 0}
     use_console(trainer)
 
     def evaluate() -> dict:
-        return held_out(trainer.model, trainer.processing_class, trainer.rollout_func.factory, rollout, eval_tasks,
-                        opts.eval_temperature, opts.seed, script.rollout_mode)  # fmt: skip
+        return held_out_success(trainer, rollout, script.rollout_mode, eval_tasks, opts.eval_temperature, opts.seed)
 
+    # A random tiny model has no zero-shot worth measuring; a pretrained one does (SmolLM2: 0, it ignores the format)
+    skip = tiny or opts.no_zero_shot or not script.warm_starts
+    zero_shot = None if skip else zero_shot_success(trainer, base_model(script), evaluate)
     before = evaluate()
     _, train_seconds = train_and_close(trainer)
     after = evaluate()
@@ -123,23 +166,27 @@ def main(argv: list[str] | None = None) -> int:
     train_logs = [h for h in history if "rollout/success_rate" in h]
     quarter = max(len(train_logs) // 4, 1)
     turn_entropy = {k.rsplit("/", 1)[-1]: v for k, v in _last(history, "epo/turn_entropy/").items()}
-    plots = write_run_plots(history, str(out / "plots"), args.smoothing_kappa_low, args.smoothing_kappa_high)
+    band = getattr(args, "smoothing_kappa_low", None), getattr(args, "smoothing_kappa_high", None)
+    plots = write_run_plots(history, str(out / "plots"), *band)
     metrics = {
         "seed": opts.seed,
-        "recipe": str(DEMO_RECIPE.name),
+        "algo": script.algo,
+        "recipe": str(recipe.name),
+        "model": "tiny Qwen2 (hidden %d)" % script.tiny_hidden_size if tiny else script.model_name_or_path,
+        "generation": "vLLM" if getattr(trainer, "use_vllm", False) else "HF generate",
         "max_steps": args.max_steps,
         "setting": {
             "rollout_mode": script.rollout_mode,
-            "hidden_size": script.tiny_hidden_size,
             "max_turns": rollout.max_turns,
             "warmstart_noise": script.warmstart_noise,
             "beta": args.beta,
             "scale_rewards": args.scale_rewards,
             "learning_rate": args.learning_rate,
-            "entropy_coef": args.entropy_coef,
-            "smoothing_coef": args.smoothing_coef,
-            "smoothing_kappa_low": args.smoothing_kappa_low,
-            "smoothing_kappa_high": args.smoothing_kappa_high,
+            "bf16": args.bf16,
+            "entropy_coef": getattr(args, "entropy_coef", None),  # GRPO has none
+            "smoothing_coef": getattr(args, "smoothing_coef", None),
+            "smoothing_kappa_low": getattr(args, "smoothing_kappa_low", None),
+            "smoothing_kappa_high": getattr(args, "smoothing_kappa_high", None),
             "episodes_per_step": args.per_device_train_batch_size,
             "group": args.num_generations,
         },
@@ -148,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "warm_start_seconds": round(warm_seconds, 2),
         "train_seconds": round(train_seconds, 2),
         "total_seconds": round(time.perf_counter() - started, 2),
+        "eval_zero_shot": zero_shot,
         "eval_before": before,
         "eval_after": after,
         "gain": {s: after[s]["success_rate"] - before[s]["success_rate"] for s in before},
@@ -160,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             k: v for k, v in (train_logs or [{}])[-1].items() if k.startswith(("rollout/", "entropy"))
         },
         "epo": _last(history, "epo/"),
+        # vLLM runs: TRL's engine-vs-trainer log-prob gap and importance-sampling ratios (last step)
+        "sampling": _last(history, "sampling/"),
         "entropy_per_turn": dict(sorted(turn_entropy.items(), key=lambda kv: int(kv[0]))),
         "plots": plots,
     }
@@ -169,15 +219,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _report(m: dict, out: Path) -> None:
-    s = m["setting"]
-    print(f"\n=== EPO demo: maze 'reach' 2x2, tiny model, CPU, {s['rollout_mode']} mode ===")
-    print(
-        f"setting: hidden {s['hidden_size']}; warm start {m['warm_start']['steps']} behaviour-cloning steps on the "
-        f"expert, then {m['warm_start']['noisy_steps']} on a demonstrator that takes a random admissible action "
-        f"{s['warmstart_noise']:.0%} of the time (the start reads the exits but wanders); KL anchor beta={s['beta']}; "
-        f"scale_rewards={s['scale_rewards']!r} (the +10 win, not the -0.1 invalid-turn penalty, dominates "
-        f"advantages); EPO entropy_coef {s['entropy_coef']}, smoothing band [{s['smoothing_kappa_low']}, "
+    s, w = m["setting"], m["warm_start"]
+    epo = "" if s["entropy_coef"] is None else (
+        f"EPO entropy_coef {s['entropy_coef']}, smoothing band [{s['smoothing_kappa_low']}, "
         f"{s['smoothing_kappa_high']}] x its history; "
+    )
+    how = "TRL SFTTrainer" if w.get("trainer") == "trl.SFTTrainer" else "behaviour-cloning"
+    print(f"\n=== {m['algo'].upper()} demo: maze 'reach' 2x2, {m['model']}, CPU, {m['generation']}, {s['rollout_mode']} mode ===")
+    print(
+        f"setting: warm start {w['steps']} {how} steps on the expert, then {w['noisy_steps']} on a demonstrator that "
+        f"takes a random admissible action {s['warmstart_noise']:.0%} of the time (the start knows the format but "
+        f"wanders); KL anchor beta={s['beta']}; scale_rewards={s['scale_rewards']!r} (the +10 win, not the -0.1 "
+        f"invalid-turn penalty, dominates advantages); {epo}"
         f"{s['episodes_per_step']} episodes/step in groups of {s['group']}, lr {s['learning_rate']}, "
         f"max {s['max_turns']} turns; seed {m['seed']}"
     )
@@ -185,12 +238,18 @@ def _report(m: dict, out: Path) -> None:
         f"steps: {m['global_step']}; warm start {m['warm_start_seconds']:.1f}s, RL training {m['train_seconds']:.1f}s, "
         f"total {m['total_seconds']:.1f}s"
     )
+    if m["eval_zero_shot"] is not None:
+        z = m["eval_zero_shot"]["valid_seen"]
+        print(
+            f"  zero-shot (before the warm start), valid_seen: success {z['success_rate']:.3f}, valid actions "
+            f"{1 - z['invalid_rate']:.3f} ({z['episodes']} episodes)"
+        )
     for split, what in (("valid_seen", "unseen 2x2 layouts"), ("valid_unseen", "3x3 mazes, never trained on")):
         b, a = m["eval_before"][split], m["eval_after"][split]
         print(
             f"{split:>12} ({what}): success {b['success_rate']:.3f} -> {a['success_rate']:.3f} "
-            f"({a['success_rate'] - b['success_rate']:+.3f}, {a['episodes']} episodes); invalid actions "
-            f"{b['invalid_rate']:.3f} -> {a['invalid_rate']:.3f}"
+            f"({a['success_rate'] - b['success_rate']:+.3f}, {a['episodes']} episodes); valid actions (format and "
+            f"admissible) {1 - b['invalid_rate']:.3f} -> {1 - a['invalid_rate']:.3f}"
         )
     if m["train_success_first_quarter"] is not None:
         print(

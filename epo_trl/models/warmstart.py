@@ -152,9 +152,10 @@ def behaviour_clone(
 
 
 def warm_start(model_dir: str, factory: EnvFactory, tasks: Sequence[TaskSpec], config: RolloutConfig,
-               steps: int, mode: str = "step", seed: int = 0, target_success: float | None = None,
-               check_every: int = 50, check_tasks: int = 32, noise: float = 0.0,
-               noisy_steps: int = 0, log: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+               mode: str = "step", *, steps: int, seed: int = 0, target_success: float | None = None,
+               check_every: int = 50, check_tasks: int = 32, noise: float = 0.0, noisy_steps: int = 0,
+               learning_rate: float = 3e-3, batch_size: int = 16,
+               log: Callable[[str], None] | None = None) -> dict:  # fmt: skip
     """Behaviour-clone the model saved in `model_dir` on expert episodes of `tasks`, in place; return a summary.
 
     `steps` clone the expert. With `target_success`, that phase stops at the first check (every `check_every`
@@ -185,16 +186,17 @@ def warm_start(model_dir: str, factory: EnvFactory, tasks: Sequence[TaskSpec], c
         return checks[-1][1] >= target_success
 
     torch.manual_seed(seed)
-    losses = behaviour_clone(model, samples, steps=steps, seed=seed, pad_token_id=tokenizer.pad_token_id,
-                             stop=reached if target_success is not None else None, check_every=check_every)  # fmt: skip
+    losses = behaviour_clone(model, samples, steps=steps, batch_size=batch_size, lr=learning_rate, seed=seed,
+                             pad_token_id=tokenizer.pad_token_id, check_every=check_every,
+                             stop=reached if target_success is not None else None)  # fmt: skip
     say(f"warm start: {len(losses)} expert cloning steps, loss {losses[-1] if losses else float('nan'):.4f}")
     noisy_losses = []
     if noisy_steps:
         say(f"warm start: {noisy_steps} steps on the noisy demonstrator (random admissible action {noise:.0%})")
         plans = noisy_plans(factory, tasks, config.max_turns, noise, seed)
         noisy = expert_turns(factory, tasks, tokenizer, config, mode, plans)
-        noisy_losses = behaviour_clone(model, noisy, steps=noisy_steps, seed=seed + 1,
-                                       pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        noisy_losses = behaviour_clone(model, noisy, steps=noisy_steps, batch_size=batch_size, lr=learning_rate,
+                                       seed=seed + 1, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     model.save_pretrained(model_dir)
     return {
         "steps": len(losses),

@@ -289,14 +289,16 @@ def run_episodes(
     tokenizer,
     config: RolloutConfig | None = None,
     mode: str = "step",
+    temperature: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Play `tasks` without a trainer (evaluation, benchmarks); one record per episode.
+    """Play `tasks` without a trainer (evaluation, benchmarks); one record per episode. `temperature`: None = the
+    backend's.
 
     Records: task, won, return, length, invalid, failed, failure, truncated, turns (text/action/observation).
     """
     engine = RolloutEngine(factory, tokenizer, config)
     try:
-        return engine.run(tasks, backend, mode).records(engine.config)
+        return engine.run(tasks, backend, mode, temperature=temperature).records(engine.config)
     finally:
         engine.close()
 

@@ -63,9 +63,11 @@ def evaluate(
     batch_size: int = 64,
     progress: bool = True,
     on_batch=None,
+    temperature: float | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Play every task k times (lockstep batches of `batch_size` episodes); return (summary, records).
-    `on_batch(records)` is called with all records so far after every batch (streaming, Ctrl-C safety)."""
+    `on_batch(records)` is called with all records so far after every batch (streaming, Ctrl-C safety).
+    `temperature`: the sampling temperature (None = the backend's)."""
     from tqdm.auto import tqdm
 
     episodes = [t for t in tasks for _ in range(k)]
@@ -73,7 +75,7 @@ def evaluate(
     with tqdm(total=len(episodes), desc="eval episodes", disable=not progress) as bar:
         for start in range(0, len(episodes), batch_size):
             chunk = episodes[start : start + batch_size]
-            records.extend(run_episodes(backend, factory, chunk, tokenizer, config, mode))
+            records.extend(run_episodes(backend, factory, chunk, tokenizer, config, mode, temperature))
             bar.update(len(chunk))
             if on_batch is not None:
                 on_batch(records)

@@ -1,0 +1,244 @@
+"""`python -m epo_trl.study_llm`: GRPO vs EPO on SmolLM2-135M-Instruct (the real-model demo), several seeds.
+
+Each run is `epo-trl demo --llm --algo ALGO --seed SEED` (recipes/cpu/demo_llm.yaml) in its own process, so the
+study is the demo's path and nothing else. Per seed, the first algorithm's run builds the SFT warm start
+(`<run>/warm-start-model`, TRL's SFTTrainer); the others start from a copy of it, so every algorithm of a seed
+starts from the same weights and has the same held-out "before". Writes `<output-dir>/results.json`
+(`{"model", "wall_s", "runs": [{"algo", "seed", "before", "after", "episodes", ...}]}`, before = after the warm
+start, after = after RL, held-out `valid_seen`), each run's `final_metrics.json` under `raw/`, and the report
+(docs/study/smollm2.md). Runs are sequential: one run already uses both cores of a laptop-class CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .study import _mean_ci, _pm
+
+ALGOS = ("grpo", "epo-base", "epo", "aepo")
+LABELS = {"grpo": "GRPO", "epo-base": "EPO-Base", "epo": "EPO (make demo-llm)", "aepo": "AEPO"}
+MODEL = "SmolLM2-135M-Instruct"
+GAIN_TARGET = 0.20  # the real-model demo's bar: held-out success after RL - after the warm start
+
+
+def run_one(algo: str, seed: int, run_dir: Path, warm_from: Path | None, extra: list[str]) -> dict:
+    """`epo-trl demo --llm` for (algo, seed) in `run_dir` (its console in `console.log`); its final metrics."""
+    if warm_from is not None:  # resolve_model reuses a warm-start-model folder that is already there
+        shutil.copytree(warm_from, run_dir / "warm-start-model")
+    cmd = [sys.executable, "-m", "epo_trl", "demo", "--llm", "--algo", algo, "--seed", str(seed),
+           "--output-dir", str(run_dir), *extra]  # fmt: skip
+    with open(run_dir / "console.log", "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = (run_dir / "console.log").read_text().strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+        return {"algo": algo, "seed": seed, "error": tail[0]}
+    return json.loads((run_dir / "final_metrics.json").read_text())
+
+
+def record(m: dict) -> dict:
+    """One run's row of results.json from its final_metrics.json."""
+    before, after = m["eval_before"]["valid_seen"], m["eval_after"]["valid_seen"]
+    zero = (m.get("eval_zero_shot") or {}).get("valid_seen")
+    last = m["train_last_step"]
+    return {
+        "algo": m["algo"],
+        "seed": m["seed"],
+        "before": before["success_rate"],
+        "after": after["success_rate"],
+        "episodes": after["episodes"],
+        "zero_shot": zero["success_rate"] if zero else None,
+        "valid_actions": {"zero_shot": 1 - zero["invalid_rate"] if zero else None,
+                          "before": 1 - before["invalid_rate"], "after": 1 - after["invalid_rate"]},  # fmt: skip
+        "valid_unseen": {"before": m["eval_before"]["valid_unseen"]["success_rate"],
+                         "after": m["eval_after"]["valid_unseen"]["success_rate"]},  # fmt: skip
+        "train_success": {"first_quarter": m["train_success_first_quarter"],
+                          "last_quarter": m["train_success_last_quarter"]},  # fmt: skip
+        "entropy": {"first": m["train_first_step"].get("entropy"), "last": last.get("entropy")},
+        "entropy_per_turn": m["entropy_per_turn"],
+        "steps": m["global_step"],
+        "warm_start_s": m["warm_start_seconds"],
+        "train_s": m["train_seconds"],
+        "total_s": m["total_seconds"],
+    }
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per algorithm: mean ± 95% CI over seeds of the report's columns."""
+    out: dict[str, dict] = {}
+    for algo in ALGOS:
+        rs = [r for r in runs if r["algo"] == algo]
+        if not rs:
+            continue
+        out[algo] = {
+            "seeds": len(rs),
+            "before": _mean_ci([r["before"] for r in rs]),
+            "after": _mean_ci([r["after"] for r in rs]),
+            "gain": _mean_ci([r["after"] - r["before"] for r in rs]),
+            "gain_reached": sum(r["after"] - r["before"] >= GAIN_TARGET for r in rs),
+            "valid_unseen_after": _mean_ci([r["valid_unseen"]["after"] for r in rs]),
+            "valid_actions_after": _mean_ci([r["valid_actions"]["after"] for r in rs]),
+            "entropy_first": _mean_ci([r["entropy"]["first"] for r in rs]),
+            "entropy_last": _mean_ci([r["entropy"]["last"] for r in rs]),
+            "train_s": _mean_ci([r["train_s"] for r in rs]),
+        }
+    return out
+
+
+def to_markdown(results: dict, figures: str) -> str:
+    summary, runs = summarize(results["runs"]), results["runs"]
+    head = ["algo", "seeds", "before RL", "after RL", "gain", f"seeds with gain >= {GAIN_TARGET}",
+            "valid_unseen after", "valid actions after", "entropy step 1", "entropy last step", "RL s"]  # fmt: skip
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for algo, s in summary.items():
+        cells = [LABELS[algo], str(s["seeds"]), _pm(s["before"]), _pm(s["after"]), _pm(s["gain"]),
+                 f"{s['gain_reached']} of {s['seeds']}", _pm(s["valid_unseen_after"]), _pm(s["valid_actions_after"]),
+                 _pm(s["entropy_first"]), _pm(s["entropy_last"]), _pm(s["train_s"], 0)]  # fmt: skip
+        rows.append("| " + " | ".join(cells) + " |")
+    per_run = [
+        f"| {LABELS[r['algo']]} | {r['seed']} | {r['zero_shot']:.3f} | {r['before']:.3f} | {r['after']:.3f} | "
+        f"{r['after'] - r['before']:+.3f} | {r['valid_actions']['zero_shot']:.3f} / {r['valid_actions']['before']:.3f}"
+        f" / {r['valid_actions']['after']:.3f} | {r['train_success']['first_quarter']:.3f} -> "
+        f"{r['train_success']['last_quarter']:.3f} | {r['warm_start_s']:.0f} | {r['train_s']:.0f} | {r['total_s']:.0f} |"
+        for r in sorted(runs, key=lambda r: (r["seed"], ALGOS.index(r["algo"])))
+    ]
+    errors = "".join(f"\n- {r['algo']} seed {r['seed']} failed: {r['error']}" for r in results.get("errors", []))
+    return f"""# Study: {" vs ".join(LABELS[a] for a in summary)} on {results["model"]}
+
+Generated by `{results["command"]}` on {results["date"]} ({results["machine"]}); total wall time
+{results["wall_s"]:.0f} s, runs one at a time. Raw numbers: [{figures}/results.json]({figures}/results.json). Do not
+edit the tables by hand: re-run the command.
+
+## Setup
+Every run is `epo-trl demo --llm --algo ALGO --seed SEED`: the recipe `recipes/cpu/demo_llm.yaml` (why each value:
+[quickstart](../quickstart.md#a-real-model-smollm2-135m-instruct)), {results["model"]} fully fine-tuned with bf16
+autocast on CPU, rollouts on vLLM (CPU build). Per seed, one SFT warm start (TRL's `SFTTrainer` on the expert's
+actions, then on a noisy demonstrator's) is shared by every algorithm. Held-out success = the first
+{runs[0]["episodes"] if runs else "?"} tasks of `valid_seen` (unseen 2x2 layouts), one episode each, sampled at
+temperature 1 on the trainer's vLLM engine: zero-shot (the pretrained model), before RL (after the warm start),
+after RL.{errors}
+
+## Results (mean ± 95% confidence interval across seeds, Student t)
+
+{chr(10).join(rows)}
+
+Per run (valid actions = turns with a well-formed, admissible `<action>`: zero-shot / before / after RL; train
+success = mean `rollout/success_rate` over the first -> last quarter of steps; seconds: warm start incl. model
+conversion and engine start, RL, whole run with the three evaluations):
+
+| algo | seed | zero-shot | before RL | after RL | gain | valid actions | train success | warm s | RL s | total s |
+|---|---|---|---|---|---|---|---|---|---|---|
+{chr(10).join(per_run)}
+
+## What it shows
+
+{chr(10).join(answer(summary))}
+"""
+
+
+def answer(summary: dict) -> list[str]:
+    """Sentences phrased from the numbers only."""
+    lines = []
+    for algo, s in summary.items():
+        low, high = s["gain"][0] - s["gain"][1], s["gain"][0] + s["gain"][1]
+        verdict = (
+            "one seed: no interval"
+            if math.isnan(s["gain"][1])
+            else "above zero at 95% confidence"
+            if low > 0
+            else "not distinguishable from zero at 95% confidence"
+            if high >= 0
+            else "below zero at 95% confidence"
+        )
+        lines.append(
+            f"- {LABELS[algo]}: held-out success {s['before'][0]:.3f} -> {s['after'][0]:.3f}, gain {_pm(s['gain'])} "
+            f"({verdict}); {s['gain_reached']} of {s['seeds']} seeds gain >= {GAIN_TARGET}."
+        )
+    if "grpo" in summary and "epo" in summary:
+        g, e = summary["grpo"]["gain"], summary["epo"]["gain"]
+        if math.isnan(g[1]) or math.isnan(e[1]):
+            verdict = "one seed on a side: no interval to compare."
+        elif abs(g[0] - e[0]) > g[1] + e[1]:
+            verdict = "the 95% intervals do not overlap."
+        else:
+            verdict = "the 95% intervals overlap: no difference between the two is shown at this size."
+        lines.append(f"- EPO vs GRPO: mean gain {e[0]:+.3f} vs {g[0]:+.3f}; {verdict}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m epo_trl.study_llm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--algos", nargs="+", default=["epo", "grpo"], choices=ALGOS,
+                        help="the first one builds each seed's warm start")  # fmt: skip
+    parser.add_argument("--output-dir", default="docs/study/smollm2", help="results.json and raw/ per-run metrics")
+    parser.add_argument("--report", default="docs/study/smollm2.md", help="the markdown report ('' = none)")
+    parser.add_argument("--quick", action="store_true", help="each run is `demo --llm --quick` (a test run)")
+    parser.add_argument("--report-only", action="store_true", help="re-render the report from results.json")
+    opts = parser.parse_args(argv)
+    from .bench.common import machine_summary, setup_offline
+
+    setup_offline()
+
+    out = Path(opts.output_dir)
+    raw = out / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    if opts.report_only:
+        results = json.loads((out / "results.json").read_text())
+    else:
+        started, runs, errors = time.perf_counter(), [], []
+        results = {"model": MODEL, "wall_s": 0.0, "command": "python -m epo_trl.study_llm " + " ".join(argv or []),
+                   "date": time.strftime("%Y-%m-%d"), "machine": machine_summary(), "runs": runs, "errors": errors}
+
+        def save() -> None:  # after every run: an interrupted study keeps what finished (--report-only)
+            results["wall_s"] = round(time.perf_counter() - started, 1)
+            (out / "results.json").write_text(json.dumps(results, indent=1))
+        with tempfile.TemporaryDirectory() as tmp:
+            for seed in opts.seeds:
+                warm = None
+                for algo in opts.algos:
+                    run_dir = Path(tmp) / f"{algo}-{seed}"
+                    run_dir.mkdir()
+                    # the seed's later algorithms start from the same weights: the zero-shot number is the first's
+                    extra = ["--quick"] * opts.quick + ["--no-zero-shot"] * (warm is not None)
+                    m = run_one(algo, seed, run_dir, warm, extra)
+                    if "error" in m:
+                        errors.append(m)
+                        print(f"{algo} seed {seed}: failed: {m['error']}", flush=True)
+                        save()
+                        continue
+                    warm = warm or run_dir / "warm-start-model"
+                    (raw / f"{algo}-{seed}.json").write_text(json.dumps(m, indent=1))
+                    runs.append(record(m))
+                    if runs[-1]["zero_shot"] is None:
+                        runs[-1]["zero_shot"] = next(r["zero_shot"] for r in runs if r["seed"] == seed)
+                        runs[-1]["valid_actions"]["zero_shot"] = next(
+                            r["valid_actions"]["zero_shot"] for r in runs if r["seed"] == seed
+                        )
+                    save()
+                    r = runs[-1]
+                    print(f"[{time.perf_counter() - started:.0f} s] {algo} seed {seed}: held-out {r['before']:.3f} -> "
+                          f"{r['after']:.3f} ({r['after'] - r['before']:+.3f}), RL {r['train_s']:.0f} s", flush=True)  # fmt: skip
+                    # the next algorithm of this seed starts from this warm start: keep it past this run's folder
+                    if warm == run_dir / "warm-start-model":
+                        keep = Path(tmp) / f"warm-{seed}"
+                        shutil.copytree(warm, keep)
+                        warm = keep
+    if opts.report:
+        figures = os.path.relpath(out, Path(opts.report).parent)
+        Path(opts.report).write_text(to_markdown(results, figures))
+        print(f"report: {opts.report}")
+    print(json.dumps(summarize(results["runs"]), indent=1))
+    return 0 if results["runs"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
