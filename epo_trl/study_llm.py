@@ -56,12 +56,19 @@ def record(m: dict) -> dict:
         "after": after["success_rate"],
         "episodes": after["episodes"],
         "zero_shot": zero["success_rate"] if zero else None,
-        "valid_actions": {"zero_shot": 1 - zero["invalid_rate"] if zero else None,
-                          "before": 1 - before["invalid_rate"], "after": 1 - after["invalid_rate"]},  # fmt: skip
-        "valid_unseen": {"before": m["eval_before"]["valid_unseen"]["success_rate"],
-                         "after": m["eval_after"]["valid_unseen"]["success_rate"]},  # fmt: skip
-        "train_success": {"first_quarter": m["train_success_first_quarter"],
-                          "last_quarter": m["train_success_last_quarter"]},  # fmt: skip
+        "valid_actions": {
+            "zero_shot": 1 - zero["invalid_rate"] if zero else None,
+            "before": 1 - before["invalid_rate"],
+            "after": 1 - after["invalid_rate"],
+        },  # fmt: skip
+        "valid_unseen": {
+            "before": m["eval_before"]["valid_unseen"]["success_rate"],
+            "after": m["eval_after"]["valid_unseen"]["success_rate"],
+        },  # fmt: skip
+        "train_success": {
+            "first_quarter": m["train_success_first_quarter"],
+            "last_quarter": m["train_success_last_quarter"],
+        },  # fmt: skip
         "entropy": {"first": m["train_first_step"].get("entropy"), "last": last.get("entropy")},
         "entropy_per_turn": m["entropy_per_turn"],
         "steps": m["global_step"],
@@ -195,12 +202,20 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads((out / "results.json").read_text())
     else:
         started, runs, errors = time.perf_counter(), [], []
-        results = {"model": MODEL, "wall_s": 0.0, "command": "python -m epo_trl.study_llm " + " ".join(argv or []),
-                   "date": time.strftime("%Y-%m-%d"), "machine": machine_summary(), "runs": runs, "errors": errors}
+        results = {
+            "model": MODEL,
+            "wall_s": 0.0,
+            "command": "python -m epo_trl.study_llm " + " ".join(argv or []),
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": machine_summary(),
+            "runs": runs,
+            "errors": errors,
+        }
 
         def save() -> None:  # after every run: an interrupted study keeps what finished (--report-only)
             results["wall_s"] = round(time.perf_counter() - started, 1)
             (out / "results.json").write_text(json.dumps(results, indent=1))
+
         with tempfile.TemporaryDirectory() as tmp:
             for seed in opts.seeds:
                 warm = None

@@ -67,11 +67,11 @@ def machine_info() -> dict:
     }
 
 
-
 def machine_summary(info: dict | None = None) -> str:
     """One line for reports: CPU, cores, RAM and the torch / TRL versions."""
     info = info or machine_info()
     return f"{info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB, torch {info['torch']}, trl {info['trl']}"
+
 
 def maze_model(output_dir: str, hidden_size: int = 32, num_layers: int = 2, seed: int = 0, head_dim: int = 8):
     """A tiny random Qwen2 whose tokenizer holds every maze and prompt word whole; returns (path, tokenizer, model)."""

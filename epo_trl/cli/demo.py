@@ -107,8 +107,16 @@ def held_out_success(trainer, rollout, mode: str, tasks: int, temperature: float
     trainer.vllm_generation.sync_weights()
     backend = backend_for_trainer(trainer)
     return {
-        split: evaluate(backend, factory, factory.tasks(split)[:tasks], tokenizer, rollout, mode=mode, progress=False,
-                        temperature=temperature)[0]  # fmt: skip
+        split: evaluate(
+            backend,
+            factory,
+            factory.tasks(split)[:tasks],
+            tokenizer,
+            rollout,
+            mode=mode,
+            progress=False,
+            temperature=temperature,
+        )[0]
         for split in HELD_OUT_SPLITS
     }
 
@@ -134,8 +142,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .console import use_console
     from .plots import write_run_plots
-    from .train import (DEMO_LLM_RECIPE, DEMO_RECIPE, TINY_MODEL, WARM_START_FILE, base_model, build_trainer,
-                        describe, load_config, train_and_close)  # fmt: skip
+    from .train import (
+        DEMO_LLM_RECIPE,
+        DEMO_RECIPE,
+        TINY_MODEL,
+        WARM_START_FILE,
+        base_model,
+        build_trainer,
+        describe,
+        load_config,
+        train_and_close,
+    )
 
     recipe = DEMO_LLM_RECIPE if opts.llm else DEMO_RECIPE
     eval_tasks = opts.eval_tasks or (8 if opts.quick else 64)
@@ -172,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": opts.seed,
         "algo": script.algo,
         "recipe": str(recipe.name),
-        "model": "tiny Qwen2 (hidden %d)" % script.tiny_hidden_size if tiny else script.model_name_or_path,
+        "model": f"tiny Qwen2 (hidden {script.tiny_hidden_size})" if tiny else script.model_name_or_path,
         "generation": "vLLM" if getattr(trainer, "use_vllm", False) else "HF generate",
         "max_steps": args.max_steps,
         "setting": {
@@ -220,12 +237,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _report(m: dict, out: Path) -> None:
     s, w = m["setting"], m["warm_start"]
-    epo = "" if s["entropy_coef"] is None else (
-        f"EPO entropy_coef {s['entropy_coef']}, smoothing band [{s['smoothing_kappa_low']}, "
-        f"{s['smoothing_kappa_high']}] x its history; "
+    epo = (
+        ""
+        if s["entropy_coef"] is None
+        else (
+            f"EPO entropy_coef {s['entropy_coef']}, smoothing band [{s['smoothing_kappa_low']}, "
+            f"{s['smoothing_kappa_high']}] x its history; "
+        )
     )
     how = "TRL SFTTrainer" if w.get("trainer") == "trl.SFTTrainer" else "behaviour-cloning"
-    print(f"\n=== {m['algo'].upper()} demo: maze 'reach' 2x2, {m['model']}, CPU, {m['generation']}, {s['rollout_mode']} mode ===")
+    print(
+        f"\n=== {m['algo'].upper()} demo: maze 'reach' 2x2, {m['model']}, CPU, {m['generation']}, {s['rollout_mode']} mode ==="
+    )
     print(
         f"setting: warm start {w['steps']} {how} steps on the expert, then {w['noisy_steps']} on a demonstrator that "
         f"takes a random admissible action {s['warmstart_noise']:.0%} of the time (the start knows the format but "
