@@ -126,7 +126,7 @@ edit the tables by hand: re-run the command.
 
 ## Setup
 Every run is `epo-trl demo --llm --algo ALGO --seed SEED`: the recipe `recipes/cpu/demo_llm.yaml` (why each value:
-[quickstart](../quickstart.md#a-real-model-smollm2-135m-instruct)), {results["model"]} fully fine-tuned with bf16
+[quickstart](../quickstart.md#4-a-real-model-smollm2-135m-instruct)), {results["model"]} fully fine-tuned with bf16
 autocast on CPU, rollouts on vLLM (CPU build). Per seed, one SFT warm start (TRL's `SFTTrainer` on the expert's
 actions, then on a noisy demonstrator's) is shared by every algorithm. Held-out success = the first
 {runs[0]["episodes"] if runs else "?"} tasks of `valid_seen` (unseen 2x2 layouts), one episode each, sampled at

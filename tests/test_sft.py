@@ -86,3 +86,17 @@ def test_sft_on_smollm2_trains_the_action_tokens_only(tmp_path):
     trained = AutoModelForCausalLM.from_pretrained(str(tmp_path / "warm"))
     moved = any(not torch.equal(a, b) for a, b in zip(trained.parameters(), model.parameters()))
     assert moved and AutoTokenizer.from_pretrained(str(tmp_path / "warm")).eos_token == "<|im_end|>"
+
+
+def test_sft_warm_start_refuses_a_multi_process_launch(monkeypatch, tmp_path):
+    """Under `accelerate launch` the SFT would run on rank 0 inside the launch's process group: a clear error
+    that says how to warm-start first, before any rank builds anything."""
+    from epo_trl.cli.errors import UsageError
+    from epo_trl.cli.train import ScriptArguments, resolve_model
+    from epo_trl.envs.maze import MazeFactory
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    script = ScriptArguments(model_name_or_path=str(tmp_path / "a-model"), env="maze", warmstart_steps=5)
+    with pytest.raises(UsageError, match="runs in one process") as error:
+        resolve_model(script, MazeFactory(size=2, task="reach", distractors=0), str(tmp_path), None)
+    assert "--model_name_or_path runs/warm/warm-start-model --warmstart_steps 0" in error.value.hint

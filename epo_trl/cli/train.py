@@ -461,11 +461,20 @@ def resolve_model(
             "noise": script.warmstart_noise if script.warmstart_noisy_steps else 0.0, "log": log,
             "batch_size": script.warmstart_batch_size}  # fmt: skip
     if script.model_name_or_path != TINY_MODEL:
+        path = os.path.join(output_dir, "warm-start-model")
+        if script.warm_starts and world_size() > 1 and not os.path.exists(os.path.join(path, "config.json")):
+            # SFTTrainer on rank 0 alone would join this launch's process group while the other ranks wait
+            raise UsageError(
+                f"the SFT warm start of {script.model_name_or_path!r} runs in one process, not under a "
+                f"{world_size()}-process launch.",
+                "fix: warm-start once without accelerate (epo-trl train RECIPE --max_steps 1 --output_dir runs/warm), "
+                "then launch with --model_name_or_path runs/warm/warm-start-model --warmstart_steps 0 "
+                "--warmstart_noisy_steps 0.",
+            )
         with on_main_process_first():  # rank 0 converts / warm-starts once while the others wait
             base = base_model(script)
             if not script.warm_starts:
                 return base
-            path = os.path.join(output_dir, "warm-start-model")
             if not os.path.exists(os.path.join(path, "config.json")):
                 from ..models.sft import sft_warm_start
 
