@@ -121,3 +121,37 @@ def test_bench_tool_race_plays_identical_episodes(tmp_path):
     assert rows["TRL tool loop"]["action_tokens"] == episodes * (turns * call + stop)
     assert all(_finite(r["wall_s"], r["tok_s"], r["peak_rss_growth_mb"]) for r in rows.values())
     assert "## 6. Our lockstep engine vs TRL's tool-calling loop" in report
+
+
+def _demo_metrics(algo: str, seed: int, before: float, after: float) -> dict:
+    """The part of `epo-trl demo --llm`'s final_metrics.json that the SmolLM2 study reads."""
+    split = lambda success, invalid: {"success_rate": success, "invalid_rate": invalid, "episodes": 64}  # noqa: E731
+    return {
+        "algo": algo, "seed": seed, "global_step": 12, "warm_start_seconds": 500.0, "train_seconds": 400.0,
+        "total_seconds": 1000.0, "eval_zero_shot": {"valid_seen": split(0.0, 1.0)},
+        "eval_before": {"valid_seen": split(before, 0.01), "valid_unseen": split(0.0, 0.02)},
+        "eval_after": {"valid_seen": split(after, 0.0), "valid_unseen": split(0.0, 0.0)},
+        "train_success_first_quarter": 0.4, "train_success_last_quarter": 0.9,
+        "train_first_step": {"entropy": 0.1}, "train_last_step": {"entropy": 0.02}, "entropy_per_turn": {"0": 0.01},
+    }  # fmt: skip
+
+
+def test_smollm2_study_rows_and_intervals_by_hand():
+    """results.json rows (before = after the warm start, after = after RL) and the mean ± 95% CI of the gains:
+    gains 0.5, 0.3, 0.4 -> mean 0.4, s = 0.1, half-width t(0.975, 2) * s / sqrt(3) = 4.303 * 0.1 / 1.732 = 0.2484."""
+    from epo_trl.study_llm import record, summarize, to_markdown
+
+    runs = [record(_demo_metrics("epo", s, b, a)) for s, b, a in ((0, 0.4, 0.9), (1, 0.3, 0.6), (2, 0.5, 0.9))]
+    runs.append(record(_demo_metrics("grpo", 0, 0.4, 0.5)))
+    assert runs[0]["before"] == 0.4 and runs[0]["after"] == 0.9 and runs[0]["episodes"] == 64
+    assert runs[0]["valid_actions"] == {"zero_shot": 0.0, "before": 0.99, "after": 1.0}
+    summary = summarize(runs)
+    assert list(summary) == ["grpo", "epo"]  # the baseline first
+    mean, half = summary["epo"]["gain"]
+    assert mean == pytest.approx(0.4) and half == pytest.approx(0.2484, abs=1e-4)
+    assert summary["epo"]["gain_reached"] == 3 and summary["grpo"]["gain_reached"] == 0  # bar: +0.20
+    results = {"model": "SmolLM2-135M-Instruct", "wall_s": 1.0, "command": "c", "date": "d", "machine": "m",
+               "runs": runs, "errors": []}  # fmt: skip
+    report = to_markdown(results, "smollm2")
+    assert "| EPO (make demo-llm) | 3 | 0.400 ± 0.248 | 0.800 ± 0.430 | 0.400 ± 0.248 | 3 of 3 |" in report
+    assert "GRPO: held-out success 0.400 -> 0.500, gain 0.100 (one seed: no interval)" in report

@@ -94,7 +94,7 @@ def sft_warm_start(model_dir: str, output_dir: str, factory: EnvFactory, tasks: 
             logging_steps=1,  # log_history holds every step's loss (first_loss, expert_loss)
             save_strategy="no",
             report_to=[],
-            disable_tqdm=True,
+            disable_tqdm=log is None,  # a progress bar when the caller shows progress
             seed=seed,
             max_length=None,  # samples are already as long as the rollout allows
             dataloader_num_workers=0,
