@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -147,13 +148,27 @@ conversion and engine start, RL, whole run with the three evaluations):
 
 ## What it shows
 
-{chr(10).join(answer(summary))}
+{chr(10).join(answer(summary, runs))}
 """
 
 
-def answer(summary: dict) -> list[str]:
+def answer(summary: dict, runs: list[dict]) -> list[str]:
     """Sentences phrased from the numbers only."""
     lines = []
+    befores = {}
+    for r in runs:
+        befores.setdefault(r["seed"], []).append(r["before"])
+    repeated = {seed: b for seed, b in befores.items() if len(b) > 1}
+    if repeated:
+        spread = max(max(b) - min(b) for b in repeated.values())
+        worst = max(repeated.values(), key=lambda b: max(b) - min(b))
+        p = statistics.fmean(worst)
+        lines.append(
+            '- The algorithms of a seed start from the same weights, but each run measures its own "before" (64 '
+            f"episodes sampled at temperature 1): those measurements differ by up to {spread:.3f} within a seed "
+            f"({', '.join(f'{v:.3f}' for v in worst)}), against a binomial standard error of "
+            f"{math.sqrt(p * (1 - p) / runs[0]['episodes']):.3f}. Gains are each run's after minus its own before."
+        )
     for algo, s in summary.items():
         low, high = s["gain"][0] - s["gain"][1], s["gain"][0] + s["gain"][1]
         verdict = (
@@ -205,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {
             "model": MODEL,
             "wall_s": 0.0,
-            "command": "python -m epo_trl.study_llm " + " ".join(argv or []),
+            "command": " ".join(["python -m epo_trl.study_llm", *(sys.argv[1:] if argv is None else argv)]),
             "date": time.strftime("%Y-%m-%d"),
             "machine": machine_summary(),
             "runs": runs,
