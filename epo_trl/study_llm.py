@@ -204,7 +204,10 @@ def run_study(opts, out: Path, argv: list[str] | None) -> dict:
     """Every (seed, algo) run in turn; results.json rewritten after each."""
     from .bench.common import machine_summary
 
-    command = " ".join(["python -m epo_trl.study_llm", *(sys.argv[1:] if argv is None else argv)])
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--warm-dir" in args:  # a local folder: not for the report
+        args[args.index("--warm-dir") + 1] = "WARM_DIR"
+    command = " ".join(["python -m epo_trl.study_llm", *args])
     results = {"model": MODEL, "wall_s": 0.0, "command": command, "date": time.strftime("%Y-%m-%d"),
                "machine": machine_summary(), "runs": [], "errors": []}  # fmt: skip
     if opts.append:
@@ -239,6 +242,7 @@ def run_study(opts, out: Path, argv: list[str] | None) -> dict:
                     continue
                 if not shared:
                     shutil.copytree(run_dir / "warm-start-model", warm)
+                m["plots"] = [os.path.relpath(p, run_dir) for p in m["plots"]]  # the run folder is temporary
                 (out / "raw" / f"{algo}-{seed}.json").write_text(json.dumps(m, indent=1))
                 row = record(m)
                 first = next((r for r in runs if r["seed"] == seed and r["zero_shot"] is not None), None)
