@@ -9,7 +9,12 @@ EPO's per-turn entropy is taken per turn inside the row); `--rollout-mode step` 
 Its settings are one recipe, `recipes/cpu/demo.yaml`, trained through `epo-trl train`'s own path; the study
 (`python -m epo_trl.study`) trains the same file for every method and seed, so docs/study.md holds its spread.
 
-Why the setting is what it is (measured, negative results included: docs/study/setting.md):
+`--llm` runs the same on a real pretrained model (recipes/cpu/demo_llm.yaml, `make demo-llm`): SmolLM2-135M-Instruct,
+warm-started with TRL's SFTTrainer (epo_trl.models.sft), rollouts and all three held-out evaluations (zero-shot,
+after the warm start, after RL) on the trainer's vLLM engine when vLLM is installed. Its choices and numbers:
+docs/quickstart.md, section 4; its spread over seeds against GRPO: docs/study/smollm2.md.
+
+Why the tiny setting is what it is (measured, negative results included: docs/study/setting.md):
 - model: hidden size 64. A hidden-32 model only learns the action format (its probability of the right direction
   on expert states stays at chance, 0.24); hidden 64 learns to read the listed exits.
 - warm start, two phases: behaviour cloning on the expert until the model, sampling, wins 90% of 32 train tasks
