@@ -121,10 +121,15 @@ def test_alfworld_data_missing(tmp_path, monkeypatch, capsys):
     assert "ALFWorld games not found" in err or "alfworld" in err.split(": ", 2)[-1].lower()
 
 
-def test_warmstart_needs_the_builtin_model(tmp_path, monkeypatch, capsys, tiny_model):
+def test_warmstart_needs_an_env_with_an_expert(tmp_path, monkeypatch, capsys, tiny_model):
+    """Any model can be warm-started (the tiny one by behaviour cloning, others with SFTTrainer), but only on an env
+    that has an expert to imitate."""
+    from epo_trl.envs.maze import MazeFactory
+
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delattr(MazeFactory, "solve")
     rc, err = run(capsys, "train", MAZE, "--model_name_or_path", tiny_model, "--warmstart_steps", "5")
-    assert rc == 2 and "model: warmstart_steps applies to model_name_or_path='builtin-tiny' only" in err
+    assert rc == 2 and "model: warmstart_steps needs an env with an expert (`solve`); 'maze' has none." in err
 
 
 def test_a_mistyped_local_model_folder_names_the_closest(tmp_path, monkeypatch, capsys):
