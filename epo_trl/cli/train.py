@@ -446,7 +446,13 @@ def describe(script: ScriptArguments, args) -> list[str]:
 
 
 def resolve_model(
-    script: ScriptArguments, factory, output_dir: str, rollout_config: RolloutConfig, seed: int = 0, log=None
+    script: ScriptArguments,
+    factory,
+    output_dir: str,
+    rollout_config: RolloutConfig,
+    seed: int = 0,
+    log=None,
+    trainer_args=None,
 ) -> str:
     """The model path; for `builtin-tiny`, build (once, on the main process) a tiny model covering the env,
     warm-started by behaviour cloning when `warmstart_steps > 0`; for `smollm2-135m`, SmolLM2-135M-Instruct from
@@ -478,9 +484,13 @@ def resolve_model(
             if not os.path.exists(os.path.join(path, "config.json")):
                 from ..models.sft import sft_warm_start
 
+                # the RL trainer's device and precision: accelerate keeps one state per process, and a second
+                # trainer asking for another mixed precision or device raises
+                device = {"bf16": bool(getattr(trainer_args, "bf16", True)),
+                          "use_cpu": bool(getattr(trainer_args, "use_cpu", True))}  # fmt: skip
                 summary = sft_warm_start(base, path, factory, factory.tasks(script.train_split), rollout_config,
                                          script.rollout_mode, learning_rate=script.warmstart_learning_rate or 1e-4,
-                                         bf16=True, **warm)  # fmt: skip
+                                         **device, **warm)  # fmt: skip
                 with open(os.path.join(path, WARM_START_FILE), "w") as f:
                     json.dump(summary, f, indent=1)
         return path
@@ -532,7 +542,7 @@ def build_trainer(script: ScriptArguments, rollout_config: RolloutConfig, args, 
     rollout = rollout_cls(factory, rollout_config)
     _, trainer_cls = trainer_classes(script.algo)
     with user_errors("model"):
-        model = resolve_model(script, factory, args.output_dir, rollout_config, args.seed, log)
+        model = resolve_model(script, factory, args.output_dir, rollout_config, args.seed, log, args)
     return trainer_cls(
         model, [episode_return_reward], args=args, train_dataset=dataset, rollout_func=rollout, callbacks=callbacks
     )

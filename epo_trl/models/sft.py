@@ -54,13 +54,15 @@ def sft_warm_start(model_dir: str, output_dir: str, factory: EnvFactory, tasks: 
                    config: RolloutConfig, mode: str = "trajectory", *, steps: int = 200,
                    learning_rate: float = 1e-4, batch_size: int = 8, target_success: float | None = None,
                    check_every: int = 10, check_tasks: int = 32, noise: float = 0.0, noisy_steps: int = 0,
-                   seed: int = 0, bf16: bool = True, log: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+                   seed: int = 0, bf16: bool = True, use_cpu: bool = True,
+                   log: Callable[[str], None] | None = None) -> dict:  # fmt: skip
     """SFT the model in `model_dir` on expert episodes of `tasks`; save it (and its tokenizer) to `output_dir`;
     return a summary.
 
     `steps` optimizer steps of `batch_size` samples on the expert, stopped early at `target_success` (checked
     every `check_every` steps on the first `check_tasks` tasks, sampling at temperature 1). Then `noisy_steps` on a
     noisy demonstrator's plays (`noisy_plans`: a random admissible action with probability `noise`).
+    `bf16` / `use_cpu`: as the RL trainer that follows in this process will ask (accelerate allows one setting).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -89,7 +91,7 @@ def sft_warm_start(model_dir: str, output_dir: str, factory: EnvFactory, tasks: 
             lr_scheduler_type="constant",
             warmup_steps=0,
             max_grad_norm=1.0,
-            use_cpu=True,
+            use_cpu=use_cpu,
             bf16=bf16,
             logging_steps=1,  # log_history holds every step's loss (first_loss, expert_loss)
             save_strategy="no",
