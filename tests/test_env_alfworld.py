@@ -146,3 +146,44 @@ def test_expert_plans_win_through_the_parallel_rollout_engine(factory, env):
         engine.close()
     assert not any(e.failed for e in result.episodes), [e.failure for e in result.episodes]
     assert all(e.won and e.episode_return(engine.config) == 10.0 for e in result.episodes)
+
+
+def _play(factory, task, commands):
+    env = factory.make()
+    try:
+        env.reset(task)
+        info, done = {"won": False}, False
+        for command in commands:
+            assert not done, "the plan goes on after the game ended"
+            _, _, done, info = env.step(command)
+        return done, info["won"]
+    finally:
+        env.close()
+
+
+@pytest.mark.slow
+def test_solve_wins_and_replans_after_a_detour(data_root):
+    import pickle
+
+    # no expert attached to the factory's envs: solve plays its own (handcoded) expert game
+    factory = ALFWorldFactory(data_path=data_root)
+    task = factory.tasks("train")[0]  # put an apple in the fridge
+    plan = factory.solve(task)
+    assert "move apple 1 to fridge 1" == plan[-1] and _play(factory, task, plan) == (True, True)
+    # a detour the gold path never takes (the noisy demonstrator's random action): the expert re-plans from there
+    detour = ["go to cabinet 1", "open cabinet 1"]
+    rest = factory.solve(task, detour)
+    assert rest and _play(factory, task, detour + rest) == (True, True)
+    # a prefix that already wins leaves nothing to do
+    assert factory.solve(task, plan) == []
+    # worker processes receive the factory without the expert's live game
+    clone = pickle.loads(pickle.dumps(factory))
+    assert clone._expert_env is None and clone.solve(task) == plan
+    factory.close()
+    assert factory._expert_env is None
+
+
+def test_sample_games_option_writes_the_games(tmp_path):
+    factory = ALFWorldFactory(data_path=tmp_path / "games", sample_games=True)
+    assert len(_all_tasks(factory)) == len(SAMPLE_GAMES)
+    assert make_factory("alfworld", data_path=str(tmp_path / "games"), sample_games=True).tasks("valid_unseen")

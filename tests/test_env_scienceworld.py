@@ -51,6 +51,35 @@ def test_gold_path_wins_with_return_10(env, task):
 
 @needs_java
 @pytest.mark.slow
+def test_solve_is_the_gold_path_and_wins():
+    import pickle
+
+    factory = ScienceWorldFactory(task_names=["lifespan-longest-lived"], held_out_tasks=(), max_variations_per_task=2)
+    task = factory.tasks("train")[0]
+    plan = factory.solve(task)
+    # the sim's gold path for this family: walk outside, focus on the longest-lived animal (the win), then 'wait1',
+    # which solve drops: the game is over at the focus, and a plan must end with its episode
+    gold = factory._expert.gold_actions()
+    assert gold[-1] == "wait1" and plan == gold[:-1] and plan[-1].startswith("focus on")
+    env = factory.make()  # a plain env (no gold path of its own) wins by playing it
+    try:
+        env.reset(task)
+        for action in plan:
+            _, reward, done, info = env.step(action)
+        assert done and info["won"] and reward == 10.0
+    finally:
+        env.close()
+    assert factory.solve(task, plan[:2]) == plan[2:]
+    with pytest.raises(ValueError, match="warmstart_noisy_steps: 0"):
+        factory.solve(task, ["look around", "inventory"])
+    clone = pickle.loads(pickle.dumps(factory))  # worker processes get no JVM handle
+    assert clone._expert is None and clone._gold[task] == plan
+    factory.close()
+    assert factory._expert is None
+
+
+@needs_java
+@pytest.mark.slow
 def test_nonsense_policy_does_not_win(env):
     env.reset(_spec("boil"))
     total = 0.0

@@ -248,11 +248,19 @@ def test_budgets_are_enforced_and_reported(tokenizer):
     metrics = reduce_metrics(rollout_metrics(result, RolloutConfig()))
     assert metrics["rollout/turn_truncation_rate"] == 1.0 and metrics["rollout/invalid_action_rate"] == 1.0
     assert metrics["rollout/truncation_rate"] == 1.0
+    # the tokens read per turn: the step prompt itself (each turn reads its whole prompt)
+    turns = [t for e in result.episodes for t in e.turns]
+    assert all(t.context_tokens == len(t.prompt_ids) > 0 for t in turns)
+    assert metrics["rollout/prompt_tokens_per_turn"] == sum(len(t.prompt_ids) for t in turns) / len(turns)
     # trajectory budget: the episode stops before the row could exceed it
     config = RolloutConfig(max_turns=4, max_turn_tokens=16, max_trajectory_tokens=150)
     result = RolloutEngine(factory, tokenizer, config).run(tasks, scripted_backend(tokenizer), "trajectory")
     for e in result.episodes:
         assert e.truncated == "context" and len(e.prompt_ids) + len(e.completion_ids) <= 150
+        # trajectory mode: turn k reads the prompt plus every completion and observation token before it
+        assert e.turns[0].context_tokens == len(e.prompt_ids)
+        assert all(a.context_tokens + len(a.completion_ids) < b.context_tokens for a, b in zip(e.turns, e.turns[1:]))
+        assert e.turns[-1].context_tokens + len(e.turns[-1].completion_ids) <= len(e.prompt_ids) + len(e.completion_ids)
     # step-mode prompt budget: the history shrinks first, then the episode is truncated
     engine = RolloutEngine(factory, tokenizer, RolloutConfig(max_turns=4, max_prompt_tokens=10))
     result = engine.run(tasks, scripted_backend(tokenizer), "step")

@@ -493,6 +493,7 @@ def resolve_model(
                                          **device, **warm)  # fmt: skip
                 with open(os.path.join(path, WARM_START_FILE), "w") as f:
                     json.dump(summary, f, indent=1)
+                factory.close()  # the expert's simulator (a JVM for ScienceWorld) is not needed while training
         return path
     from ..models.tiny import build_tiny_model, env_words
 

@@ -129,6 +129,9 @@ class EnvFactory(ABC):
         """The type a task instance belongs to (default: its task name)."""
         return task.task
 
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the factory itself holds (e.g. the simulator its expert `solve` plans in); rebuilt on use."""
+
 
 # ----- what envs return, checked next to the env (a wrong type fails the episode with a message naming the env and
 # the field) -------------------------------------------------------------------------------------------------------

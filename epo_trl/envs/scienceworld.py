@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from .protocol import EnvFactory, TaskSpec, TextEnv
@@ -385,6 +386,11 @@ class ScienceWorldFactory(EnvFactory):
         self.with_valid_actions = with_valid_actions
         self.generate_gold_path = generate_gold_path
         self.valid_actions_format = valid_actions_format
+        self._expert: ScienceWorldTextEnv | None = None  # a JVM with gold paths on, started by the first solve
+        self._gold: dict[TaskSpec, list[str]] = {}
+
+    def __getstate__(self):  # worker processes get the factory, not its expert's JVM (py4j cannot be pickled)
+        return {**self.__dict__, "_expert": None}
 
     def make(self) -> ScienceWorldTextEnv:
         return ScienceWorldTextEnv(
@@ -425,3 +431,35 @@ class ScienceWorldFactory(EnvFactory):
 
     def task_type(self, task: TaskSpec) -> str:
         return task.task
+
+    def solve(self, task: TaskSpec, prefix: Sequence[str] = ()) -> list[str]:
+        """The simulator's gold path after `prefix` (the expert of warm starts), which must itself be a start of the
+        gold path: ScienceWorld plans only from the start state, so noisy demonstrations are not available."""
+        if task not in self._gold:
+            if self._expert is None:
+                self._expert = ScienceWorldTextEnv(
+                    self.simplification, self.env_step_limit, self.java_tool_options, False, True
+                )
+            self._expert.reset(task)
+            gold, won = [], False
+            for action in self._expert.gold_actions():
+                gold.append(action)
+                _, _, done, info = self._expert.step(action)
+                if done:  # the sim's list can go on after the win (e.g. a trailing 'wait1'): a plan ends with its game
+                    won = info["won"]
+                    break
+            if not won:
+                raise ValueError(f"ScienceWorld's gold path does not win {task.key()}: {gold!r}.")
+            self._gold[task] = gold
+        gold = self._gold[task]
+        if gold[: len(prefix)] != list(prefix):
+            raise ValueError(
+                f"ScienceWorld's expert is the simulator's gold path; {list(prefix)!r} leaves it (gold: {gold!r}). "
+                "Warm-start ScienceWorld with the gold path alone (warmstart_noisy_steps: 0)."
+            )
+        return list(gold[len(prefix) :])
+
+    def close(self) -> None:
+        if self._expert is not None:
+            self._expert.close()
+            self._expert = None

@@ -208,3 +208,11 @@ class TextWorldExpressFactory(EnvFactory):
                 "Warm starts with noise need an expert that re-plans, which this game does not offer."
             )
         return list(gold[len(prefix) :])
+
+    def close(self) -> None:
+        if self._expert is not None:
+            self._expert.close()
+            self._expert = None
+
+    def __getstate__(self):  # worker processes get the factory, not its expert's JVM
+        return {**self.__dict__, "_expert": None}

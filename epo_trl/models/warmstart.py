@@ -34,9 +34,11 @@ class PlanBackend:
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float | None = None) -> Generation:
         active = [i for i, plan in enumerate(self.plans) if len(plan) > self.calls]
         if len(active) != len(prompts):
+            why = ("an episode ended before its plan (the plan goes on after the game is won or lost)"
+                   if len(prompts) < len(active) else "a plan ended before its episode did")  # fmt: skip
             raise RuntimeError(
-                f"{len(prompts)} prompts for {len(active)} planned episodes: a plan ended before its episode did "
-                "(plans must win, or run to max_turns)."
+                f"{len(prompts)} prompts for {len(active)} planned episodes: {why}. Plans must end exactly where "
+                "their episode ends (a win), or run to max_turns."
             )
         ids = [action_ids(self.tokenizer, self.plans[i][self.calls], self.tags, max_new_tokens) for i in active]
         self.calls += 1

@@ -188,6 +188,7 @@ class RolloutEngine:
                     action=None,  # set by _step_all once the env accepts it (`project_action` runs next to the env)
                     error=parsed.error,
                     hit_token_limit=not ids or ids[-1] not in eos_ids,
+                    context_tokens=len(prompts[i]),
                 )
                 e.turns.append(turn)
                 if parsed.valid:
@@ -241,6 +242,7 @@ def rollout_metrics(result: RolloutResult, config: RolloutConfig) -> dict[str, f
         "invalid": float(sum(t.action is None for t in turns)),
         "truncated": float(sum(e.truncated is not None for e in eps)),
         "turn_truncated": float(sum(t.hit_token_limit for t in turns)),
+        "context_tokens": float(sum(t.context_tokens for t in turns)),
         "failures": float(sum(e.failed for e in eps)),
         "env_time_s": result.env_time_s,
         "gen_time_s": result.gen_time_s,
@@ -267,6 +269,7 @@ def reduce_metrics(sums: dict[str, float], accelerator=None) -> dict[str, float]
         "rollout/invalid_action_rate": sums["invalid"] / turns,
         "rollout/truncation_rate": sums["truncated"] / n,
         "rollout/turn_truncation_rate": sums["turn_truncated"] / turns,
+        "rollout/prompt_tokens_per_turn": sums["context_tokens"] / turns,
         "rollout/env_failures": sums["failures"],
         "rollout/env_time_s": sums["env_time_s"] / world,
         "rollout/gen_time_s": sums["gen_time_s"] / world,

@@ -22,6 +22,7 @@ class Turn:
     error: str | None  # why the action was invalid
     hit_token_limit: bool
     observation: str = ""  # what the env answered (or the invalid-action note)
+    context_tokens: int = 0  # tokens the model read to write this turn (step prompt or trajectory so far)
 
 
 @dataclass
@@ -68,7 +69,10 @@ class Episode:
             "failed": self.failed,
             "failure": self.failure,
             "truncated": self.truncated,
-            "turns": [{"text": t.text, "action": t.action, "observation": t.observation} for t in self.turns],
+            "turns": [
+                {"text": t.text, "action": t.action, "observation": t.observation, "context_tokens": t.context_tokens}
+                for t in self.turns
+            ],
         }
 
 

@@ -42,6 +42,9 @@ def summarize(records: Sequence[dict[str, Any]], factory: EnvFactory, k: int) ->
             "mean_length": sum(r["length"] for r in recs) / n,
             "invalid_rate": sum(r["invalid"] for r in recs) / max(sum(r["length"] for r in recs), 1),
             "failed": sum(bool(r["failed"]) for r in recs),
+            # the tokens the model read per turn (prefill): what the prompt layout costs
+            "prompt_tokens_per_turn": sum(t.get("context_tokens", 0) for r in recs for t in r.get("turns", ()))
+            / max(sum(len(r.get("turns", ())) for r in recs), 1),
         }
 
     if not records:

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from ..protocol import EnvFactory, TaskSpec, TextEnv
@@ -211,6 +212,8 @@ class ALFWorldFactory(EnvFactory):
         expert: attach alfworld's built-in expert ("handcoded": next step from hand-written policies;
             "planner": a fast-downward plan). Off by default (it slows steps); for tests, demos and SFT data.
         max_games: cap the games per split (the first ones, sorted by path).
+        sample_games: play the four offline sample games (`games.write_sample_games`, written once into
+            `data_path`, default `~/.cache/epo-trl/alfworld-sample`) instead of downloaded ones.
     """
 
     name = "alfworld"
@@ -226,8 +229,14 @@ class ALFWorldFactory(EnvFactory):
         task_types: list[str] | tuple[str, ...] | None = None,
         expert: str | None = None,
         max_games: int | None = None,
+        sample_games: bool = False,
     ):
         _import_textworld()
+        if sample_games:
+            from .games import write_sample_games
+
+            data_path = data_path or os.path.join("~", ".cache", "epo-trl", "alfworld-sample")
+            write_sample_games(os.path.expanduser(str(data_path)))
         self.data_path = os.path.abspath(os.path.expanduser(str(data_path))) if data_path else default_data_path()
         if task_types is None:
             self.selected_types = list(TASK_TYPES)
@@ -240,6 +249,10 @@ class ALFWorldFactory(EnvFactory):
             raise ValueError(f"expert={expert!r}: use None, 'handcoded' or 'planner'.")
         self.expert = expert
         self.max_games = max_games
+        self._expert_env: ALFWorldTextEnv | None = None  # the game `solve` plans in, started by its first call
+
+    def __getstate__(self):  # worker processes get the factory, not its expert's live game
+        return {**self.__dict__, "_expert_env": None}
 
     def _check_data(self) -> None:
         games_dir = os.path.join(self.data_path, "json_2.1.1")
@@ -248,7 +261,7 @@ class ALFWorldFactory(EnvFactory):
                 f"ALFWorld games not found: looked for {games_dir}. Download them once with `alfworld-download` "
                 "(it writes to ~/.cache/alfworld by default), then set ALFWORLD_DATA to the folder that holds "
                 "json_2.1.1/ or pass data_path=. For a small offline sample, use "
-                "epo_trl.envs._alfworld_games.write_sample_games(folder)."
+                "epo_trl.envs.alfworld.games.write_sample_games(folder), or env_kwargs {sample_games: true}."
             )
 
     def make(self) -> ALFWorldTextEnv:
@@ -274,3 +287,38 @@ class ALFWorldFactory(EnvFactory):
 
     def task_type(self, task: TaskSpec) -> str:
         return task_type_of(task.task)
+
+    def solve(self, task: TaskSpec, prefix: Sequence[str] = (), max_moves: int = 100) -> list[str]:
+        """The built-in expert's commands (`expert`, "handcoded" when unset) from the state `prefix` leads to until
+        the game is won: it re-plans from any state, so noisy warm starts work. Empty when `prefix` already ends
+        the game; ValueError when the expert does not win within `max_moves`."""
+        if self._expert_env is None:
+            self._check_data()
+            self._expert_env = ALFWorldTextEnv(self.data_path, expert=self.expert or "handcoded")
+        env = self._expert_env
+        env.reset(task)
+        done = False
+        for command in prefix:
+            _, _, done, _ = env.step(command)
+            if done:
+                return []
+        plan: list[str] = []
+        won = False
+        while not done and len(plan) < max_moves:
+            next_commands = env.expert_plan()
+            if not next_commands:
+                break
+            plan.append(next_commands[0])
+            _, _, done, info = env.step(plan[-1])
+            won = info["won"]
+        if not won:
+            raise ValueError(
+                f"ALFWorld's {env.expert} expert did not win {task.task!r} within {max_moves} moves after "
+                f"{list(prefix)!r}; this game cannot be warm-started (try expert='planner')."
+            )
+        return plan
+
+    def close(self) -> None:
+        if self._expert_env is not None:
+            self._expert_env.close()
+            self._expert_env = None
