@@ -47,7 +47,12 @@ def destroy_process_group() -> None:
     dist = sys.modules.get("torch.distributed")  # not imported: no group to tear down (and no torch import)
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        vllm_state = sys.modules.get("vllm.distributed.parallel_state")
+        if vllm_state is not None:  # a colocated engine's groups hang off the default group: they go first, or
+            vllm_state.destroy_model_parallel()  # vLLM's atexit shutdown finds them dangling and raises
+            vllm_state.destroy_distributed_environment()  # (ValueError: Invalid process group specified)
+        if dist.is_initialized():  # vLLM's teardown may have destroyed the default group itself
+            dist.destroy_process_group()
 
 
 def vllm_parallelism(

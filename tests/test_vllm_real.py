@@ -189,6 +189,8 @@ def test_cpu_vllm_recipe_trains_through_the_cli(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # the engine's own atexit shutdown finds its process groups already torn down, not dangling
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
     rows = [json.loads(line) for line in Path(tmp_path / "logs.jsonl").read_text().splitlines() if '"loss"' in line]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for row in rows:  # step mode (the recipe's) logs TRL's sampling metrics and the sync check

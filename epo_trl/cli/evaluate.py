@@ -85,6 +85,7 @@ def format_table(summary: dict[str, Any]) -> str:
         "-" * len(head),
         row("all", summary),
         f"pass@{k} over {summary['tasks']} tasks: {summary[f'pass@{k}']:.3f}",
+        f"prompt tokens per turn: {summary['prompt_tokens_per_turn']:.0f}",
     ]
     return "\n".join(rows)
 

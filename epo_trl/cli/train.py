@@ -647,7 +647,8 @@ def _main(argv: list[str] | None) -> int:
             if dropped:
                 print(f"epo-trl train: logs.jsonl: dropped {dropped} row(s) past the checkpoint", flush=True)
     stop = StopOnSignal(save=script.save_on_interrupt)
-    trainer = build_trainer(script, rollout_config, args, callbacks=[_jsonl_callback(log_file), stop])
+    say = (lambda line: print(f"epo-trl train: {line}", flush=True)) if main_process else None  # warm-start progress
+    trainer = build_trainer(script, rollout_config, args, callbacks=[_jsonl_callback(log_file), stop], log=say)
     console = use_console(trainer)  # a short line per logging step; the full metrics go to logs.jsonl / TensorBoard
     try:
         with stop.installed():

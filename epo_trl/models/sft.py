@@ -109,6 +109,8 @@ def sft_warm_start(model_dir: str, output_dir: str, factory: EnvFactory, tasks: 
         return trainer.state.global_step, [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
     samples = expert_turns(factory, tasks, tokenizer, config, mode)
+    say(f"warm start (SFT): {steps} steps of {batch_size} on {len(samples)} expert samples of {len(tasks)} tasks "
+        f"(mean {sum(len(p) + len(c) for p, c, _ in samples) / len(samples):.0f} tokens)")  # fmt: skip
     callbacks = [target_success_callback(check, check_every, target_success, checks)] if target_success else []
     scratch = tempfile.mkdtemp(prefix="sft-")
     expert_steps, losses = phase(samples, steps, callbacks)
