@@ -260,7 +260,9 @@ def test_budgets_are_enforced_and_reported(tokenizer):
         # trajectory mode: turn k reads the prompt plus every completion and observation token before it
         assert e.turns[0].context_tokens == len(e.prompt_ids)
         assert all(a.context_tokens + len(a.completion_ids) < b.context_tokens for a, b in zip(e.turns, e.turns[1:]))
-        assert e.turns[-1].context_tokens + len(e.turns[-1].completion_ids) <= len(e.prompt_ids) + len(e.completion_ids)
+        assert e.turns[-1].context_tokens + len(e.turns[-1].completion_ids) <= len(e.prompt_ids) + len(
+            e.completion_ids
+        )
     # step-mode prompt budget: the history shrinks first, then the episode is truncated
     engine = RolloutEngine(factory, tokenizer, RolloutConfig(max_turns=4, max_prompt_tokens=10))
     result = engine.run(tasks, scripted_backend(tokenizer), "step")

@@ -7,6 +7,7 @@ lines it relies on, so a TRL upgrade that changes them fails here instead of sil
 from __future__ import annotations
 
 import inspect
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -21,7 +22,7 @@ from vllm_standin import make_vllm_generation, model_checksums, vllm_standin
 from epo_trl.models.tiny import build_tiny_model
 from epo_trl.rollout import VLLMBackend
 from epo_trl.rollout.backends.base import eos_token_ids
-from epo_trl.rollout.backends.vllm import sampled_logprobs
+from epo_trl.rollout.backends.vllm import CPU_KV_CACHE_GIB, default_cpu_kv_cache, sampled_logprobs
 
 PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
 
@@ -155,3 +156,20 @@ def test_a_turn_ending_in_the_second_eos_is_not_truncated(tiny):
         engine.close()
     assert all(e.won for e in result.episodes)
     assert rollout_metrics(result, engine.config)["turn_truncated"] == 0.0
+
+
+def test_cpu_kv_cache_defaults_to_a_fixed_size_and_keeps_the_users(monkeypatch):
+    # unset, vLLM's CPU worker asks for utilization x RAM minus the process's RSS: negative after an in-process
+    # warm start (measured: "-3.88/6.63 GiB" after SmolLM2's SFT), and it refuses to start
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    default_cpu_kv_cache()
+    assert CPU_KV_CACHE_GIB == 2
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")
+    default_cpu_kv_cache()
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "7"
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # GPUs size the cache by gpu_memory_utilization
+    default_cpu_kv_cache()
+    assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ

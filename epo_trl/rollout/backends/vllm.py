@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from types import SimpleNamespace
 
 from .base import Generation, cut_at_eos, eos_token_ids, is_sharded
+
+CPU_KV_CACHE_GIB = 2  # vLLM's CPU KV cache when the user sets none: room for a rollout batch of a small model
+
+
+def default_cpu_kv_cache() -> None:
+    """On a machine without CUDA, give vLLM a fixed KV cache (`VLLM_CPU_KVCACHE_SPACE`, GiB) unless one is set.
+
+    Unset, vLLM's CPU worker asks for `gpu_memory_utilization` x RAM minus this process's resident memory, which is
+    negative once the policy, its optimizer or an in-process warm start live in the same process (it refuses to
+    start: "less than requested memory for kv (-3.88/6.63 GiB)").
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(CPU_KV_CACHE_GIB))
 
 
 class VLLMBackend:
@@ -91,6 +107,8 @@ class VLLMOfflineBackend:
         from transformers import AutoTokenizer, GenerationConfig
         from vllm import LLM
 
+        if llm is None:
+            default_cpu_kv_cache()
         self.llm = llm if llm is not None else LLM(model=model, seed=seed, **llm_kwargs)
         self.temperature = temperature
         try:
