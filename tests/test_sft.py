@@ -62,9 +62,13 @@ def test_sft_on_smollm2_trains_the_action_tokens_only(tmp_path):
     factory = MazeFactory(size=2, task="reach", distractors=0, num_train=4)
     tasks = factory.tasks("train")
     config = RolloutConfig(max_turns=4, max_turn_tokens=12, prompt_history_pairs=2, require_tags=True)
+    said: list[str] = []
     summary = sft_warm_start(base, str(tmp_path / "warm"), factory, tasks, config, "trajectory", steps=3,
-                             learning_rate=1e-4, batch_size=len(tasks), bf16=False)  # fmt: skip
+                             learning_rate=1e-4, batch_size=len(tasks), bf16=False, log=said.append)  # fmt: skip
     assert summary["trainer"] == "trl.SFTTrainer" and summary["steps"] == 3 and summary["expert_samples"] == 4
+    # progress reaches the console before the (minutes-long) SFT phase starts, not only after it
+    assert said[0].startswith("warm start (SFT): 3 steps of 4 on 4 expert samples of 4 tasks (mean ")
+    assert said[1] == f"warm start (SFT): 3 steps on 4 expert samples, loss {summary['expert_loss']:.4f}"
 
     # The first step's loss, by hand: mean -log p(action token) over the batch (all 4 episodes), base model.
     tokenizer = AutoTokenizer.from_pretrained(base)
