@@ -22,6 +22,7 @@ import statistics
 import tempfile
 import time
 
+from ..rollout.backends.vllm import cpu_vllm_dtype, default_cpu_kv_cache
 from .common import maze_model, md_table
 from .rollout_efficiency import _replay, _rollout
 
@@ -37,6 +38,7 @@ def in_process_llm(path: str, dtype: str):
     from trl.generation.vllm_generation import ensure_master_addr_port
     from vllm import LLM
 
+    default_cpu_kv_cache()  # the fixed KV cache the trainer's engine gets (its own default can be negative)
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)
     ensure_master_addr_port()
@@ -145,7 +147,8 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
             except Exception as e:  # the wheel is an optional extra
                 rows.append({"model": "SmolLM2-135M-Instruct", "skipped": f"{type(e).__name__}: {e}"})
             else:
-                rows.append(_measure("SmolLM2-135M-Instruct", smol, "bfloat16", factory, config, tasks, reps))
+                dtype = cpu_vllm_dtype() or "bfloat16"  # bf16 only where the CPU has bf16 instructions
+                rows.append(_measure("SmolLM2-135M-Instruct", smol, dtype, factory, config, tasks, reps))
     return {"episodes": episodes, "max_turns": max_turns, "max_turn_tokens": turn_tokens, "reps": reps, "rows": rows}
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..hardware import NO_BF16_NOTE, cpu_without_bf16
 from ..rollout import RolloutConfig
 from .console import use_console
 from .errors import (
@@ -400,6 +401,9 @@ def load_config(argv: list[str], notes: list[str] | None = None, overrides: dict
     if fast_mode():
         notes += apply_fast_caps(values, FAST_CAPS)
     derive_batch(values, sources, notes)
+    if values.get("bf16") and cpu_without_bf16(bool(values.get("use_cpu"))):
+        values["bf16"] = False  # emulated bf16 is ~60x slower than fp32 (epo_trl.hardware)
+        notes.append(NO_BF16_NOTE)
     check_env_name(values["env"])
     check_model_reference(values["model_name_or_path"], "model_name_or_path")
     check_optional_dependencies(values)
@@ -619,6 +623,11 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def _say(line: str, file=None) -> None:
+    """One console line of `epo-trl train` (flushed: it interleaves with the progress bar)."""
+    print(f"epo-trl train: {line}", file=file or sys.stdout, flush=True)
+
+
 def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or "--help" in argv or "-h" in argv:
@@ -627,14 +636,16 @@ def _main(argv: list[str] | None) -> int:
         algo = flag_value(rest, "algo") or read_config_file(path).get("algo", "epo")
         print(config_parser(algo if algo in ALGOS else "epo").format_help())
         if not argv:
-            print("epo-trl train: error: no recipe or options given (the options are above).", file=sys.stderr)
+            _say("error: no recipe or options given (the options are above).", sys.stderr)
             print("  fix: epo-trl train recipes/cpu/maze_epo.yaml", file=sys.stderr)
         return 0 if argv else 2
     notes: list[str] = []
     script, rollout_config, args = load_config(argv, notes)
     main_process = args.process_index == 0
+    say = _say if main_process else None  # console lines come from the main process only
     if main_process:
-        print("\n".join(f"epo-trl train: {line}" for line in [*notes, *describe(script, args)]), flush=True)
+        for line in [*notes, *describe(script, args)]:
+            _say(line)
     log_file = os.path.join(args.output_dir, "logs.jsonl")
     if main_process:
         if not args.resume_from_checkpoint and os.path.exists(log_file):
@@ -645,9 +656,8 @@ def _main(argv: list[str] | None) -> int:
 
             dropped = truncate_log(log_file, step_of(args.resume_from_checkpoint))
             if dropped:
-                print(f"epo-trl train: logs.jsonl: dropped {dropped} row(s) past the checkpoint", flush=True)
+                _say(f"logs.jsonl: dropped {dropped} row(s) past the checkpoint")
     stop = StopOnSignal(save=script.save_on_interrupt)
-    say = (lambda line: print(f"epo-trl train: {line}", flush=True)) if main_process else None  # warm-start progress
     trainer = build_trainer(script, rollout_config, args, callbacks=[_jsonl_callback(log_file), stop], log=say)
     console = use_console(trainer)  # a short line per logging step; the full metrics go to logs.jsonl / TensorBoard
     try:
@@ -658,7 +668,7 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:  # a second signal: stopped inside a step
         console.close()
         if main_process:
-            print(f"epo-trl train: {stop.describe(trainer, inside_step=True)}", file=sys.stderr, flush=True)
+            _say(stop.describe(trainer, inside_step=True), sys.stderr)
         return stop.exit_code()
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         if not (getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)):
@@ -672,12 +682,12 @@ def _main(argv: list[str] | None) -> int:
         trainer.rollout_func.close()
     if stop.signal is not None:
         if main_process:
-            print(f"epo-trl train: {stop.describe(trainer, inside_step=False)}", file=sys.stderr, flush=True)
+            _say(stop.describe(trainer, inside_step=False), sys.stderr)
         return stop.exit_code()
     if trainer.is_world_process_zero():
         written = write_outputs(trainer, script, output.metrics)
         from .plots import plots_available
 
         extra = "" if plots_available() else ' (no plots: pip install "epo-trl[plots]")'
-        print(f"epo-trl train: wrote {', '.join(written)}{extra}", flush=True)
+        _say(f"wrote {', '.join(written)}{extra}")
     return 0

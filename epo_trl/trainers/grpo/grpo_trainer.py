@@ -21,7 +21,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_context
 
-from ...rollout.backends.vllm import default_cpu_kv_cache
+from ...rollout.backends.vllm import cpu_engine_defaults
 from .. import vllm_sync
 from ..checkpoints import STATE_FILE, CheckpointError, atomic_write_json, atomic_write_text, read_json
 from ..vllm_servers import attach_server_pool
@@ -79,9 +79,9 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
                 f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(args).__name__}. "
                 f"Replace GRPOConfig(...) with {self.config_class.__name__}(...): it takes the same arguments."
             )
-        if args.use_vllm and args.vllm_mode == "colocate":
-            default_cpu_kv_cache()  # TRL builds the engine in super().__init__
-        super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        colocated = args.use_vllm and args.vllm_mode == "colocate"
+        with cpu_engine_defaults() if colocated else nullcontext():  # TRL builds the engine here
+            super().__init__(model, reward_funcs, args, *pargs, **kwargs)
         attach_server_pool(self)  # several vLLM servers (args.vllm_server_base_urls)
         self.vllm_sync_check = vllm_sync.install(self)  # the right push per engine, checked after each push
         self._last_forward: tuple[torch.Tensor, torch.Tensor] | None = None  # (logps, entropies) of the training pass
