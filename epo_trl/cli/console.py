@@ -20,6 +20,7 @@ COLUMNS = (
     ("out-of-band", ("epo/out_of_band_frac",), "{:.2f}"),
     ("T_aepo", ("aepo/temperature",), "{:.2f}"),
     ("kl", ("kl",), "{:.4f}"),
+    ("loss", ("loss",), "{:.4f}"),  # the SFT warm start's steps (RL steps show their success and entropy first)
 )
 
 

@@ -19,7 +19,7 @@ import shutil
 from collections.abc import Sequence
 from typing import Any
 
-from .protocol import EnvFactory, TaskSpec, TextEnv
+from .protocol import EnvFactory, TaskSpec, TextEnv, words_of
 
 GAMES = ("coin", "cookingworld", "twc", "mapreader", "arithmetic", "sorting", "simonsays", "peckingorder")
 FOLDS = {"train": "train", "valid_seen": "dev", "valid_unseen": "test"}
@@ -208,6 +208,26 @@ class TextWorldExpressFactory(EnvFactory):
                 "Warm starts with noise need an expert that re-plans, which this game does not offer."
             )
         return list(gold[len(prefix) :])
+
+    def vocabulary(self, tasks_per_split: int = 16) -> list[str]:
+        """The words the games print, for a word-level tiny tokenizer (one token per word, not per byte): gathered
+        by playing the gold path of the first `tasks_per_split` tasks of every split; a word seen nowhere there
+        still tokenizes, byte by byte."""
+        texts = [self.prompt_header]
+        env = TextWorldExpressTextEnv(self.game, self.game_params, self.env_step_limit, gold_path=True)
+        try:
+            for split in FOLDS:
+                for task in self.tasks(split)[:tasks_per_split]:
+                    obs, info = env.reset(task)
+                    texts += [obs, info["goal"], *env.admissible_actions()]
+                    for action in env.gold_actions():
+                        obs, _, done, _ = env.step(action)
+                        texts += [obs, *env.admissible_actions()]
+                        if done:
+                            break
+        finally:
+            env.close()
+        return sorted(set(words_of(texts)))
 
     def close(self) -> None:
         if self._expert is not None:
