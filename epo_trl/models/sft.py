@@ -105,13 +105,15 @@ def sft_warm_start(model_dir: str, output_dir: str, factory: EnvFactory, tasks: 
         trainer = SFTTrainer(model=model, args=args, train_dataset=sft_dataset(samples), processing_class=tokenizer,
                              callbacks=list(callbacks))  # fmt: skip
         trainer.remove_callback(PrinterCallback)  # the raw log dicts; the summary lines go through `log`
-        if log is not None:  # the bar with one short line per step, as the RL steps that follow print them
-            from ..cli.console import use_console
+        from ..cli.console import use_console
 
-            console = use_console(trainer)
-        trainer.train()
-        if log is not None:
-            console.close()
+        # the bar with one short line per step, as the RL steps that follow print them
+        console = use_console(trainer) if log is not None else None
+        try:
+            trainer.train()
+        finally:
+            if console is not None:
+                console.close()
         return trainer.state.global_step, [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
     samples = expert_turns(factory, tasks, tokenizer, config, mode)

@@ -30,11 +30,9 @@ def cpu_vllm_dtype() -> str | None:
     """The dtype vLLM gets on a CPU without bf16 instructions: "float32" (its "auto" casts a float32 checkpoint to
     bf16, which such a CPU emulates: SmolLM2-135M generates 38 tokens/s in bf16 vs 127 in fp32 on an AVX2-only
     EPYC); None (vLLM's own choice) elsewhere."""
-    import torch
-
     from ...hardware import cpu_without_bf16
 
-    return "float32" if not torch.cuda.is_available() and cpu_without_bf16() else None
+    return "float32" if cpu_without_bf16(use_cpu=False) else None  # use_cpu=False: only where there is no CUDA
 
 
 @contextmanager
@@ -141,8 +139,9 @@ class VLLMOfflineBackend:
 
         if llm is None:
             default_cpu_kv_cache()
-            if cpu_vllm_dtype() is not None:
-                llm_kwargs.setdefault("dtype", cpu_vllm_dtype())
+            dtype = cpu_vllm_dtype()
+            if dtype is not None:
+                llm_kwargs.setdefault("dtype", dtype)
         self.llm = llm if llm is not None else LLM(model=model, seed=seed, **llm_kwargs)
         self.temperature = temperature
         try:
