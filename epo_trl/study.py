@@ -1,6 +1,7 @@
-"""`python -m epo_trl.study`: GRPO vs EPO-Base vs EPO (vs EPO + GiGPO, the demo) on the built-in maze, several seeds.
+"""`python -m epo_trl.study`: GRPO vs EPO-Base vs EPO vs AEPO on the built-in maze (or, `--setting coin`, on a
+long-horizon TextWorldExpress game), several seeds.
 
-Every run goes through the real CLI path (`epo_trl.cli.train.load_config` on the demo's recipe,
+Every run goes through the real CLI path (`epo_trl.cli.train.load_config` on the setting's recipe, e.g. the demo's
 `recipes/cpu/demo.yaml`, with `--algo` and the few overrides below, then `build_trainer`), so algorithms differ only
 in what `--algo` switches. The setting is the demo's (a hidden-64 tiny model warm-started on a noisy demonstrator,
 KL anchor, batch-std rewards, trajectory mode), where plain GRPO learns. Per seed, the warm start is built once and shared by every
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cli.demo import QUICK as QUICK_OVERRIDES
@@ -41,7 +43,7 @@ ALGOS = ("grpo", "epo-base", "epo", "aepo", "epo-step", "grpo-nokl", "epo-nokl",
 LABELS = {
     "grpo": "GRPO",
     "epo-base": "EPO-Base",
-    "epo": "EPO (make demo)",
+    "epo": "EPO",
     "aepo": "AEPO",
     "epo-step": "EPO, step mode",
     "grpo-nokl": "GRPO, no KL",
@@ -67,8 +69,73 @@ QUICK = {"algos": ("grpo", "aepo", "epo-step"), "seeds": (0,), "eval_tasks": 4}
 GAIN_TARGET = 0.30  # the demo's bar: held-out success after - before
 
 
+@dataclass(frozen=True)
+class Setting:
+    """Where a study runs: its recipe, its default plan and outputs, and the report's setting-specific text."""
+
+    recipe: Path
+    output_dir: str
+    report: str
+    title: str  # the report's title ends "on {title}"
+    plan: dict  # algos, seeds, eval_tasks of the full study
+    setup: str  # the report's setup paragraph after the shared part: warm start and held-out splits
+    caveats: str
+    labels: dict = field(default_factory=dict)  # LABELS overrides
+    cheap_algo: str = "epo"  # the algo whose recipe describes the setting (any would do)
+
+
+MAZE = Setting(
+    recipe=DEMO_RECIPE,
+    output_dir="docs/study",
+    report="docs/study.md",
+    title="the maze, from a warm start RL can improve",
+    plan=FULL,
+    setup="""GRPO
+runs on `MultiTurnGRPOTrainer` (the multi-turn base), EPO-Base and EPO on `EPOTrainer`, AEPO on `AEPOTrainer`, all
+four in trajectory mode (one row per episode: AEPO re-samples whole episodes). The EPO run is `make demo` with the
+same seed (same recipe), so its row is the demo's spread over seeds.
+Warm start, per seed and rollout mode, shared by the algorithms of that mode: behaviour cloning on the expert
+until the model, sampling, wins {target_success} of 32 train tasks (at most {steps} steps, checked
+every {check_every}), then {noisy_steps} steps on a noisy demonstrator's plays (each turn a random
+admissible action with probability {noise}, else the expert's move). Held-out success:
+HF generate at temperature 1 on the first {eval_tasks} tasks of `valid_seen` (unseen 2x2 layouts) and
+`valid_unseen` (3x3 mazes, never trained on), before RL (the warm start) and after.""",
+    caveats="""Caveats: {seeds} seed(s), {max_steps} steps of
+{episodes_per_step} episodes on a ~0.2M-parameter tiny model
+and a 2x2 maze that the expert wins in 3 moves. The setting was chosen so that the baseline learns, not to provoke
+the failures EPO targets (early entropy collapse, late instability under a plain bonus). Two variants probe them
+(`--algos grpo-nokl epo-nokl epo-base-bonus epo-bonus`, [study-variants.md](study-variants.md)): no KL anchor, and a
+10x stronger entropy bonus. The long-horizon study (`--setting coin`,
+[study-long-horizon.md](study-long-horizon.md)) runs the methods on 30-turn Coin Collector games.""",
+    labels={"epo": "EPO (make demo)"},
+)
+COIN = Setting(
+    recipe=DEMO_RECIPE.parent / "twx_coin_long.yaml",
+    output_dir="docs/study/long-horizon",
+    report="docs/study-long-horizon.md",
+    title="long-horizon Coin Collector (TextWorldExpress, 11 rooms, doors)",
+    plan={"algos": ("grpo", "epo-base", "epo"), "seeds": (0, 1, 2, 3, 4), "eval_tasks": 16},
+    setup="""GRPO
+runs on `MultiTurnGRPOTrainer`, EPO-Base and EPO on `EPOTrainer`, all in step mode (one row per turn: a 30-turn
+episode in one row is ~3k tokens even with the furniture dropped, and its behaviour-cloning warm start did not fit
+the budget). AEPO is not in this table: `AEPOTrainer` re-samples whole episodes and so needs trajectory mode.
+Warm start, per seed, shared by the methods: behaviour cloning on the game's gold paths until the model, sampling,
+wins {target_success} of 32 train tasks (at most {steps} steps, checked every {check_every}); no noisy phase (the
+gold path cannot re-plan from a state off it), so the start is imperfect because cloning stops early. Held-out
+success: HF generate at temperature 1 on the first {eval_tasks} tasks of `valid_seen` (the dev fold) and
+`valid_unseen` (the test fold: other seeds of the same generator), before RL (the warm start) and after.""",
+    caveats="""Caveats: {seeds} seed(s), {max_steps} steps of
+{episodes_per_step} episodes on a ~0.2M-parameter tiny model, sized to fit 60 minutes on 2 CPU cores. Coin
+Collector with 11 rooms and doors has gold paths of 14 moves on average (up to 33) and the episodes run up to 30
+turns: long for this project's CPU runs, short next to the paper's ALFWorld/ScienceWorld horizons, and 12 steps
+are few for a late collapse to show. See "What it would take" below.""",
+    cheap_algo="grpo",
+)
+SETTINGS = {"maze": MAZE, "coin": COIN}
+
+
 # ----- one run ---------------------------------------------------------------------------------------------------
-def _setup(overrides: dict, algo: str, seed: int, output_dir: str):
+def _setup(overrides: dict, algo: str, seed: int, output_dir: str, recipe: str = str(DEMO_RECIPE)):
     from .bench.common import quiet_logs, setup_offline
     from .cli.train import load_config
 
@@ -76,18 +143,19 @@ def _setup(overrides: dict, algo: str, seed: int, output_dir: str):
     quiet_logs()
     extra = {**overrides, **ALGO_EXTRA.get(algo, {}), "algo": METHOD.get(algo, algo), "seed": seed,
              "output_dir": output_dir}  # fmt: skip
-    return load_config([str(DEMO_RECIPE)], overrides=extra)
+    return load_config([recipe], overrides=extra)
 
 
 def warm_settings(script) -> dict:
     """The recipe's warm start, as the report describes it."""
-    return {"steps": script.warmstart_steps, "target_success": script.warmstart_target_success, "check_every": 50,
+    return {"steps": script.warmstart_steps, "target_success": script.warmstart_target_success,
+            "check_every": script.warmstart_check_every,
             "noisy_steps": script.warmstart_noisy_steps, "noise": script.warmstart_noise}  # fmt: skip
 
 
-def mode_of(algo: str, overrides: dict) -> str:
+def mode_of(algo: str, overrides: dict, recipe_mode: str = "trajectory") -> str:
     """The rollout mode `algo` runs in (and its warm start is rendered in)."""
-    return ALGO_EXTRA.get(algo, {}).get("rollout_mode", overrides.get("rollout_mode", "trajectory"))
+    return ALGO_EXTRA.get(algo, {}).get("rollout_mode", overrides.get("rollout_mode", recipe_mode))
 
 
 def _held_out(model, tokenizer, factory, rollout, eval_tasks: int, seed: int, mode: str) -> dict[str, float]:
@@ -97,7 +165,7 @@ def _held_out(model, tokenizer, factory, rollout, eval_tasks: int, seed: int, mo
     return {split: r["success_rate"] for split, r in result.items()}
 
 
-def warm_one(seed: int, mode: str, output_dir: str, overrides: dict, eval_tasks: int) -> dict:
+def warm_one(seed: int, mode: str, output_dir: str, overrides: dict, eval_tasks: int, recipe: str) -> dict:
     """Build seed's warm-started model for `mode` in `output_dir/tiny-model` (shared by every algo of that mode), as
     `epo-trl train` builds it from the recipe, and its held-out success."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -105,7 +173,7 @@ def warm_one(seed: int, mode: str, output_dir: str, overrides: dict, eval_tasks:
     from .cli.train import WARM_START_FILE, resolve_model
     from .envs import make_factory
 
-    script, rollout, _ = _setup({**overrides, "rollout_mode": mode}, "grpo", seed, output_dir)
+    script, rollout, _ = _setup({**overrides, "rollout_mode": mode}, "grpo", seed, output_dir, recipe)
     factory = make_factory(script.env, **script.env_kwargs)
     t0 = time.perf_counter()
     model_dir = resolve_model(script, factory, output_dir, rollout, seed)
@@ -115,14 +183,16 @@ def warm_one(seed: int, mode: str, output_dir: str, overrides: dict, eval_tasks:
     return {"seed": seed, "mode": mode, "warm_s": time.perf_counter() - t0, "warm_start": summary, "before": before}
 
 
-def run_one(algo: str, seed: int, output_dir: str, overrides: dict, eval_tasks: int, warm_dir: str) -> dict:
+def run_one(
+    algo: str, seed: int, output_dir: str, overrides: dict, eval_tasks: int, warm_dir: str, recipe: str
+) -> dict:
     """Train one (algo, seed) from the seed's warm start through the CLI path; per-step metrics, held-out success."""
     import torch
     from transformers import PrinterCallback
 
     from .cli.train import build_trainer, train_and_close
 
-    script, rollout, args = _setup(overrides, algo, seed, output_dir)
+    script, rollout, args = _setup(overrides, algo, seed, output_dir, recipe)
     shutil.copytree(warm_dir, os.path.join(args.output_dir, "tiny-model"))  # where resolve_model looks
     trainer = build_trainer(script, rollout, args)
     trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the study keeps log_history instead
@@ -197,8 +267,11 @@ def run_stats(run: dict) -> dict:
     n = len(ent)
     q = max(n // 4, 1)
     late = ent[n // 2 :] if n > 1 else ent
+    collapse = collapse_step(ent)
     return {
         "diverged": float(max(ent) > DIVERGED_NATS),
+        "collapsed": float(collapse is not None),
+        "collapse_step": math.nan if collapse is None else float(collapse),
         "initial_train_success": statistics.fmean(succ[:q]),  # first quarter: close to the warm-started model
         "final_train_success": statistics.fmean(succ[-q:]),  # last quarter: one step alone is too noisy
         "before_seen": run["before"]["valid_seen"],
@@ -216,16 +289,27 @@ def run_stats(run: dict) -> dict:
 
 
 DIVERGED_NATS = 5.0  # uniform over the tiny vocabulary is ~6.3 nats: above 5 the policy has fallen apart
+COLLAPSE_FRACTION = 0.5  # entropy below half its step-1 value: the policy has collapsed onto fewer actions
+
+
+def collapse_step(entropy: list[float]) -> int | None:
+    """The first optimizer step (1-based) whose entropy is below COLLAPSE_FRACTION x the step-1 entropy; None if
+    no step is."""
+    first = entropy[0]
+    return next((i + 1 for i, h in enumerate(entropy) if h < COLLAPSE_FRACTION * first), None)
+
 
 STAT_COLUMNS = {
     "diverged": "share of seeds diverged (entropy > 5 nats)",
+    "collapsed": "share of seeds collapsed (entropy < 0.5 x step 1)",
+    "collapse_step": "collapse step (seeds that collapse)",
     "initial_train_success": "train success (first quarter)",
     "final_train_success": "train success (last quarter)",
     "before_seen": "held-out valid_seen before RL",
     "valid_seen": "held-out valid_seen after RL",
     "gain_seen": "held-out gain (after - before)",
     "gain_reached": "share of seeds with gain >= 0.30",
-    "valid_unseen": "held-out valid_unseen (3x3) after RL",
+    "valid_unseen": "held-out valid_unseen after RL",
     "final_entropy": "final entropy",
     "min_entropy": "min entropy",
     "early_drop": "entropy drop, first quarter",
@@ -253,6 +337,22 @@ def aggregate(runs: list[dict]) -> dict:
     return out
 
 
+def scale_note(runs: list[dict]) -> str:
+    """What a study at the paper's scale would cost, extrapolated from this study's measured seconds per step."""
+    per_step = [r["train_s"] / len(r["step"]) for r in runs if r.get("step")]
+    if not per_step:
+        return ""
+    sec = statistics.fmean(per_step)
+    return (
+        f"Measured here: {sec:.0f} s per optimizer step (mean over runs, each on one thread with another run on the "
+        f"other core), so {len(runs)} runs of {len(runs[0]['step'])} steps is what 60 minutes on 2 cores holds. The failures EPO targets "
+        "were reported over hundreds of steps on 30-50-turn tasks with a billion-parameter model. At this batch, "
+        f"200 steps would take {200 * sec / 3600:.1f} h per run and {200 * sec * len(runs) / 3600 / 2:.0f} h for "
+        "this table on 2 cores; 50-turn episodes add ~2/3 more rows per step. That is a GPU job: "
+        "`recipes/textworld_express/qwen2.5-1.5b_epo.yaml` is the paper-style recipe for this game."
+    )
+
+
 # ----- plots and report ------------------------------------------------------------------------------------------
 def _curves(rs: list[dict], key: str):
     import numpy as np
@@ -262,7 +362,7 @@ def _curves(rs: list[dict], key: str):
     return np.arange(1, n + 1), np.nanmean(data, 0), np.nanstd(data, 0)
 
 
-def plot(runs: list[dict], out: Path) -> list[str]:
+def plot(runs: list[dict], out: Path, labels: dict = LABELS) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -276,7 +376,7 @@ def plot(runs: list[dict], out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(6.4, 4))
         for algo, rs in by_algo.items():
             x, mean, std = _curves(rs, key)
-            ax.plot(x, mean, label=f"{LABELS[algo]} (n={len(rs)})")
+            ax.plot(x, mean, label=f"{labels[algo]} (n={len(rs)})")
             ax.fill_between(x, mean - std, mean + std, alpha=0.2)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)
@@ -300,7 +400,7 @@ def plot(runs: list[dict], out: Path) -> list[str]:
                     part = series[:q] if phase == "first" else series[-q:]
                     vals += part
                 means.append(np.mean(vals) if vals else np.nan)
-            ax.plot(turns, means, marker="o", label=LABELS[algo])
+            ax.plot(turns, means, marker="o", label=labels[algo])
         ax.set_title(f"per-turn entropy, {phase} quarter of steps")
         ax.set_xlabel("turn")
     axes[0].set_ylabel("token entropy (nats)")
@@ -314,16 +414,18 @@ def plot(runs: list[dict], out: Path) -> list[str]:
 
 def _pm(ms: tuple[float, float], digits: int = 3) -> str:
     mean, ci = ms
+    if math.isnan(mean):  # e.g. the collapse step where no seed collapses
+        return "-"
     return f"{mean:.{digits}f} ± {ci:.{digits}f}" if not math.isnan(ci) else f"{mean:.{digits}f}"
 
 
-def answer(summary: dict) -> list[str]:
+def answer(summary: dict, labels: dict = LABELS) -> list[str]:
     """The study's answer, phrased from the numbers (no hand-written claims that could go stale). The baseline is
     the first algorithm run (GRPO in the main study)."""
     if not summary:
         return ["No run finished: nothing to report."]
     base = next(iter(summary))
-    g, name = summary[base], LABELS[base]
+    g, name = summary[base], labels[base]
 
     def overlaps(a, b) -> bool:  # 95% intervals overlap: no claim of a difference
         return abs(a[0] - b[0]) <= (0 if math.isnan(a[1]) else a[1]) + (0 if math.isnan(b[1]) else b[1])
@@ -331,7 +433,7 @@ def answer(summary: dict) -> list[str]:
     lines = [
         "- **Does the baseline learn?** Held-out valid_seen success, before -> after RL (mean ± 95% CI over seeds): "
         + "; ".join(
-            f"{LABELS[a]} {s['before_seen'][0]:.3f} -> {_pm(s['valid_seen'])} (gain {_pm(s['gain_seen'])}, "
+            f"{labels[a]} {s['before_seen'][0]:.3f} -> {_pm(s['valid_seen'])} (gain {_pm(s['gain_seen'])}, "
             f"{s['gain_reached'][0]:.0%} of seeds >= {GAIN_TARGET})"
             for a, s in summary.items()
         )
@@ -346,15 +448,15 @@ def answer(summary: dict) -> list[str]:
     if any(diverged.values()):
         lines.append(
             "- **Divergence.** Share of seeds whose entropy blew up to near-uniform (> 5 nats) at some step: "
-            + ", ".join(f"{LABELS[a]} {v:.2f}" for a, v in diverged.items())
+            + ", ".join(f"{labels[a]} {v:.2f}" for a, v in diverged.items())
             + "."
         )
     lines.append(
         "- **Early collapse.** Entropy drop over the first quarter (negative = rises) / minimum entropy: "
-        + "; ".join(f"{LABELS[a]} {_pm(s['early_drop'], 3)} / {_pm(s['min_entropy'], 3)}" for a, s in summary.items())
+        + "; ".join(f"{labels[a]} {_pm(s['early_drop'], 3)} / {_pm(s['min_entropy'], 3)}" for a, s in summary.items())
         + ". "
         + " ".join(
-            f"{LABELS[a]} vs {name}: "
+            f"{labels[a]} vs {name}: "
             + (
                 "the intervals overlap (no difference shown)."
                 if overlaps(g["min_entropy"], s["min_entropy"]) and overlaps(g["early_drop"], s["early_drop"])
@@ -365,10 +467,16 @@ def answer(summary: dict) -> list[str]:
         )
     )
     lines.append(
+        f"- **Entropy collapse** (below {COLLAPSE_FRACTION} x the step-1 entropy): share of seeds / first step "
+        "(mean over the seeds that collapse): "
+        + "; ".join(f"{labels[a]} {_pm(s['collapsed'], 2)} / {_pm(s['collapse_step'], 1)}" for a, s in summary.items())
+        + "."
+    )
+    lines.append(
         "- **Late instability.** Over the second half, entropy std (trend included) / std of step-to-step changes "
         "(oscillation only): "
         + "; ".join(
-            f"{LABELS[a]} {_pm(summary[a]['late_entropy_std'], 3)} / {_pm(summary[a]['late_change_std'], 3)}"
+            f"{labels[a]} {_pm(summary[a]['late_entropy_std'], 3)} / {_pm(summary[a]['late_change_std'], 3)}"
             for a in summary
         )
         + "."
@@ -377,7 +485,7 @@ def answer(summary: dict) -> list[str]:
         if algo == base:
             continue
         lines.append(
-            f"- **{LABELS[algo]} vs {name} on success.** Held-out gain {name} {_pm(g['gain_seen'])}, {LABELS[algo]} "
+            f"- **{labels[algo]} vs {name} on success.** Held-out gain {name} {_pm(g['gain_seen'])}, {labels[algo]} "
             f"{_pm(other['gain_seen'])}"
             + (
                 ": the intervals overlap, so this study shows no success difference between them."
@@ -388,7 +496,7 @@ def answer(summary: dict) -> list[str]:
     cost = {a: s["train_s"][0] for a, s in summary.items()}
     lines.append(
         "- **Cost.** Mean training wall time per run: "
-        + ", ".join(f"{LABELS[a]} {v:.0f} s" for a, v in cost.items())
+        + ", ".join(f"{labels[a]} {v:.0f} s" for a, v in cost.items())
         + " (same steps, batch and lr; runs shared the CPU with each other and other jobs, so differences are noise; "
         "the loss overhead itself is measured in docs/benchmarks.md)."
     )
@@ -398,39 +506,35 @@ def answer(summary: dict) -> list[str]:
 def to_markdown(results: dict, figures: str = "study") -> str:
     """The report; `figures` is the output folder relative to the report's own folder (plots, results.json)."""
     summary, meta = results["summary"], results["meta"]
+    setting = SETTINGS[meta.get("setting_name", "maze")]
+    labels = {**LABELS, **setting.labels}
     header = ["algo", "seeds", *STAT_COLUMNS.values()]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for algo, s in summary.items():
-        rows.append("| " + " | ".join([LABELS[algo], str(s["seeds"]), *[_pm(s[k]) for k in STAT_COLUMNS]]) + " |")
+        rows.append("| " + " | ".join([labels[algo], str(s["seeds"]), *[_pm(s[k]) for k in STAT_COLUMNS]]) + " |")
     shared = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in meta["overrides"].items() if k not in ("report_to",))
     errors = "".join(
-        f"\n- {LABELS.get(r['algo'], r['algo'])} seed {r['seed']} failed: {r['error']}" for r in results["errors"]
+        f"\n- {labels.get(r['algo'], r['algo'])} seed {r['seed']} failed: {r['error']}" for r in results["errors"]
     )
-    warm = meta["warm_start"]
-    extra = "; ".join(f"{LABELS[a]} `{json.dumps(ALGO_EXTRA[a])}`" for a in summary if a in ALGO_EXTRA) or "none"
+    extra = "; ".join(f"{labels[a]} `{json.dumps(ALGO_EXTRA[a])}`" for a in summary if a in ALGO_EXTRA) or "none"
     per_seed = "; ".join(
-        f"{LABELS[r['algo']]} seed {r['seed']}: {r['before']['valid_seen']:.3f} -> {r['held_out']['valid_seen']:.3f}"
+        f"{labels[r['algo']]} seed {r['seed']}: {r['before']['valid_seen']:.3f} -> {r['held_out']['valid_seen']:.3f}"
         for r in sorted(results["runs"], key=lambda r: (r["algo"], r["seed"]))
     )
-    title = " vs ".join(LABELS[a] for a in summary)
-    return f"""# Study: {title} on the maze, from a warm start RL can improve
+    title = " vs ".join(labels[a] for a in summary)
+    recipe = os.path.relpath(setting.recipe, Path(__file__).resolve().parent.parent)
+    setup = setting.setup.format(**meta["warm_start"], eval_tasks=meta["eval_tasks"])
+    caveats = setting.caveats.format(seeds=len(meta["seeds"]), **meta["setting"])
+    scale = f"\n\n## What it would take\n\n{meta['scale']}" if meta.get("scale") else ""
+    return f"""# Study: {title} on {setting.title}
 
 Generated by `{meta["command"]}` on {meta["date"]} ({meta["machine"]}); total wall time {meta["wall_s"]:.0f} s
 ({meta["jobs"]} runs at a time). Raw numbers: [{figures}/results.json]({figures}/results.json). Do not edit the table by hand: re-run the command.
 Why the setting is what it is, and the negative results that led to it: [docs/study/setting.md](study/setting.md).
 
 ## Setup
-The demo's recipe `recipes/cpu/demo.yaml` with `--algo` per method, through `epo_trl.cli.train.load_config/build_trainer`
-(the CLI path), all with the same overrides: {shared}; seeds {list(meta["seeds"])}. Per algorithm: {extra}. GRPO
-runs on `MultiTurnGRPOTrainer` (the multi-turn base), EPO-Base and EPO on `EPOTrainer`, AEPO on `AEPOTrainer`, all
-four in trajectory mode (one row per episode: AEPO re-samples whole episodes). The EPO run is `make demo` with the
-same seed (same recipe), so its row is the demo's spread over seeds.
-Warm start, per seed and rollout mode, shared by the algorithms of that mode: behaviour cloning on the expert
-until the model, sampling, wins {warm["target_success"]} of 32 train tasks (at most {warm["steps"]} steps, checked
-every {warm["check_every"]}), then {warm["noisy_steps"]} steps on a noisy demonstrator's plays (each turn a random
-admissible action with probability {warm["noise"]}, else the expert's move). Held-out success:
-HF generate at temperature 1 on the first {meta["eval_tasks"]} tasks of `valid_seen` (unseen 2x2 layouts) and
-`valid_unseen` (3x3 mazes, never trained on), before RL (the warm start) and after.{errors}
+The recipe `{recipe}` with `--algo` per method, through `epo_trl.cli.train.load_config/build_trainer`
+(the CLI path), all with the same overrides: {shared}; seeds {list(meta["seeds"])}. Per algorithm: {extra}. {setup}{errors}
 
 ## Results (mean ± 95% confidence interval across seeds, Student t)
 
@@ -439,9 +543,11 @@ HF generate at temperature 1 on the first {meta["eval_tasks"]} tasks of `valid_s
 Held-out valid_seen success per run, before -> after: {per_seed}.
 
 Columns: train success = mean `rollout/success_rate` over the first / last quarter of steps; entropy = TRL's `entropy`
-(token mean over action tokens, nats); drop = entropy at step 1 minus at the end of the first quarter; entropy std,
-second half = std of the per-step entropy over the second half of training (late instability, trend included);
-step-to-step change std = std of H[k+1] - H[k] over the second half (oscillation without the trend).
+(token mean over action tokens, nats); collapsed = the entropy fell below {COLLAPSE_FRACTION} x its step-1 value at
+some step, collapse step = the first such step (mean over the seeds that collapse; "-" if none does); drop =
+entropy at step 1 minus at the end of the first quarter; entropy std, second half = std of the per-step entropy over
+the second half of training (late instability, trend included); step-to-step change std = std of H[k+1] - H[k] over
+the second half (oscillation without the trend).
 
 ![entropy]({figures}/entropy.png) ![success]({figures}/success.png)
 
@@ -449,15 +555,9 @@ step-to-step change std = std of H[k+1] - H[k] over the second half (oscillation
 
 ## What it shows
 
-{chr(10).join(answer(summary))}
+{chr(10).join(answer(summary, labels))}
 
-Caveats: {len(meta["seeds"])} seed(s), {meta["setting"]["max_steps"]} steps of
-{meta["setting"]["episodes_per_step"]} episodes on a ~0.2M-parameter tiny model
-and a 2x2 maze that the expert wins in 3 moves. The setting was chosen so that the baseline learns, not to provoke
-the failures EPO targets (early entropy collapse, late instability under a plain bonus). Two variants probe them
-(`--algos grpo-nokl epo-nokl epo-base-bonus epo-bonus`, [study-variants.md](study-variants.md)): no KL anchor, and a
-10x stronger entropy bonus. A longer-horizon maze (key, distractors, 15-30 turns) was not run: see
-[study/setting.md](study/setting.md) for what it would cost.
+{caveats}{scale}
 """
 
 
@@ -486,8 +586,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="1 seed, 2 steps, GRPO, AEPO and EPO in step mode (a test run)"
     )
-    parser.add_argument("--output-dir", default="docs/study", help="results.json, PNG plots, per-run JSON (raw/)")
-    parser.add_argument("--report", default=None, help="markdown report (default: docs/study.md; none with --quick)")
+    parser.add_argument("--setting", default="maze", choices=sorted(SETTINGS),
+                        help="maze: the demo's 2x2 maze (docs/study.md); coin: 30-turn Coin Collector games "
+                        "(TextWorldExpress, needs Java; docs/study-long-horizon.md)")  # fmt: skip
+    parser.add_argument("--output-dir", default=None,
+                        help="results.json, PNG plots, per-run JSON (raw/) (default: docs/study, or "
+                        "docs/study/long-horizon for --setting coin)")  # fmt: skip
+    parser.add_argument(
+        "--report",
+        default=None,
+        help="markdown report (default: docs/study.md or docs/study-long-horizon.md; none with --quick)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each in its own process)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2 3 4)")
     parser.add_argument("--algos", nargs="+", default=None, choices=ALGOS, help=f"default: all of {ALGOS}")
@@ -498,16 +607,19 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_offline()
     started = time.perf_counter()
-    plan = QUICK if opts.quick else FULL
+    setting = SETTINGS[opts.setting]
+    output_dir = opts.output_dir or setting.output_dir
+    recipe = str(setting.recipe)
+    plan = QUICK if opts.quick else setting.plan
     overrides = {**SHARED, **(QUICK_OVERRIDES if opts.quick else {})}
-    recipe_script, _, recipe_args = _setup(overrides, "epo", 0, opts.output_dir)
+    recipe_script, _, recipe_args = _setup(overrides, setting.cheap_algo, 0, output_dir, recipe)
     warm_cfg = warm_settings(recipe_script)
-    setting = {"max_steps": recipe_args.max_steps, "episodes_per_step": recipe_args.per_device_train_batch_size,
+    run_setting = {"max_steps": recipe_args.max_steps, "episodes_per_step": recipe_args.per_device_train_batch_size,
                "num_generations": recipe_args.num_generations}  # fmt: skip
     seeds = opts.seeds or list(plan["seeds"])
     algos = opts.algos or list(plan["algos"])
-    modes = sorted({mode_of(a, overrides) for a in algos})
-    out = Path(opts.output_dir)
+    modes = sorted({mode_of(a, overrides, recipe_script.rollout_mode) for a in algos})
+    out = Path(output_dir)
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     threads = max((os.cpu_count() or 1) // max(opts.jobs, 1), 1)
@@ -516,6 +628,7 @@ def main(argv: list[str] | None = None) -> int:
             f.unlink()
         (out / "started.json").write_text(json.dumps({"time": time.time(), "seeds": seeds, "algos": algos}))
         done, total = [0], len(seeds) * (len(modes) + len(algos))
+        meta_labels = {**LABELS, **setting.labels}
 
         def progress(what: str, result: dict) -> None:
             done[0] += 1
@@ -534,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
             def warm(job):
                 mode, seed = job
                 spec = {"seed": seed, "mode": mode, "output_dir": os.path.join(tmp, f"warm-{mode}-{seed}"),
-                        "overrides": overrides, "eval_tasks": plan["eval_tasks"]}  # fmt: skip
+                        "overrides": overrides, "eval_tasks": plan["eval_tasks"], "recipe": recipe}  # fmt: skip
                 result = _launch("warm", spec, threads, str(raw / f"warm-{mode}-{seed}.json"))
                 progress(f"warm start ({mode} mode) seed {seed}", result)
                 return {**result, "mode": mode}
@@ -542,14 +655,14 @@ def main(argv: list[str] | None = None) -> int:
             def train(job):
                 algo, seed = job
                 result_file = raw / f"{algo}-{seed}.json"
-                mode = mode_of(algo, overrides)
+                mode = mode_of(algo, overrides, recipe_script.rollout_mode)
                 spec = {"algo": algo, "seed": seed, "output_dir": os.path.join(tmp, f"{algo}-{seed}"),
-                        "overrides": overrides, "eval_tasks": plan["eval_tasks"],
+                        "overrides": overrides, "eval_tasks": plan["eval_tasks"], "recipe": recipe,
                         "warm_dir": os.path.join(tmp, f"warm-{mode}-{seed}", "tiny-model")}  # fmt: skip
                 result = _launch("run", spec, threads, str(result_file))
                 if "error" in result:
                     result_file.write_text(json.dumps(result))
-                progress(f"{LABELS[algo]} seed {seed}", result)
+                progress(f"{meta_labels[algo]} seed {seed}", result)
                 return result
 
             warmed = list(pool.map(warm, [(m, s) for s in seeds for m in modes]))
@@ -557,7 +670,9 @@ def main(argv: list[str] | None = None) -> int:
                 if "error" in w:
                     (raw / f"warm-{w['mode']}-{w['seed']}.json").write_text(json.dumps(w))
             ready = {(w["mode"], w["seed"]) for w in warmed if "error" not in w}
-            jobs = [(a, s) for s in seeds for a in algos if (mode_of(a, overrides), s) in ready]
+            jobs = [
+                (a, s) for s in seeds for a in algos if (mode_of(a, overrides, recipe_script.rollout_mode), s) in ready
+            ]
             list(pool.map(train, jobs))  # seed-major: early seeds finish first
     runs, warm_starts, errors = _collect(raw)
     for r in errors:
@@ -572,10 +687,11 @@ def main(argv: list[str] | None = None) -> int:
         seeds, algos = start.get("seeds", seeds), start.get("algos", algos)
     planned = len(seeds) * len(algos)
     command = "python -m epo_trl.study" + (" --quick" if opts.quick else "")
+    command += f" --setting {opts.setting}" if opts.setting != "maze" else ""
     command += f" --seeds {' '.join(map(str, seeds))}" if list(seeds) != list(plan["seeds"]) else ""
     command += f" --algos {' '.join(algos)}" if list(algos) != list(plan["algos"]) else ""
-    command += f" --output-dir {opts.output_dir}" if opts.output_dir != "docs/study" else ""
-    command += f" --report {opts.report}" if opts.report and opts.report != "docs/study.md" else ""
+    command += f" --output-dir {output_dir}" if output_dir != setting.output_dir else ""
+    command += f" --report {opts.report}" if opts.report and opts.report != setting.report else ""
     meta = {
         "command": command + ("" if len(runs) == planned else f" (partial: {len(runs)} of {planned} runs finished)"),
         "date": info["date"],
@@ -588,8 +704,12 @@ def main(argv: list[str] | None = None) -> int:
         eval_tasks=plan["eval_tasks"],
         overrides=overrides,
         warm_start=warm_cfg,
-        setting=setting,
+        setting=run_setting,
+        setting_name=opts.setting,
+        labels={a: {**LABELS, **setting.labels}[a] for a in algos},
     )
+    if opts.setting == "coin" and not opts.quick:
+        meta["scale"] = scale_note(runs)
     results = {
         "meta": meta,
         "summary": aggregate(runs),
@@ -597,9 +717,9 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "errors": errors,
     }
-    results["meta"]["plots"] = plot(runs, out) if runs else []
+    results["meta"]["plots"] = plot(runs, out, meta["labels"]) if runs else []
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    report = opts.report or (None if opts.quick else "docs/study.md")
+    report = opts.report or (None if opts.quick else setting.report)
     if report:
         figures = os.path.relpath(out.resolve(), Path(report).resolve().parent)
         Path(report).write_text(to_markdown(results, figures))

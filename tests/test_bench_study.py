@@ -79,7 +79,7 @@ def test_study_quick(tmp_path):
         # every algorithm of a mode starts from the seed's shared warm start of that mode
         assert run["before"] == results["warm_starts"][f"{run['mode']}-0"]["before"]
     for stats in results["summary"].values():
-        assert all(_finite(stats[k][0]) for k in STAT_COLUMNS) and stats["seeds"] == 1
+        assert all(_finite(stats[k][0]) for k in STAT_COLUMNS if k != "collapse_step") and stats["seeds"] == 1
     for png in ("entropy.png", "success.png", "turn_entropy.png"):
         assert (tmp_path / png).stat().st_size > 1000
     text = report.read_text()
@@ -87,6 +87,22 @@ def test_study_quick(tmp_path):
     # 95% CI half-width: t_{0.975, n-1} * s / sqrt(n)
     mean, half = _mean_ci([1.0, 2.0, 3.0])
     assert mean == 2.0 and abs(half - 4.303 * 1.0 / 3**0.5) < 1e-9
+
+
+def test_collapse_step_and_run_stats_by_hand():
+    """Collapse = entropy below 0.5 x its step-1 value: first such step, 1-based; the quarters by hand."""
+    from epo_trl.study import collapse_step, run_stats
+
+    assert collapse_step([1.0, 0.8, 0.49, 0.6]) == 3 and collapse_step([1.0, 0.5, 0.7]) is None
+    run = {"entropy": [1.0, 0.8, 0.4, 0.45], "success": [0.0, 0.25, 0.5, 1.0],
+           "before": {"valid_seen": 0.25}, "held_out": {"valid_seen": 0.75, "valid_unseen": 0.5}}  # fmt: skip
+    stats = run_stats(run)
+    assert stats["collapsed"] == 1.0 and stats["collapse_step"] == 3.0
+    assert stats["early_drop"] == pytest.approx(1.0 - 0.8) and stats["gain_seen"] == 0.5 and stats["gain_reached"]
+    assert stats["initial_train_success"] == 0.0 and stats["final_train_success"] == 1.0
+    assert stats["late_entropy_std"] == pytest.approx(0.025) and stats["late_change_std"] == 0.0
+    never = run_stats({**run, "entropy": [1.0, 0.9, 0.8, 0.7]})
+    assert never["collapsed"] == 0.0 and math.isnan(never["collapse_step"])
 
 
 @pytest.mark.slow

@@ -188,3 +188,32 @@ def test_vocabulary_gives_a_tiny_tokenizer_one_token_per_word():
     with_words = len(build_tokenizer(env_words(factory))(obs)["input_ids"])
     bytes_only = len(build_tokenizer()(obs)["input_ids"])
     assert with_words <= 1.2 * n_words < bytes_only / 2, (with_words, n_words, bytes_only)
+
+
+def test_brief_rooms_drops_the_furniture_and_keeps_the_game():
+    """`brief_rooms`: a room keeps its first sentence, exits and the coin, by hand on Coin Collector's own wording;
+    on the real game the gold path still wins with the shorter text, and other games refuse the option."""
+    from epo_trl.envs.textworld_express import brief_room
+
+    room = ("You are in the kitchen. In one part of the room you see a stove. There is also an oven. You also see a "
+            "coin. \nThrough an open wood door, to the North you see the laundry room. To the West you see the "
+            "corridor. ")  # fmt: skip
+    assert brief_room(room) == ("You are in the kitchen. You also see a coin. Through an open wood door, to the North "
+                                "you see the laundry room. To the West you see the corridor.")  # fmt: skip
+    assert brief_room("You open the wood door, revealing the bathroom. ") == (
+        "You open the wood door, revealing the bathroom."
+    )
+    full, brief = (TextWorldExpressFactory(**COIN, num_train=2, brief_rooms=b) for b in (False, True))
+    task = full.tasks("train")[0]
+    envs = [f.make() for f in (full, brief)]
+    try:
+        (obs_full, _), (obs_brief, _) = (e.reset(task) for e in envs)
+    finally:
+        for e in envs:
+            e.close()
+    assert obs_brief == brief_room(obs_full) and "In one part of the room" in obs_full
+    assert "In one part of the room" not in obs_brief and len(obs_brief) < len(obs_full) / 2
+    done, info, _ = play(brief, task, brief.solve(task))
+    assert done and info["won"]
+    with pytest.raises(ValueError, match="brief_rooms"):
+        TextWorldExpressFactory(**COOKING, brief_rooms=True)

@@ -15,6 +15,7 @@ Wraps the `textworld-express` package (a Scala re-implementation of TextWorld-st
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Sequence
 from typing import Any
@@ -55,6 +56,16 @@ def _import_twx():
     return TextWorldExpressEnv
 
 
+_BRIEF_KEEP = ("north", "south", "east", "west", "coin")
+
+
+def brief_room(text: str) -> str:
+    """Coin Collector's text without the furniture: the first sentence ("You are in the kitchen.") and those that
+    name a direction (exits, doors) or the coin. The furniture is ~3/4 of a room's text and never matters there."""
+    sentences = [s for s in re.split(r"(?<=\.)\s+", text.strip()) if s]
+    return " ".join(s for i, s in enumerate(sentences) if i == 0 or any(w in s.lower() for w in _BRIEF_KEEP))
+
+
 def _normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
@@ -69,8 +80,11 @@ def _fold_and_seed(task: TaskSpec) -> tuple[str, int]:
 class TextWorldExpressTextEnv(TextEnv):
     """One live game server (one JVM). Not thread-safe; the rollout runs these in worker processes."""
 
-    def __init__(self, game: str, game_params: str, env_step_limit: int, gold_path: bool = False):
+    def __init__(
+        self, game: str, game_params: str, env_step_limit: int, gold_path: bool = False, brief_rooms: bool = False
+    ):
         self.game, self.game_params, self.env_step_limit, self.gold_path = game, game_params, env_step_limit, gold_path
+        self._text = brief_room if brief_rooms else str
         self._twx = None  # started by the first reset, restarted after a crash
         self._valid: list[str] = []
         self._done = True
@@ -91,7 +105,7 @@ class TextWorldExpressTextEnv(TextEnv):
             self._drop_server()
             raise
         self._valid, self._done = list(infos["validActions"]), False
-        return obs, {"goal": infos["taskDescription"]}
+        return self._text(obs), {"goal": infos["taskDescription"]}
 
     def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
         if self._done:
@@ -104,7 +118,7 @@ class TextWorldExpressTextEnv(TextEnv):
         won = bool(infos["tasksuccess"])
         self._done = bool(done or won or infos["taskfailure"])
         self._valid = list(infos["validActions"])
-        return obs, float(reward), self._done, {"won": won, "score": float(infos["score"])}
+        return self._text(obs), float(reward), self._done, {"won": won, "score": float(infos["score"])}
 
     def admissible_actions(self) -> list[str] | None:
         return list(self._valid)
@@ -141,6 +155,8 @@ class TextWorldExpressFactory(EnvFactory):
             "numLocations=3,numIngredients=2,numDistractorItems=0" (CookingWorld); "" = the game's defaults.
         num_train / num_valid: task instances (seeds of the fold) per split.
         env_step_limit: the game's own move limit (the rollout's `max_turns` is usually lower).
+        brief_rooms: Coin Collector only: drop the furniture from the room text (`brief_room`), ~600 -> ~150
+            characters a room, for CPU-sized runs; the game is unchanged (actions, exits, the coin).
     """
 
     name = "textworld_express"
@@ -154,14 +170,21 @@ class TextWorldExpressFactory(EnvFactory):
         num_train: int = 256,
         num_valid: int = 64,
         env_step_limit: int = 100,
+        brief_rooms: bool = False,
     ):
         if game not in GAMES:
             raise ValueError(f"Unknown TextWorldExpress game {game!r}; use one of {list(GAMES)}.")
+        if brief_rooms and game != "coin":
+            raise ValueError(
+                f"brief_rooms drops Coin Collector's furniture sentences; in {game!r} the objects matter. Remove "
+                "brief_rooms or use game='coin'."
+            )
         for label, value in (("num_train", num_train), ("num_valid", num_valid), ("env_step_limit", env_step_limit)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"textworld_express {label}={value!r} must be an integer >= 1.")
         self.game, self.game_params = game, game_params
         self.num_train, self.num_valid, self.env_step_limit = num_train, num_valid, env_step_limit
+        self.brief_rooms = brief_rooms
         self.prompt_header = PROMPT_HEADERS.get(game, DEFAULT_HEADER)
         self._seeds: dict[str, list[int]] = {}
         self._expert: TextWorldExpressTextEnv | None = None
@@ -169,7 +192,7 @@ class TextWorldExpressFactory(EnvFactory):
 
     def make(self) -> TextWorldExpressTextEnv:
         _import_twx()  # fail at make, with the install hint, not at the first reset
-        return TextWorldExpressTextEnv(self.game, self.game_params, self.env_step_limit)
+        return TextWorldExpressTextEnv(self.game, self.game_params, self.env_step_limit, brief_rooms=self.brief_rooms)
 
     def tasks(self, split: str = "train") -> list[TaskSpec]:
         if split not in FOLDS:
@@ -198,7 +221,9 @@ class TextWorldExpressFactory(EnvFactory):
         game gives no plan from other states)."""
         if task not in self._gold:  # the game draws a (valid) gold path anew at every reset: keep the first
             if self._expert is None:
-                self._expert = TextWorldExpressTextEnv(self.game, self.game_params, self.env_step_limit, True)
+                self._expert = TextWorldExpressTextEnv(
+                    self.game, self.game_params, self.env_step_limit, True
+                )  # gold only
             self._expert.reset(task)
             self._gold[task] = self._expert.gold_actions()
         gold = self._gold[task]
@@ -214,7 +239,7 @@ class TextWorldExpressFactory(EnvFactory):
         by playing the gold path of the first `tasks_per_split` tasks of every split; a word seen nowhere there
         still tokenizes, byte by byte."""
         texts = [self.prompt_header]
-        env = TextWorldExpressTextEnv(self.game, self.game_params, self.env_step_limit, gold_path=True)
+        env = TextWorldExpressTextEnv(self.game, self.game_params, self.env_step_limit, True, self.brief_rooms)
         try:
             for split in FOLDS:
                 for task in self.tasks(split)[:tasks_per_split]:
