@@ -20,7 +20,7 @@ TORCH_INDEX ?=
 RUFF_VERSION := 0.17.6
 LINT_VENV ?= .venv-lint
 
-.PHONY: install java test test-fast lint format demo demo-llm bench study clean
+.PHONY: install java test test-fast lint format demo demo-llm bench study study-long-horizon clean
 
 install: $(STAMP)
 
@@ -78,6 +78,10 @@ bench: install
 
 study: install
 	$(PY) -m epo_trl.study
+
+# the long-horizon study: 30-turn Coin Collector games (TextWorldExpress), GRPO / EPO-Base / EPO, 5 seeds, under 1 h on 2 cores
+study-long-horizon: install
+	$(PY) -m epo_trl.study --setting coin
 
 clean:
 	rm -rf $(VENV) $(LINT_VENV) runs outputs .pytest_cache

@@ -217,3 +217,24 @@ def test_brief_rooms_drops_the_furniture_and_keeps_the_game():
     assert done and info["won"]
     with pytest.raises(ValueError, match="brief_rooms"):
         TextWorldExpressFactory(**COOKING, brief_rooms=True)
+
+
+@pytest.mark.slow
+def test_long_horizon_study_quick(tmp_path):
+    """`python -m epo_trl.study --setting coin --quick`: the long-horizon study's path on real games, its warm start
+    (gold paths, no noisy phase), step-mode runs from it, and a report with the collapse columns."""
+    from epo_trl.study import main
+
+    report = tmp_path / "long.md"
+    assert main(["--setting", "coin", "--quick", "--jobs", "1", "--output-dir", str(tmp_path), "--report",
+                 str(report)]) == 0  # fmt: skip
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["summary"]) == {"grpo", "epo"} and not results["errors"]
+    (warm,) = results["warm_starts"].values()
+    assert warm["mode"] == "step" and warm["warm_start"]["steps"] == 20 and warm["warm_start"]["noisy_steps"] == 0
+    for run in results["runs"]:
+        assert run["mode"] == "step" and len(run["entropy"]) == 2 and run["before"] == warm["before"]
+        assert all(0.0 <= v <= 1.0 for v in run["success"]) and all(h > 0 for h in run["entropy"])
+    text = report.read_text()
+    assert text.startswith("# Study: GRPO vs EPO on long-horizon Coin Collector")
+    assert "twx_coin_long.yaml" in text and "share of seeds collapsed" in text and "**Entropy collapse**" in text
