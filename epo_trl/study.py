@@ -123,16 +123,16 @@ COIN = Setting(
 runs on `MultiTurnGRPOTrainer`, EPO-Base and EPO on `EPOTrainer`, all in step mode (one row per turn: a 30-turn
 episode in one row is ~3k tokens even with the furniture dropped, and its behaviour-cloning warm start did not fit
 the budget). AEPO is not in this table: `AEPOTrainer` re-samples whole episodes and so needs trajectory mode.
-Warm start, per seed, shared by the methods: behaviour cloning on the game's gold paths until the model, sampling,
-wins {target_success} of 32 train tasks (at most {steps} steps, checked every {check_every}); no noisy phase (the
-gold path cannot re-plan from a state off it), so the start is imperfect because cloning stops early. Held-out
+Warm start, per seed, shared by the methods: {steps} steps of behaviour cloning on the game's gold paths, stopped
+early on purpose (cloned longer, the model wins less: it copies the gold choices without the map knowledge behind
+them and walks in loops); no noisy phase (the gold path cannot re-plan from a state off it). Held-out
 success: HF generate at temperature 1 on the first {eval_tasks} tasks of `valid_seen` (the dev fold) and
 `valid_unseen` (the test fold: other seeds of the same generator), before RL (the warm start) and after.""",
     caveats="""Caveats: {seeds} seed(s), {max_steps} steps of
 {episodes_per_step} episodes on a ~0.2M-parameter tiny model, sized to fit 60 minutes on 2 CPU cores. Coin
 Collector with 11 rooms and doors has gold paths of 14 moves on average (up to 33) and the episodes run up to 30
-turns: long for this project's CPU runs, short next to the paper's ALFWorld/ScienceWorld horizons, and 12 steps
-are few for a late collapse to show. See "What it would take" below.""",
+turns: long for this project's CPU runs, short next to the paper's ALFWorld/ScienceWorld horizons, and {max_steps}
+steps are few for a late collapse to show. See "What it would take" below.""",
     quick={"algos": ("grpo", "epo"), "seeds": (0,), "eval_tasks": 2},
     # the demo's quick run on 8 train games (each episode starts a JVM), no noisy phase (the gold path cannot re-plan)
     quick_overrides={
@@ -146,8 +146,7 @@ are few for a late collapse to show. See "What it would take" below.""",
             "brief_rooms": True,
         },
     },  # fmt: skip
-    why="Why the setting is what it is (measured): the comments in `recipes/cpu/twx_coin_long.yaml`, and the cost "
-    "of a trajectory-mode warm start in docs/environments.md (TextWorldExpress).",
+    why="Why the setting is what it is (measured): the comments in `recipes/cpu/twx_coin_long.yaml`.",
 )
 SETTINGS = {"maze": MAZE, "coin": COIN}
 
@@ -355,18 +354,19 @@ def aggregate(runs: list[dict]) -> dict:
     return out
 
 
-def scale_note(runs: list[dict]) -> str:
+def scale_note(runs: list[dict], episodes_per_step: int) -> str:
     """What a study at the paper's scale would cost, extrapolated from this study's measured seconds per step."""
     per_step = [r["train_s"] / len(r["step"]) for r in runs if r.get("step")]
     if not per_step:
         return ""
     sec = statistics.fmean(per_step)
+    paper = 150 * sec * 128 / episodes_per_step  # (paper) 150 steps of 16 tasks x 8 episodes, ALFWorld
     return (
-        f"Measured here: {sec:.0f} s per optimizer step (mean over runs, each on one thread with another run on the "
-        f"other core), so {len(runs)} runs of {len(runs[0]['step'])} steps is what 60 minutes on 2 cores holds. The failures EPO targets "
-        "were reported over hundreds of steps on 30-50-turn tasks with a billion-parameter model. At this batch, "
-        f"200 steps would take {200 * sec / 3600:.1f} h per run and {200 * sec * len(runs) / 3600 / 2:.0f} h for "
-        "this table on 2 cores; 50-turn episodes add ~2/3 more rows per step. That is a GPU job: "
+        f"Measured here: {sec:.0f} s per optimizer step of {episodes_per_step} episodes (mean over runs, each on one "
+        f"thread with another run on the other core), so {len(runs)} runs of {len(runs[0]['step'])} steps is what "
+        "60 minutes on 2 cores holds. The paper trains 150 steps (ALFWorld; 125 on ScienceWorld) of 16 tasks x 8 "
+        "episodes, up to 50 turns, with Qwen2.5-3B/7B. At the tiny model's cost per episode, one such run would take "
+        f"{paper / 3600:.0f} h on one thread here, before the model is 10,000x larger. That is a GPU job: "
         "`recipes/textworld_express/qwen2.5-1.5b_epo.yaml` is the paper-style recipe for this game."
     )
 
@@ -602,7 +602,9 @@ def main(argv: list[str] | None = None) -> int:
         return _child(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m epo_trl.study", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--quick", action="store_true", help="a test run: 1 seed, 2 steps (maze: GRPO, AEPO, EPO in step mode; coin: GRPO, EPO)"
+        "--quick",
+        action="store_true",
+        help="a test run: 1 seed, 2 steps (maze: GRPO, AEPO, EPO in step mode; coin: GRPO, EPO)",
     )
     parser.add_argument("--setting", default="maze", choices=sorted(SETTINGS),
                         help="maze: the demo's 2x2 maze (docs/study.md); coin: 30-turn Coin Collector games "
@@ -683,15 +685,23 @@ def main(argv: list[str] | None = None) -> int:
                 progress(f"{meta_labels[algo]} seed {seed}", result)
                 return result
 
-            warmed = list(pool.map(warm, [(m, s) for s in seeds for m in modes]))
-            for w in warmed:
+            trains = []
+
+            def warm_then_train(job):
+                # a seed's runs queue as soon as its warm start is ready: no core idles while the last warm
+                # starts run (the queue is FIFO: every warm start starts first, then the runs seed by seed)
+                w = warm(job)
                 if "error" in w:
                     (raw / f"warm-{w['mode']}-{w['seed']}.json").write_text(json.dumps(w))
-            ready = {(w["mode"], w["seed"]) for w in warmed if "error" not in w}
-            jobs = [
-                (a, s) for s in seeds for a in algos if (mode_of(a, overrides, recipe_script.rollout_mode), s) in ready
-            ]
-            list(pool.map(train, jobs))  # seed-major: early seeds finish first
+                    return
+                mode, seed = job
+                runs_of = [a for a in algos if mode_of(a, overrides, recipe_script.rollout_mode) == mode]
+                trains.extend(pool.submit(train, (a, seed)) for a in runs_of)
+
+            for future in [pool.submit(warm_then_train, (m, s)) for s in seeds for m in modes]:
+                future.result()
+            for future in list(trains):
+                future.result()
     runs, warm_starts, errors = _collect(raw)
     for r in errors:
         print(f"run {r['algo']} seed {r['seed']} failed: {r['error']}", file=sys.stderr)
@@ -703,6 +713,13 @@ def main(argv: list[str] | None = None) -> int:
         first = start.get("time") or min(f.stat().st_mtime - json.loads(f.read_text()).get("warm_s", 0) for f in files)
         wall_s = max(f.stat().st_mtime for f in files) - first
         seeds, algos = start.get("seeds", seeds), start.get("algos", algos)
+    previous = json.loads((out / "results.json").read_text())["meta"] if (out / "results.json").exists() else {}
+    if opts.report_only and previous.get("runs") == len(runs):  # the same runs: keep when and where they ran
+        # (file times of a fresh clone are checkout times, not the study's)
+        info = {**info, "date": previous["date"]}
+        wall_s, machine, jobs = previous["wall_s"], previous["machine"], previous["jobs"]
+    else:
+        machine, jobs = machine_summary(info), opts.jobs
     planned = len(seeds) * len(algos)
     command = "python -m epo_trl.study" + (" --quick" if opts.quick else "")
     command += f" --setting {opts.setting}" if opts.setting != "maze" else ""
@@ -713,8 +730,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "command": command + ("" if len(runs) == planned else f" (partial: {len(runs)} of {planned} runs finished)"),
         "date": info["date"],
-        "machine": machine_summary(info),
-        "jobs": opts.jobs,
+        "machine": machine,
+        "jobs": jobs,
+        "runs": len(runs),
         "wall_s": wall_s,
     }
     meta.update(
@@ -727,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
         labels={a: {**LABELS, **setting.labels}[a] for a in algos},
     )
     if opts.setting == "coin" and not opts.quick:
-        meta["scale"] = scale_note(runs)
+        meta["scale"] = scale_note(runs, run_setting["episodes_per_step"])
     results = {
         "meta": meta,
         "summary": aggregate(runs),
