@@ -69,7 +69,9 @@ def test_every_recipe_routes_each_value_to_its_config(recipe, tmp_path, monkeypa
     # the values the paper recipes are about, where they must land
     episodes = args.per_device_train_batch_size * args.gradient_accumulation_steps  # 1 process here
     assert episodes == raw["tasks_per_step"] * raw["num_generations"]
-    assert rollout.prompt_history_pairs == 2 and not hasattr(rollout, "temperature")  # the trainer's rules
+    # the paper's 2 history pairs unless the recipe says otherwise (twx_coin_long: 1, for CPU-sized prompts)
+    assert rollout.prompt_history_pairs == raw.get("prompt_history_pairs", 2)
+    assert not hasattr(rollout, "temperature")  # the trainer's rules
     if script.algo == "grpo":  # the multi-turn base: no EPO field at all
         assert args.entropy_coef == 0.0 and type(args).__name__ == "MultiTurnGRPOConfig"
     if script.algo == "epo-base":
