@@ -84,6 +84,11 @@ class Setting:
     labels: dict = field(default_factory=dict)  # LABELS overrides
     quick: dict = field(default_factory=lambda: QUICK)  # `--quick`: its plan, then its recipe overrides
     quick_overrides: dict = field(default_factory=lambda: QUICK_OVERRIDES)
+    quick_env_kwargs: dict = field(default_factory=dict)  # `--quick`: merged into the recipe's env_kwargs
+
+    @property
+    def all_labels(self) -> dict:
+        return {**LABELS, **self.labels}
 
 
 MAZE = Setting(
@@ -135,17 +140,8 @@ turns: long for this project's CPU runs, short next to the paper's ALFWorld/Scie
 steps are few for a late collapse to show. See "What it would take" below.""",
     quick={"algos": ("grpo", "epo"), "seeds": (0,), "eval_tasks": 2},
     # the demo's quick run on 8 train games (each episode starts a JVM), no noisy phase (the gold path cannot re-plan)
-    quick_overrides={
-        **QUICK_OVERRIDES,
-        "warmstart_noisy_steps": 0,
-        "env_kwargs": {
-            "game": "coin",
-            "game_params": "numLocations=11,includeDoors=1",
-            "num_train": 8,
-            "num_valid": 2,
-            "brief_rooms": True,
-        },
-    },  # fmt: skip
+    quick_overrides={**QUICK_OVERRIDES, "warmstart_noisy_steps": 0},
+    quick_env_kwargs={"num_train": 8, "num_valid": 2},
     why="Why the setting is what it is (measured): the comments in `recipes/cpu/twx_coin_long.yaml`.",
 )
 SETTINGS = {"maze": MAZE, "coin": COIN}
@@ -525,7 +521,7 @@ def to_markdown(results: dict, figures: str = "study") -> str:
     """The report; `figures` is the output folder relative to the report's own folder (plots, results.json)."""
     summary, meta = results["summary"], results["meta"]
     setting = SETTINGS[meta.get("setting_name", "maze")]
-    labels = {**LABELS, **setting.labels}
+    labels = setting.all_labels
     header = ["algo", "seeds", *STAT_COLUMNS.values()]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for algo, s in summary.items():
@@ -632,6 +628,11 @@ def main(argv: list[str] | None = None) -> int:
     recipe = str(setting.recipe)
     plan = setting.quick if opts.quick else setting.plan
     overrides = {**SHARED, **(setting.quick_overrides if opts.quick else {})}
+    if opts.quick and setting.quick_env_kwargs:  # env_kwargs replace the recipe's whole dict: merge into it
+        import yaml
+
+        recipe_env = yaml.safe_load(setting.recipe.read_text())["env_kwargs"]
+        overrides["env_kwargs"] = {**recipe_env, **setting.quick_env_kwargs}
     recipe_script, _, recipe_args = _setup(overrides, "epo", 0, output_dir, recipe)
     warm_cfg = warm_settings(recipe_script)
     run_setting = {"max_steps": recipe_args.max_steps, "episodes_per_step": recipe_args.per_device_train_batch_size,
@@ -648,7 +649,6 @@ def main(argv: list[str] | None = None) -> int:
             f.unlink()
         (out / "started.json").write_text(json.dumps({"time": time.time(), "seeds": seeds, "algos": algos}))
         done, total = [0], len(seeds) * (len(modes) + len(algos))
-        meta_labels = {**LABELS, **setting.labels}
 
         def progress(what: str, result: dict) -> None:
             done[0] += 1
@@ -682,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = _launch("run", spec, threads, str(result_file))
                 if "error" in result:
                     result_file.write_text(json.dumps(result))
-                progress(f"{meta_labels[algo]} seed {seed}", result)
+                progress(f"{setting.all_labels[algo]} seed {seed}", result)
                 return result
 
             trains = []
@@ -742,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
         warm_start=warm_cfg,
         setting=run_setting,
         setting_name=opts.setting,
-        labels={a: {**LABELS, **setting.labels}[a] for a in algos},
+        labels={a: setting.all_labels[a] for a in algos},
     )
     if opts.setting == "coin" and not opts.quick:
         meta["scale"] = scale_note(runs, run_setting["episodes_per_step"])

@@ -221,9 +221,7 @@ class TextWorldExpressFactory(EnvFactory):
         game gives no plan from other states)."""
         if task not in self._gold:  # the game draws a (valid) gold path anew at every reset: keep the first
             if self._expert is None:
-                self._expert = TextWorldExpressTextEnv(
-                    self.game, self.game_params, self.env_step_limit, True
-                )  # gold only
+                self._expert = TextWorldExpressTextEnv(self.game, self.game_params, self.env_step_limit, True)
             self._expert.reset(task)
             self._gold[task] = self._expert.gold_actions()
         gold = self._gold[task]
