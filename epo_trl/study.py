@@ -31,7 +31,7 @@ from pathlib import Path
 from .cli.demo import QUICK as QUICK_OVERRIDES
 from .cli.train import DEMO_RECIPE
 
-AEPO_TARGET_ENTROPY = 0.05
+AEPO_TARGET_ENTROPY = 0.05  # the maze's H*: between the warm start's entropy and a collapsed policy's
 
 # AEPO re-samples whole episodes, so the four algorithms are compared in trajectory mode (one row per episode); the
 # EPO run is exactly `make demo` (tested), so its row is the demo's spread over seeds. "epo-step" (opt-in): EPO in
@@ -55,8 +55,7 @@ LABELS = {
 METHOD = {"epo-step": "epo", "grpo-nokl": "grpo", "epo-nokl": "epo", "epo-base-bonus": "epo-base", "epo-bonus": "epo"}
 ALGO_EXTRA: dict[str, dict] = {
     "epo-step": {"rollout_mode": "step"},
-    # AEPO alone (TRL's bonus off); H* between the warm start's entropy and a collapsed policy's.
-    "aepo": {"aepo_target_entropy": AEPO_TARGET_ENTROPY, "entropy_coef": 0.0},
+    "aepo": {"entropy_coef": 0.0},  # AEPO alone (TRL's bonus off); its H* is the setting's (Setting.algo_extra)
     "grpo-nokl": {"beta": 0.0},
     "epo-nokl": {"beta": 0.0},
     "epo-base-bonus": {"entropy_coef": 0.1},
@@ -85,10 +84,15 @@ class Setting:
     quick: dict = field(default_factory=lambda: QUICK)  # `--quick`: its plan, then its recipe overrides
     quick_overrides: dict = field(default_factory=lambda: QUICK_OVERRIDES)
     quick_env_kwargs: dict = field(default_factory=dict)  # `--quick`: merged into the recipe's env_kwargs
+    algo_extra: dict = field(default_factory=dict)  # per-algo overrides on top of ALGO_EXTRA
 
     @property
     def all_labels(self) -> dict:
         return {**LABELS, **self.labels}
+
+    def extra(self, algo: str) -> dict:
+        """What `algo` changes in the recipe here: ALGO_EXTRA, then this setting's own."""
+        return {**ALGO_EXTRA.get(algo, {}), **self.algo_extra.get(algo, {})}
 
 
 MAZE = Setting(
@@ -114,6 +118,7 @@ the failures EPO targets (early entropy collapse, late instability under a plain
 (`--algos grpo-nokl epo-nokl epo-base-bonus epo-bonus`, [study-variants.md](study-variants.md)): no KL anchor, and a
 10x stronger entropy bonus. The long-horizon study (`--setting coin`,
 [study-long-horizon.md](study-long-horizon.md)) runs the methods on 30-turn Coin Collector games.""",
+    algo_extra={"aepo": {"aepo_target_entropy": AEPO_TARGET_ENTROPY}},
     why="Why the setting is what it is, and the negative results that led to it: "
     "[docs/study/setting.md](study/setting.md).",
     labels={"epo": "EPO (make demo)"},
@@ -123,11 +128,12 @@ COIN = Setting(
     output_dir="docs/study/long-horizon",
     report="docs/study-long-horizon.md",
     title="long-horizon Coin Collector (TextWorldExpress, 11 rooms, doors)",
-    plan={"algos": ("grpo", "epo-base", "epo"), "seeds": (0, 1, 2, 3, 4), "eval_tasks": 16},
+    plan={"algos": ("grpo", "epo-base", "epo", "aepo"), "seeds": (0, 1, 2, 3, 4), "eval_tasks": 16},
     setup="""GRPO
-runs on `MultiTurnGRPOTrainer`, EPO-Base and EPO on `EPOTrainer`, all in step mode (one row per turn: a 30-turn
-episode in one row is ~3k tokens even with the furniture dropped, and its behaviour-cloning warm start did not fit
-the budget). AEPO is not in this table: `AEPOTrainer` re-samples whole episodes and so needs trajectory mode.
+runs on `MultiTurnGRPOTrainer`, EPO-Base and EPO on `EPOTrainer`, AEPO on `AEPOTrainer`, all in step mode (one row
+per turn: a 30-turn episode in one row is ~3k tokens even with the furniture dropped, and its behaviour-cloning
+warm start did not fit the budget). AEPO re-samples whole episodes at its temperature and trains on every turn of
+the above-mean ones, with H* = 0.3 (the warm starts' entropy at step 1: AEPO holds entropy where RL starts).
 Warm start, per seed, shared by the methods: {steps} steps of behaviour cloning on the game's gold paths, stopped
 early on purpose (cloned longer, the model wins less: it copies the gold choices without the map knowledge behind
 them and walks in loops); no noisy phase (the gold path cannot re-plan from a state off it). Held-out
@@ -142,21 +148,23 @@ steps are few for a late collapse to show. See "What it would take" below.""",
     # the demo's quick run on 8 train games (each episode starts a JVM), no noisy phase (the gold path cannot re-plan)
     quick_overrides={**QUICK_OVERRIDES, "warmstart_noisy_steps": 0},
     quick_env_kwargs={"num_train": 8, "num_valid": 2},
+    # H* = the warm starts' entropy at RL step 1 (0.29-0.34 over the seeds, measured): AEPO holds it there
+    algo_extra={"aepo": {"aepo_target_entropy": 0.3}},
     why="Why the setting is what it is (measured): the comments in `recipes/cpu/twx_coin_long.yaml`.",
 )
 SETTINGS = {"maze": MAZE, "coin": COIN}
 
 
 # ----- one run ---------------------------------------------------------------------------------------------------
-def _setup(overrides: dict, algo: str, seed: int, output_dir: str, recipe: str = str(DEMO_RECIPE)):
+def _setup(overrides: dict, algo: str, seed: int, output_dir: str, recipe: str = str(DEMO_RECIPE), extra=None):
     from .bench.common import quiet_logs, setup_offline
     from .cli.train import load_config
 
     setup_offline()
     quiet_logs()
-    extra = {**overrides, **ALGO_EXTRA.get(algo, {}), "algo": METHOD.get(algo, algo), "seed": seed,
-             "output_dir": output_dir}  # fmt: skip
-    return load_config([recipe], overrides=extra)
+    extra = ALGO_EXTRA.get(algo, {}) if extra is None else extra
+    values = {**overrides, **extra, "algo": METHOD.get(algo, algo), "seed": seed, "output_dir": output_dir}
+    return load_config([recipe], overrides=values)
 
 
 def warm_settings(script) -> dict:
@@ -197,7 +205,7 @@ def warm_one(seed: int, mode: str, output_dir: str, overrides: dict, eval_tasks:
 
 
 def run_one(
-    algo: str, seed: int, output_dir: str, overrides: dict, eval_tasks: int, warm_dir: str, recipe: str
+    algo: str, seed: int, output_dir: str, overrides: dict, eval_tasks: int, warm_dir: str, recipe: str, extra: dict
 ) -> dict:
     """Train one (algo, seed) from the seed's warm start through the CLI path; per-step metrics, held-out success."""
     import torch
@@ -205,7 +213,7 @@ def run_one(
 
     from .cli.train import build_trainer, train_and_close
 
-    script, rollout, args = _setup(overrides, algo, seed, output_dir, recipe)
+    script, rollout, args = _setup(overrides, algo, seed, output_dir, recipe, extra)
     shutil.copytree(warm_dir, os.path.join(args.output_dir, "tiny-model"))  # where resolve_model looks
     trainer = build_trainer(script, rollout, args)
     trainer.remove_callback(PrinterCallback)  # per-step dicts on stdout; the study keeps log_history instead
@@ -530,7 +538,7 @@ def to_markdown(results: dict, figures: str = "study") -> str:
     errors = "".join(
         f"\n- {labels.get(r['algo'], r['algo'])} seed {r['seed']} failed: {r['error']}" for r in results["errors"]
     )
-    extra = "; ".join(f"{labels[a]} `{json.dumps(ALGO_EXTRA[a])}`" for a in summary if a in ALGO_EXTRA) or "none"
+    extra = "; ".join(f"{labels[a]} `{json.dumps(setting.extra(a))}`" for a in summary if setting.extra(a)) or "none"
     per_seed = "; ".join(
         f"{labels[r['algo']]} seed {r['seed']}: {r['before']['valid_seen']:.3f} -> {r['held_out']['valid_seen']:.3f}"
         for r in sorted(results["runs"], key=lambda r: (r["algo"], r["seed"]))
@@ -678,7 +686,8 @@ def main(argv: list[str] | None = None) -> int:
                 mode = mode_of(algo, overrides, recipe_script.rollout_mode)
                 spec = {"algo": algo, "seed": seed, "output_dir": os.path.join(tmp, f"{algo}-{seed}"),
                         "overrides": overrides, "eval_tasks": plan["eval_tasks"], "recipe": recipe,
-                        "warm_dir": os.path.join(tmp, f"warm-{mode}-{seed}", "tiny-model")}  # fmt: skip
+                        "warm_dir": os.path.join(tmp, f"warm-{mode}-{seed}", "tiny-model"),
+                        "extra": setting.extra(algo)}  # fmt: skip
                 result = _launch("run", spec, threads, str(result_file))
                 if "error" in result:
                     result_file.write_text(json.dumps(result))

@@ -422,21 +422,9 @@ def test_bad_config_values_name_the_field(tmp_path, field, value):
         AEPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, **{field: value})
 
 
-def test_defaults_turn_epo_off_and_step_mode_is_refused(tiny_model, tmp_path):
+def test_defaults_turn_epo_off(tmp_path):
     args = AEPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False)
     assert (args.entropy_coef, hasattr(args, "smoothing"), args.aepo_coef) == (0.0, False, 0.02)
-
-    class StepLike:
-        mode = "step"
-
-        def __call__(self, prompts, trainer):
-            raise AssertionError
-
-        def build_training_batch(self, inputs, trainer):
-            raise AssertionError
-
-    with pytest.raises(ValueError, match="TrajectoryRollout"):
-        AEPOTrainer(tiny_model, length_reward, args=_args(tmp_path), train_dataset=_dataset(), rollout_func=StepLike())
 
 
 # --- two processes -------------------------------------------------------------------------------------
@@ -505,3 +493,59 @@ def _ddp_worker(model_path: str, out: str) -> None:
 
 if __name__ == "__main__":
     _ddp_worker(sys.argv[1], sys.argv[2])
+
+
+def test_step_mode_keeps_every_turn_of_the_above_mean_episodes(tiny_model, tmp_path):
+    """Step-mode rollout (one row per turn): AEPO re-samples whole episodes at T and keeps the turn rows of the
+    episodes whose return beats their group's mean; L_reg is checked against a plain HF forward (lr 0: the weights
+    the step trains on are the ones the test reads)."""
+    from countdown_env import CountdownFactory
+
+    from epo_trl.envs.protocol import TaskSpec
+    from epo_trl.rollout import CallableBackend, RolloutConfig, StepRollout
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    good = tok("<action> go </action>", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    bad = tok("no", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    calls = []
+
+    def policy(prompts, max_new_tokens, temperature):
+        # the normal rollout (T = 1) always counts down; in a re-sampled group of 4 lockstep episodes, members 2 and 3
+        # answer turn 0 with an invalid action
+        calls.append((len(prompts), temperature))
+        first_resample_turn = temperature != 1.0 and (len(calls) < 2 or calls[-2][1] == 1.0)
+        return [bad if first_resample_turn and i >= 2 else good for i in range(len(prompts))]
+
+    rollout = StepRollout(CountdownFactory(), RolloutConfig(max_turns=4, max_turn_tokens=12), CallableBackend(policy))
+    key = TaskSpec("countdown", "count", 2, 0).key()  # won after 2 valid actions
+    trainer = AEPOTrainer(
+        tiny_model,
+        length_reward,  # unused in step mode: rows are scored by their episode's return
+        args=_args(tmp_path, max_steps=1, learning_rate=0.0, aepo_num_resamples=4, aepo_advantage_threshold=0.01),
+        train_dataset=Dataset.from_dict({"prompt": [key] * 8}),
+        rollout_func=rollout,
+    )
+    trainer.train()
+    # normal batch: 4 episodes x 2 turns at T = 1; re-samples: 4 episodes at T_high (step 0), the two that wasted
+    # turn 0 play 3 turns
+    assert calls == [(4, 1.0), (4, 1.0), (4, 1.2), (4, 1.2), (2, 1.2)]
+    # returns 10, 10, 9.9, 9.9 (win 10, invalid -0.1): advantages +-0.05 > 0.01 for the first two -> their 2 x 2 turns
+    assert _logs(trainer, "aepo/candidates") == [4.0] and _logs(trainer, "aepo/kept") == [4.0]
+    batch = trainer._aepo_active
+    assert batch["rows"] == 4
+    assert [row[m.bool()].tolist() for row, m in zip(batch["completion_ids"], batch["loss_mask"])] == [good] * 4
+    # turn 0 and turn 1 prompts of each winning episode: "count 2", then "count 1"
+    prompts = [tok.decode(p[m.bool()]) for p, m in zip(batch["prompt_ids"], batch["prompt_mask"])]
+    assert ["count 2" in p and "count 1" not in p for p in prompts] == [True, False, True, False]
+    assert all("count 1" in p for p in prompts[1::2])
+    # (A4) L_reg = - token mean of log pi(good) over the 4 rows, by a forward of the untouched model
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).float().eval()
+    total, count = 0.0, 0
+    for p, m in zip(batch["prompt_ids"], batch["prompt_mask"]):
+        ids = torch.tensor([p[m.bool()].tolist() + good])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+        start = ids.size(1) - len(good)
+        total -= sum(logp[start - 1 + j, tok_id].item() for j, tok_id in enumerate(good))
+        count += len(good)
+    assert _logs(trainer, "aepo/reg_loss")[0] == pytest.approx(total / count, rel=1e-4)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from collections import defaultdict
 from contextlib import contextmanager
 
@@ -44,7 +45,11 @@ class AEPOTrainer(MultiTurnGRPOTrainer):
     With TRL's `tools` / `environment_factory`, the re-samples run TRL's own tool-calling loop: each gets an
     environment instance of its own (reset with its dataset row), and its tool results are masked out of (A4).
 
-    Not supported: step-mode rollouts (`StepRollout`), images.
+    With a step-mode rollout (`StepRollout`, one row per turn), a re-sample is a whole episode played at that
+    temperature and scored by its return; every turn of an above-mean episode is a kept sample (the caps count
+    turn rows, the unit of the step-mode loss).
+
+    Not supported: images.
     """
 
     _tag_names = ["trl", "grpo", "multi-turn", "aepo"]
@@ -55,12 +60,6 @@ class AEPOTrainer(MultiTurnGRPOTrainer):
 
     def __init__(self, model, reward_funcs=None, args=None, *pargs, **kwargs):
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
-        if getattr(self.rollout_func, "mode", None) == "step":
-            raise ValueError(
-                "AEPOTrainer re-samples whole episodes through the rollout_func contract (one row per prompt); a "
-                "step-mode rollout (one row per turn) cannot be re-sampled that way. Use TrajectoryRollout, or "
-                "EPOTrainer for step mode."
-            )
         self._aepo_environment_pool: dict = {}  # environment name -> instances the re-samples reuse
         self._aepo_batch: dict | None = None  # kept rows of the latest generation batch
         self._aepo_active: dict | None = None  # the ones the current optimizer step trains on
@@ -113,23 +112,16 @@ class AEPOTrainer(MultiTurnGRPOTrainer):
         rows = [copy.copy(inputs[firsts[i]]) for i in chosen for _ in range(n)]
         prompts = [x.get("prompt", [{"role": "user", "content": ""}]) for x in rows]  # TRL's default with envs
         with self._aepo_sampling(temperature, n), self._aepo_environments(rows, prompts):
-            prompt_ids, completion_ids, tool_mask, completions, _, extra, images, _ = self._generate(prompts)
-            if images is not None:
-                raise ValueError(
-                    "AEPOTrainer does not support image inputs; use EPOTrainer for vision-language models."
-                )
-            for i, row in enumerate(rows):  # rollout extras (episode_return, ...) feed the reward functions
-                row.update({k: (v[i] if isinstance(v, list) else v) for k, v in extra.items()})
-            rewards_per_func = self._calculate_rewards(rows, prompts, completions, completion_ids)  # gathered
-
-        rewards = (rewards_per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)
-        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan  # unscorable: never kept
-        rewards = rewards[rank * len(rows) : (rank + 1) * len(rows)]
-        advantages = group_advantages(rewards, n)  # (A2)
+            if getattr(self.rollout_func, "mode", None) == "step":
+                rewards, samples, unit = self._aepo_step_samples(prompts)
+            else:
+                rewards, samples, unit = self._aepo_row_samples(rows, prompts)
+        # (A2) within each group of n; a step-mode turn row carries its episode's advantage
+        advantages = group_advantages(rewards, n)[unit]
         eligible = None
         if self.mask_truncated_completions:
             stop = {*self.eos_token_ids, self._tokenizer.pad_token_id}
-            eligible = torch.tensor([bool(c) and c[-1] in stop for c in completion_ids], device=device)
+            eligible = torch.tensor([bool(c) and c[-1] in stop for _, c, _ in samples], device=device)
         kept = select_kept(advantages, a.aepo_advantage_threshold, eligible)  # (A3)
         counts = acc.gather(torch.tensor([kept.numel()], device=device)).tolist()
         quota = share_cap(counts, a.aepo_max_kept_above_target if above else a.aepo_max_kept)
@@ -151,10 +143,10 @@ class AEPOTrainer(MultiTurnGRPOTrainer):
         select = kept + [kept[0] if kept else 0] * (num_rows - len(kept))
         weight = torch.tensor([1.0] * len(kept) + [0.0] * (num_rows - len(kept)), device=device)
         pad_id = self._tokenizer.pad_token_id
-        prompts_t = [torch.tensor(prompt_ids[i]) for i in select]
-        comps_t = [torch.tensor(completion_ids[i]) for i in select]
+        prompts_t = [torch.tensor(samples[i][0]) for i in select]
+        comps_t = [torch.tensor(samples[i][1]) for i in select]
         env = [
-            torch.tensor(tool_mask[i]) if tool_mask is not None else torch.ones(len(completion_ids[i])) for i in select
+            torch.ones(len(samples[i][1])) if samples[i][2] is None else torch.tensor(samples[i][2]) for i in select
         ]
         completion_mask = pad([torch.ones_like(c) for c in comps_t], 0, "right").to(device)
         loss_mask = pad([e.float() for e in env], 0, "right").to(device) * completion_mask * weight[:, None]
@@ -168,6 +160,39 @@ class AEPOTrainer(MultiTurnGRPOTrainer):
             "loss_mask": loss_mask,
             "num_tokens": max(num_tokens, 1.0),  # global: the token mean of (A4) spans every rank
         }
+
+    def _aepo_row_samples(self, rows: list[dict], prompts: list) -> tuple[torch.Tensor, list[tuple], torch.Tensor]:
+        """One sample per row through TRL's generation path (HF generate, vLLM, or a one-row-per-prompt
+        `rollout_func`), scored by the reward functions. Returns this rank's rewards, its samples as
+        (prompt ids, completion ids, action mask or None) and each sample's row (here: itself)."""
+        device, rank = self.accelerator.device, self.accelerator.process_index
+        prompt_ids, completion_ids, tool_mask, completions, _, extra, images, _ = self._generate(prompts)
+        if images is not None:
+            raise ValueError("AEPOTrainer does not support image inputs; use EPOTrainer for vision-language models.")
+        for i, row in enumerate(rows):  # rollout extras (episode_return, ...) feed the reward functions
+            row.update({k: (v[i] if isinstance(v, list) else v) for k, v in extra.items()})
+        rewards_per_func = self._calculate_rewards(rows, prompts, completions, completion_ids)  # gathered
+        rewards = (rewards_per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan  # unscorable: never kept
+        rewards = rewards[rank * len(rows) : (rank + 1) * len(rows)]
+        masks = tool_mask if tool_mask is not None else [None] * len(completion_ids)
+        samples = list(zip(prompt_ids, completion_ids, masks))
+        return rewards, samples, torch.arange(len(samples), device=device)
+
+    def _aepo_step_samples(self, prompts: list) -> tuple[torch.Tensor, list[tuple], torch.Tensor]:
+        """Step mode: play one episode per prompt with the step rollout; every turn is a sample (the unit of the
+        step-mode loss), scored by its episode's return as the step-mode batch is (NaN = failed episode, never
+        kept). Returns this rank's episode returns, the turn samples and each turn's episode index."""
+        rollout, device = self.rollout_func, self.accelerator.device
+        episodes = rollout.play(prompts, self).episodes
+        returns = [math.nan if e.failed else e.episode_return(rollout.config) for e in episodes]
+        samples = [(t.prompt_ids, t.completion_ids, None) for e in episodes for t in e.turns]
+        unit = [i for i, e in enumerate(episodes) for _ in e.turns]
+        return (
+            torch.tensor(returns, dtype=torch.float32, device=device),
+            samples,
+            torch.tensor(unit, dtype=torch.long, device=device),
+        )
 
     @contextmanager
     def _aepo_environments(self, rows: list[dict], prompts: list):
