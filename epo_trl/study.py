@@ -33,8 +33,8 @@ from .cli.train import DEMO_RECIPE
 
 AEPO_TARGET_ENTROPY = 0.05  # the maze's H*: between the warm start's entropy and a collapsed policy's
 
-# AEPO re-samples whole episodes, so the four algorithms are compared in trajectory mode (one row per episode); the
-# EPO run is exactly `make demo` (tested), so its row is the demo's spread over seeds. "epo-step" (opt-in): EPO in
+# On the maze the four algorithms are compared in the demo's trajectory mode (one row per episode); the EPO run is
+# exactly `make demo` (tested), so its row is the demo's spread over seeds. "epo-step" (opt-in): EPO in
 # step mode (one row per turn), from a warm start rendered in step mode.
 # Opt-in variants that probe the failures EPO targets (docs/study/setting.md): "-nokl" drops the KL anchor (can
 # the policy collapse early?); "-bonus" makes the entropy bonus 10x stronger (does a plain bonus go unstable, and
@@ -103,8 +103,8 @@ MAZE = Setting(
     plan=FULL,
     setup="""GRPO
 runs on `MultiTurnGRPOTrainer` (the multi-turn base), EPO-Base and EPO on `EPOTrainer`, AEPO on `AEPOTrainer`, all
-four in trajectory mode (one row per episode: AEPO re-samples whole episodes). The EPO run is `make demo` with the
-same seed (same recipe), so its row is the demo's spread over seeds.
+four in trajectory mode (one row per episode, the demo's mode). The EPO run is `make demo` with the same seed (same
+recipe), so its row is the demo's spread over seeds.
 Warm start, per seed and rollout mode, shared by the algorithms of that mode: behaviour cloning on the expert
 until the model, sampling, wins {target_success} of 32 train tasks (at most {steps} steps, checked
 every {check_every}), then {noisy_steps} steps on a noisy demonstrator's plays (each turn a random

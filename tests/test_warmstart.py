@@ -107,3 +107,23 @@ def test_behaviour_cloning_stops_when_asked(tmp_path):
 
     losses = behaviour_clone(model, pairs, steps=50, batch_size=2, stop=stop, check_every=5)
     assert len(losses) == 10 and calls == [(5, False), (10, False)]  # checked in eval mode, stopped at step 10
+
+
+def test_expert_turns_reuses_envs_across_render_batches(monkeypatch):
+    """Rendering in batches gives the same samples as one lockstep run, on as many envs as one batch holds."""
+    from countdown_env import WORDS, CountdownFactory
+
+    from epo_trl.models import warmstart
+
+    tok = build_tokenizer(WORDS)
+    config = RolloutConfig(max_turns=5, max_turn_tokens=12, require_tags=False)
+    rendered = {}
+    for batch in (3, 100):
+        factory = CountdownFactory()
+        tasks = factory.tasks()  # 8 tasks, won after 1, 2, 3, 4, 1, 2, 3, 4 valid actions
+        monkeypatch.setattr(warmstart, "RENDER_BATCH", batch)
+        rendered[batch] = expert_turns(factory, tasks, tok, config, "step", [["go"] * t.variation for t in tasks])
+        assert len(factory.made) == min(batch, 8)
+        assert sum(1 for op, *_ in factory.log if op == "reset") == 8
+    assert len(rendered[3]) == 20  # one sample per turn: 1+2+3+4+1+2+3+4
+    assert rendered[3] == rendered[100]

@@ -17,6 +17,9 @@ from ..envs import EnvFactory, TaskSpec
 from ..rollout import Generation, RolloutConfig, RolloutEngine
 from ..rollout.evaluation import sampled_summary
 
+# Expert episodes rendered at once by `expert_turns`; later batches reuse the envs of the first.
+RENDER_BATCH = 16
+
 
 class PlanBackend:
     """Plays fixed per-episode plans through the lockstep engine.
@@ -93,15 +96,20 @@ def expert_turns(
     Step mode: one sample per turn (mask all ones). Trajectory mode: one sample per episode, the mask being the
     rollout's `env_mask` (observations are context, not targets), exactly the rows RL trains on.
     """
-    plans = plans if plans is not None else [factory.solve(t) for t in tasks]
+    tasks = list(tasks)
+    plans = list(plans) if plans is not None else [factory.solve(t) for t in tasks]
     engine = RolloutEngine(factory, tokenizer, config)
-    try:
-        result = engine.run(tasks, PlanBackend(plans, tokenizer, config.action_tags), mode)
+    episodes = []
+    try:  # in batches that share the engine's envs (a TextWorldExpress env is a JVM: started once, reset cheaply)
+        for start in range(0, len(tasks), RENDER_BATCH):
+            batch = slice(start, start + RENDER_BATCH)
+            backend = PlanBackend(plans[batch], tokenizer, config.action_tags)
+            episodes += engine.run(tasks[batch], backend, mode).episodes
     finally:
         engine.close()
     if mode == "trajectory":
-        return [(e.prompt_ids, e.completion_ids, e.env_mask) for e in result.episodes]
-    return [(t.prompt_ids, t.completion_ids, [1] * len(t.completion_ids)) for e in result.episodes for t in e.turns]
+        return [(e.prompt_ids, e.completion_ids, e.env_mask) for e in episodes]
+    return [(t.prompt_ids, t.completion_ids, [1] * len(t.completion_ids)) for e in episodes for t in e.turns]
 
 
 def behaviour_clone(

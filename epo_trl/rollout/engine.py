@@ -293,17 +293,20 @@ def run_episodes(
     config: RolloutConfig | None = None,
     mode: str = "step",
     temperature: float | None = None,
+    engine: RolloutEngine | None = None,
 ) -> list[dict[str, Any]]:
     """Play `tasks` without a trainer (evaluation, benchmarks); one record per episode. `temperature`: None = the
-    backend's.
+    backend's. `engine`: an open engine to play on (its envs are reused; the caller closes it); None = a new one.
 
     Records: task, won, return, length, invalid, failed, failure, truncated, turns (text/action/observation).
     """
-    engine = RolloutEngine(factory, tokenizer, config)
+    own = engine is None
+    engine = RolloutEngine(factory, tokenizer, config) if own else engine
     try:
         return engine.run(tasks, backend, mode, temperature=temperature).records(engine.config)
     finally:
-        engine.close()
+        if own:
+            engine.close()
 
 
 def success_rate(records: Sequence[dict[str, Any]]) -> float:
