@@ -48,6 +48,9 @@ def test_bench_loss_overhead_and_envs(tmp_path):
     for env in ("scienceworld", "alfworld", "textworld_express"):
         rows = [r for r in results["env_throughput"][env].values() if isinstance(r, dict)]
         assert rows and all(_finite(r["steps_per_s"]) and r["steps_per_s"] > 0 for r in rows)
+    resets = results["env_throughput"]["textworld_express_resets"]
+    assert resets["envs"] == 4 and _finite(resets["fresh_s"], resets["reused_s"])
+    assert "textworld_express resets, 4 envs" in report
     assert "## 1. Loss overhead" in report and "## 3. Environment throughput" in report
 
 

@@ -154,6 +154,28 @@ def textworld_express(total_steps: int, workers=WORKERS) -> dict:
                   WARMUP_TURNS["textworld_express"])  # fmt: skip
 
 
+def textworld_express_resets(count: int = 8) -> dict:
+    """Seconds per env to reset `count` Coin Collector games through 2 process workers: on fresh envs (each starts
+    its JVM), then on the same envs again (what evaluation batches and warm-start rendering pay since they reuse
+    their engine's envs)."""
+    from ..envs.pool import ProcessEnvPool
+    from ..envs.textworld_express import TextWorldExpressFactory
+
+    factory = TextWorldExpressFactory(game="coin", game_params="numLocations=11,includeDoors=1", num_train=count)
+    tasks = factory.tasks("train")
+    pool = ProcessEnvPool(factory, 2)
+    try:
+        handles = [pool.acquire() for _ in tasks]
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            assert all(ok for ok, _ in pool.reset(list(zip(handles, tasks))))
+            times.append((time.perf_counter() - t0) / count)
+    finally:
+        pool.close()
+    return {"envs": count, "fresh_s": times[0], "reused_s": times[1]}
+
+
 _STARTUP_SCRIPT = """
 import sys, time
 import torch, trl  # a trainer has these loaded before its rollout starts workers
@@ -204,6 +226,8 @@ def run(
     fns = {"scienceworld": scienceworld, "alfworld": alfworld, "textworld_express": textworld_express}
     out = {name: _guarded(fns[name], steps, workers) for name in envs}
     out["worker_startup"] = _guarded(startup, ("forkserver",) if smoke else ("fork", "forkserver", "spawn"))
+    if "textworld_express" in envs:
+        out["textworld_express_resets"] = _guarded(textworld_express_resets, 4 if smoke else 8)
     return out
 
 
@@ -212,7 +236,7 @@ def to_markdown(results: dict) -> str:
 
     rows, lines = [], []
     for env, settings in results.items():
-        if env == "worker_startup":
+        if env in ("worker_startup", "textworld_express_resets"):
             continue
         if "error" in settings:
             rows.append([env, "—", "—", "—", "—", f"not run: {settings['error']}"])
@@ -236,6 +260,14 @@ def to_markdown(results: dict) -> str:
         for m, r in results.get("worker_startup", {}).items()
         if isinstance(r, dict)
     ]
+    resets = results.get("textworld_express_resets")
+    if resets and "error" not in resets:
+        lines.append(
+            f"- textworld_express resets, {resets['envs']} envs through 2 process workers: {resets['fresh_s']:.2f} s "
+            f"per env fresh (each starts its JVM) vs {resets['reused_s']:.2f} s reused "
+            f"({resets['fresh_s'] / resets['reused_s']:.1f}x); evaluation batches and warm-start rendering reuse "
+            "their envs"
+        )
     parts = [table, *([""] + lines if lines else [])]
     if startup_rows:
         parts += [
