@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..envs import EnvFactory, TaskSpec
-from ..rollout import Generation, RolloutConfig, RolloutEngine
+from ..rollout import Generation, RolloutConfig
+from ..rollout.engine import engine_for
 from ..rollout.evaluation import sampled_summary
 
 # Expert episodes rendered at once by `expert_turns`; later batches reuse the envs of the first.
@@ -98,15 +99,13 @@ def expert_turns(
     """
     tasks = list(tasks)
     plans = list(plans) if plans is not None else [factory.solve(t) for t in tasks]
-    engine = RolloutEngine(factory, tokenizer, config)
     episodes = []
-    try:  # in batches that share the engine's envs (a TextWorldExpress env is a JVM: started once, reset cheaply)
+    # in batches that share the engine's envs (a TextWorldExpress env is a JVM: started once, reset cheaply)
+    with engine_for(factory, tokenizer, config) as engine:
         for start in range(0, len(tasks), RENDER_BATCH):
             batch = slice(start, start + RENDER_BATCH)
             backend = PlanBackend(plans[batch], tokenizer, config.action_tags)
             episodes += engine.run(tasks[batch], backend, mode).episodes
-    finally:
-        engine.close()
     if mode == "trajectory":
         return [(e.prompt_ids, e.completion_ids, e.env_mask) for e in episodes]
     return [(t.prompt_ids, t.completion_ids, [1] * len(t.completion_ids)) for e in episodes for t in e.turns]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from contextlib import closing, nullcontext
 from typing import Any
 
 from ..envs.pool import EnvPool
@@ -300,13 +301,13 @@ def run_episodes(
 
     Records: task, won, return, length, invalid, failed, failure, truncated, turns (text/action/observation).
     """
-    own = engine is None
-    engine = RolloutEngine(factory, tokenizer, config) if own else engine
-    try:
+    with engine_for(factory, tokenizer, config, engine) as engine:
         return engine.run(tasks, backend, mode, temperature=temperature).records(engine.config)
-    finally:
-        if own:
-            engine.close()
+
+
+def engine_for(factory: EnvFactory, tokenizer, config: RolloutConfig | None, engine: RolloutEngine | None = None):
+    """Context manager over `engine` when given (left open: its owner closes it), else a new engine closed on exit."""
+    return nullcontext(engine) if engine is not None else closing(RolloutEngine(factory, tokenizer, config))
 
 
 def success_rate(records: Sequence[dict[str, Any]]) -> float:

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..envs.protocol import EnvFactory, TaskSpec
 from .config import RolloutConfig
-from .engine import RolloutEngine, run_episodes
+from .engine import RolloutEngine, engine_for, run_episodes
 
 HELD_OUT_SPLITS = ("valid_seen", "valid_unseen")
 
@@ -73,24 +73,21 @@ def evaluate(
     `on_batch(records)` is called with all records so far after every batch (streaming, Ctrl-C safety).
     `temperature`: the sampling temperature (None = the backend's). `engine`: an open engine to play on (the
     caller closes it); None = one for this call. The batches share the engine's envs: a TextWorldExpress env
-    is a JVM, 0.5 s to start and 0.12 s to reset (measured), so starting one per episode would dominate."""
+    is a JVM, ~5x dearer to start than to reset (docs/benchmarks.md, section 3)."""
     from tqdm.auto import tqdm
 
     episodes = [t for t in tasks for _ in range(k)]
     records: list[dict[str, Any]] = []
-    own = engine is None
-    engine = RolloutEngine(factory, tokenizer, config) if own else engine
-    try:
-        with tqdm(total=len(episodes), desc="eval episodes", disable=not progress) as bar:
-            for start in range(0, len(episodes), batch_size):
-                chunk = episodes[start : start + batch_size]
-                records.extend(run_episodes(backend, factory, chunk, tokenizer, config, mode, temperature, engine))
-                bar.update(len(chunk))
-                if on_batch is not None:
-                    on_batch(records)
-    finally:
-        if own:
-            engine.close()
+    with (
+        engine_for(factory, tokenizer, config, engine) as engine,
+        tqdm(total=len(episodes), desc="eval episodes", disable=not progress) as bar,
+    ):
+        for start in range(0, len(episodes), batch_size):
+            chunk = episodes[start : start + batch_size]
+            records.extend(run_episodes(backend, factory, chunk, tokenizer, config, mode, temperature, engine))
+            bar.update(len(chunk))
+            if on_batch is not None:
+                on_batch(records)
     return summarize(records, factory, k), records
 
 
@@ -118,8 +115,7 @@ def held_out(model, tokenizer, factory: EnvFactory, config: RolloutConfig, tasks
              temperature: float = 1.0, seed: int = 0, mode: str = "step") -> dict[str, dict[str, Any]]:  # fmt: skip
     """`sampled_summary` on the first `tasks_per_split` tasks of each held-out split (one engine: the splits share
     its envs)."""
-    engine = RolloutEngine(factory, tokenizer, config)
-    try:
+    with engine_for(factory, tokenizer, config) as engine:
         return {
             split: sampled_summary(
                 model,
@@ -131,8 +127,6 @@ def held_out(model, tokenizer, factory: EnvFactory, config: RolloutConfig, tasks
                 seed,
                 mode,
                 engine,
-            )  # fmt: skip
+            )
             for split in HELD_OUT_SPLITS
         }
-    finally:
-        engine.close()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 from collections import defaultdict
 from contextlib import contextmanager
 
@@ -21,6 +20,7 @@ import torch
 from trl.trainer.utils import pad
 
 from ..grpo.grpo_trainer import ActionTokens, MultiTurnGRPOTrainer, arxiv_paper, float_or_none
+from ..grpo.step_batch import episode_returns
 from .aepo_config import AEPOConfig
 from .aepo_math import (
     choose_temperature,
@@ -185,14 +185,9 @@ class AEPOTrainer(MultiTurnGRPOTrainer):
         kept). Returns this rank's episode returns, the turn samples and each turn's episode index."""
         rollout, device = self.rollout_func, self.accelerator.device
         episodes = rollout.play(prompts, self).episodes
-        returns = [math.nan if e.failed else e.episode_return(rollout.config) for e in episodes]
         samples = [(t.prompt_ids, t.completion_ids, None) for e in episodes for t in e.turns]
         unit = [i for i, e in enumerate(episodes) for _ in e.turns]
-        return (
-            torch.tensor(returns, dtype=torch.float32, device=device),
-            samples,
-            torch.tensor(unit, dtype=torch.long, device=device),
-        )
+        return episode_returns(rollout, episodes, device), samples, torch.tensor(unit, dtype=torch.long, device=device)
 
     @contextmanager
     def _aepo_environments(self, rows: list[dict], prompts: list):

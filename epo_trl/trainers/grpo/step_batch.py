@@ -28,16 +28,18 @@ import torch
 ROW_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "turn_ids")
 
 
+def episode_returns(rollout, episodes: list, device) -> torch.Tensor:
+    """Each episode's return, the score of all its turn rows (NaN = failed episode: it is never scored)."""
+    returns = [math.nan if e.failed else e.episode_return(rollout.config) for e in episodes]
+    return torch.tensor(returns, dtype=torch.float32, device=device)
+
+
 def episode_advantages(rollout, episodes: list, trainer) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's per-episode advantages and the gathered returns of all ranks (NaN = failed episode)."""
     device = trainer.accelerator.device
     mode = "train" if trainer.model.training else "eval"
     group = trainer.num_generations if mode == "train" else trainer.num_generations_eval
-    local = torch.tensor(
-        [math.nan if e.failed else e.episode_return(rollout.config) for e in episodes],
-        dtype=torch.float32,
-        device=device,
-    )
+    local = episode_returns(rollout, episodes, device)
     # GRPO groups may span ranks: normalise over the gathered batch, then keep this rank's slice.
     returns = trainer.accelerator.gather(local)
     if returns.numel() % group:
