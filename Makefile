@@ -20,7 +20,7 @@ TORCH_INDEX ?=
 RUFF_VERSION := 0.17.6
 LINT_VENV ?= .venv-lint
 
-.PHONY: install java test test-fast lint format demo demo-llm bench study study-long-horizon clean
+.PHONY: install java test soak test-fast lint format demo demo-llm bench study study-long-horizon clean
 
 install: $(STAMP)
 
@@ -47,8 +47,18 @@ java:
 	  (apt-get update -q && apt-get install -y -q default-jre-headless) || \
 	  { echo "Could not install Java. Install a JRE >= 11 (Debian/Ubuntu: apt-get install default-jre-headless)"; exit 1; }; }
 
+# Every optional install must be present (tests/conftest.py): a vanished one fails the run, not a skip line.
 test: install
-	$(PY) -m pytest -q -ra --timeout=900
+	EPO_TRL_REQUIRE_EXTRAS=$(if $(filter cpu,$(VLLM)),1,vllm) $(PY) -m pytest -q -ra --timeout=900 --durations=25
+
+# The multi-process tests N times in a row (a chance failure shows up here, not in CI): make soak N=20
+N ?= 20
+soak: install
+	@start=$$(date +%s); fails=0; for i in $$(seq $(N)); do \
+	  $(PY) -m pytest -q -m multiprocess --timeout=900 -p no:cacheprovider --durations=0 > .soak-$$i.log 2>&1 \
+	    && echo "soak $$i/$(N): pass ($$(tail -1 .soak-$$i.log))" \
+	    || { fails=$$((fails+1)); echo "soak $$i/$(N): FAIL (.soak-$$i.log)"; }; \
+	done; echo "soak: $(N) runs, $$fails failed, $$(( $$(date +%s) - start )) s"; test $$fails -eq 0
 
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow" --timeout=600

@@ -38,21 +38,69 @@ def on_main_process_first() -> Iterator[None]:
         yield
 
 
-def destroy_process_group() -> None:
+# A barrier at exit waits this long for the other ranks (seconds): long enough for rank 0 to finish writing a
+# run's outputs, short enough that a rank whose peer died does not hang the launch until the group's timeout.
+EXIT_BARRIER_TIMEOUT_S = 120.0
+_exit_hook: dict[str, bool] = {"registered": False, "uncaught": False}
+
+
+def destroy_process_group(barrier_timeout_s: float | None = None) -> None:
     """Tear the process group down before the interpreter does: left to finalization, gloo's worker threads can
-    abort the process (`terminate called without an active exception`, SIGABRT) after a run that succeeded. Call it
-    only on paths every rank reaches; a barrier first, so no rank leaves while another still sends."""
+    abort the process (`terminate called without an active exception`, SIGABRT) after a run that succeeded.
+
+    A barrier first, so no rank leaves while another still sends: call it on paths every rank reaches, or pass
+    `barrier_timeout_s` (gloo's monitored barrier) where a rank may be gone; a failed or timed-out barrier still
+    tears down. Idempotent: a second call finds no group."""
     import sys
 
     dist = sys.modules.get("torch.distributed")  # not imported: no group to tear down (and no torch import)
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        vllm_state = sys.modules.get("vllm.distributed.parallel_state")
-        if vllm_state is not None:  # a colocated engine's groups hang off the default group: they go first, or
-            vllm_state.destroy_model_parallel()  # vLLM's atexit shutdown finds them dangling and raises
-            vllm_state.destroy_distributed_environment()  # (ValueError: Invalid process group specified)
-        if dist.is_initialized():  # vLLM's teardown may have destroyed the default group itself
-            dist.destroy_process_group()
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        if barrier_timeout_s is None:
+            dist.barrier()
+        elif dist.get_backend() == "gloo":
+            from datetime import timedelta
+
+            dist.monitored_barrier(timeout=timedelta(seconds=barrier_timeout_s), wait_all_ranks=True)
+    except Exception as e:  # a peer that died or never came: tear down this rank's side anyway
+        print(f"epo-trl: exit barrier skipped ({type(e).__name__}); tearing down this rank's process group",
+              file=sys.stderr)  # fmt: skip
+    vllm_state = sys.modules.get("vllm.distributed.parallel_state")
+    if vllm_state is not None:  # a colocated engine's groups hang off the default group: they go first, or
+        vllm_state.destroy_model_parallel()  # vLLM's atexit shutdown finds them dangling and raises
+        vllm_state.destroy_distributed_environment()  # (ValueError: Invalid process group specified)
+    if dist.is_initialized():  # vLLM's teardown may have destroyed the default group itself
+        dist.destroy_process_group()
+
+
+def teardown_at_exit() -> None:
+    """Register (once per process) an exit hook that tears down the process group, for every script that builds a
+    trainer (a user's under `accelerate launch`, `epo-trl eval`, tests): the library set the group up, so the
+    library takes it down. After an uncaught exception the hook skips the barrier: the other ranks are inside a
+    collective that will never complete, and the launcher ends them once this rank is gone."""
+    import atexit
+    import sys
+
+    if _exit_hook["registered"]:
+        return
+    _exit_hook["registered"] = True
+    previous = sys.excepthook
+
+    def note_uncaught(*exc_info):
+        _exit_hook["uncaught"] = True
+        previous(*exc_info)
+
+    sys.excepthook = note_uncaught
+
+    @atexit.register
+    def _teardown() -> None:
+        if _exit_hook["uncaught"]:
+            dist = sys.modules.get("torch.distributed")
+            if dist is not None and dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+            return
+        destroy_process_group(barrier_timeout_s=EXIT_BARRIER_TIMEOUT_S)
 
 
 def vllm_parallelism(

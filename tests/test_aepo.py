@@ -492,7 +492,10 @@ def _ddp_worker(model_path: str, out: str) -> None:
 
 
 if __name__ == "__main__":
+    from epo_trl.distributed import destroy_process_group
+
     _ddp_worker(sys.argv[1], sys.argv[2])
+    destroy_process_group()  # every rank gets here: no live process group at interpreter exit
 
 
 def test_step_mode_keeps_every_turn_of_the_above_mean_episodes(tiny_model, tmp_path):

@@ -11,8 +11,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SBATCH = ROOT / "recipes" / "slurm" / "train_multinode.sbatch"
 
 # Stubs log every call to $LOG. The server "loads" until the third /health poll; STUB_SERVER_DIES makes it crash.
+# `scontrol show node` gives the node's NodeAddr (STUB_NODE_ADDR, default 10.0.0.9), as Slurm prints it.
 STUBS = {
-    "scontrol": 'printf "train0\\ntrain1\\nvllm0\\n"',
+    "scontrol": 'if [[ "$1 $2" == "show node" ]]; then echo "NodeName=$3 Arch=x86_64 CoresPerSocket=32"; '
+    'echo "   NodeAddr=${STUB_NODE_ADDR:-10.0.0.9} NodeHostName=$3 Version=24.05"; '
+    'else printf "train0\\ntrain1\\nvllm0\\n"; fi',
     "srun": 'echo "srun $*" >> "$LOG"\nif [[ "$*" == *vllm-serve* ]]; then [[ -n "${STUB_SERVER_DIES:-}" ]] && exit 1; '
     "exec sleep 60; fi",
     "curl": 'echo "curl $*" >> "$LOG"\n(( $(grep -c "^curl" "$LOG") >= 3 ))',
@@ -60,10 +63,10 @@ def test_server_parallelism_fits_the_model_and_trainers_wait_for_health(tmp_path
     assert heads % tp == 0 and tp * dp == 8
     # trainers start only after /health answered (the third poll here)
     *_, train = [line for line in log if line != server]
-    assert [line for line in log if line.startswith("curl")] == ["curl -sf http://vllm0:8000/health"] * 3
+    assert [line for line in log if line.startswith("curl")] == ["curl -sf http://10.0.0.9:8000/health"] * 3
     assert log.index(train) > max(i for i, line in enumerate(log) if line.startswith("curl"))
     assert "accelerate launch" in train and "--nodelist=train0,train1" in train
-    assert "--num_processes 16" in train and "--vllm_server_host vllm0 --vllm_server_port 8000" in train
+    assert "--num_processes 16" in train and "--vllm_server_host 10.0.0.9 --vllm_server_port 8000" in train
 
 
 def test_parallelism_can_be_set_per_run(tmp_path):
@@ -77,3 +80,27 @@ def test_no_training_when_the_server_dies(tmp_path):
     assert proc.returncode != 0
     assert "vLLM server exited before it was healthy" in proc.stderr
     assert not any("accelerate launch" in line for line in log)
+
+
+def test_server_binds_to_the_nodes_cluster_address_not_all_interfaces(tmp_path):
+    """The keyless server listens on the vLLM node's Slurm NodeAddr (what the trainers and the health check reach),
+    not 0.0.0.0; VLLM_HOST overrides it; a node that resolves to loopback stops the job before anything starts."""
+    proc, log = run_sbatch(tmp_path, 16, 2, 11008)
+    assert proc.returncode == 0, proc.stderr
+    (server,) = [line for line in log if "trl vllm-serve" in line]
+    assert "--host 10.0.0.9 --port 8000" in server and "0.0.0.0" not in " ".join(log)
+    assert "no API key" in proc.stdout
+
+    (tmp_path / "override").mkdir()
+    proc, log = run_sbatch(tmp_path / "override", 16, 2, 11008, VLLM_HOST="192.168.7.7")
+    assert proc.returncode == 0, proc.stderr
+    (server,) = [line for line in log if "trl vllm-serve" in line]
+    assert "--host 192.168.7.7 --port 8000" in server
+    assert all("http://192.168.7.7:8000/health" in line for line in log if line.startswith("curl"))
+    (train,) = [line for line in log if "accelerate launch" in line]
+    assert "--vllm_server_host 192.168.7.7 --vllm_server_port 8000" in train
+
+    (tmp_path / "loopback").mkdir()
+    proc, log = run_sbatch(tmp_path / "loopback", 16, 2, 11008, STUB_NODE_ADDR="localhost")
+    assert proc.returncode != 0 and "loopback address 127.0.0.1" in proc.stderr and "set VLLM_HOST" in proc.stderr
+    assert not any(line.startswith("srun") for line in log)

@@ -141,12 +141,27 @@ def zero_shot_success(trainer, base: str, evaluate) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .runlock import release_all
+
+    try:
+        return _main(argv)
+    finally:
+        release_all()  # the run folder's lock (epo_trl.cli.runlock)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)  # flushed: a piped console (tee, a log file) shows the warm start as it goes
+
+
+def _main(argv: list[str] | None) -> int:
     opts = _parse(list(argv or []))
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "TRL_EXPERIMENTAL_SILENCE"):
         os.environ.setdefault(key, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .console import use_console
+    from .lifecycle import phase
     from .plots import write_run_plots
+    from .runlock import lock_output_dir
     from .train import (
         DEMO_LLM_RECIPE,
         DEMO_RECIPE,
@@ -166,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(f"epo-trl demo: {line}" for line in [f"recipe {recipe.name}", *notes, *describe(script, args)]))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    lock_output_dir(args.output_dir, "epo-trl demo")  # one run per folder (epo_trl.cli.runlock)
     started = time.perf_counter()
-    trainer = build_trainer(script, rollout, args, log=print)  # builds (tiny) and warm-starts the model
+    trainer = build_trainer(script, rollout, args, log=_say)  # builds (tiny) and warm-starts the model
     warm_seconds = time.perf_counter() - started
     tiny = script.model_name_or_path == TINY_MODEL
     warm_file = Path(trainer.model.name_or_path) / WARM_START_FILE
@@ -179,10 +195,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # A random tiny model has no zero-shot worth measuring; a pretrained one does (SmolLM2: 0, it ignores the format)
     skip = tiny or opts.no_zero_shot or not script.warm_starts
-    zero_shot = None if skip else zero_shot_success(trainer, base_model(script), evaluate)
-    before = evaluate()
-    _, train_seconds = train_and_close(trainer)
-    after = evaluate()
+    model = trainer.model.name_or_path
+    kept = f"the model {model} is kept; the demo saves no checkpoint, so nothing of the RL run is"
+    with phase("evaluating the model before RL", kept):
+        zero_shot = None if skip else zero_shot_success(trainer, base_model(script), evaluate)
+        before = evaluate()
+    with phase(f"RL training ({args.max_steps} steps)", kept):
+        _, train_seconds = train_and_close(trainer)
+    with phase("evaluating the model after RL", kept):
+        after = evaluate()
 
     history = trainer.state.log_history
     train_logs = [h for h in history if "rollout/success_rate" in h]

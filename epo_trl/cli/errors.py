@@ -57,15 +57,23 @@ def require_module(module: str, needed_for: str, install: str) -> None:
 
 
 def run_command(func, argv: list[str], prog: str) -> int:
-    """Run `func(argv)`; print a `UsageError` as one or two lines and return 2 (traceback with --debug)."""
+    """Run `func(argv)`; print a `UsageError` as one or two lines and return 2 (traceback with --debug).
+
+    SIGTERM and Ctrl-C anywhere in the command (outside training, where `StopOnSignal` takes over) end it with one
+    line naming what it was doing and what was kept (epo_trl.cli.lifecycle), exit 143 / 130."""
+    from .lifecycle import exit_code, interrupted_line, signals_raise
+    from .runlock import release_all
+
     debug, argv = debug_requested(argv)
     try:
-        return int(func(argv) or 0)
-    except KeyboardInterrupt:
+        with signals_raise():
+            return int(func(argv) or 0)
+    except KeyboardInterrupt as e:
         if debug:
             raise
-        print(f"{prog}: interrupted (Ctrl-C).", file=sys.stderr)
-        return 130
+        if os.environ.get("RANK", "0") == "0":  # one line per launch, not one per process
+            print(f"{prog}: {interrupted_line(e)}", file=sys.stderr, flush=True)
+        return exit_code(e)
     except UsageError as e:
         if debug:
             raise
@@ -74,6 +82,8 @@ def run_command(func, argv: list[str], prog: str) -> int:
         if not e.hint:
             print(f"  (run `{prog} --help` for the options, add --debug for the traceback)", file=sys.stderr)
         return USAGE_EXIT
+    finally:
+        release_all()  # the command's output_dir locks (epo_trl.cli.runlock)
 
 
 VLLM_CPU_MIN_HEAD_DIM = 32  # vLLM's CPU attention: "Unsupported CPU attention configuration: head_dim=8"

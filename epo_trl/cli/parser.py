@@ -34,6 +34,42 @@ def shared_fields(dataclass_types: Sequence[type]) -> dict[str, list[str]]:
     return {name: classes for name, classes in owners.items() if len(classes) > 1}
 
 
+def _unique_key_loader():
+    """yaml's SafeLoader, except that a key given twice in one mapping is an error (SafeLoader keeps the last)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):  # before `<<:` merges are flattened in: those may be overridden
+                seen = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        first = seen.setdefault(key, key_node.start_mark)
+                    except TypeError:  # an unhashable key: SafeLoader's own error names it
+                        continue
+                    if first is not key_node.start_mark:
+                        raise yaml.constructor.ConstructorError(
+                            f"while reading the mapping at line {node.start_mark.line + 1}",
+                            node.start_mark,
+                            f"key {key!r} appears twice (first at line {first.line + 1}); the second would silently "
+                            "replace the first",
+                            key_node.start_mark,
+                        )
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def safe_load(text_or_file):
+    """`yaml.safe_load`, refusing a key repeated in a mapping (a yaml.YAMLError naming the key and line)."""
+    import yaml
+
+    return yaml.load(text_or_file, Loader=_unique_key_loader())  # noqa: S506 (a SafeLoader subclass)
+
+
 def yaml_problem(error) -> str:
     """A YAML error as 'problem at line L, column C' (1-based, as editors count)."""
     mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
@@ -48,16 +84,29 @@ def yaml_mapping_for(flag: str):
         import yaml
 
         try:
-            value = yaml.safe_load(text) if text.strip() else {}
+            value = safe_load(text) if text.strip() else {}
         except yaml.YAMLError as e:
             raise UsageError(
-                f"{flag}={text} is not valid YAML: {yaml_problem(e)}.", f"fix: e.g. --{flag} '{{size: 2}}'."
+                f"{flag}={text} is not valid YAML: {yaml_problem(e)}.",
+                f"fix: e.g. --{flag} '{{{'size: 2' if flag == 'env_kwargs' else 'key: value'}}}'.",
             ) from e
         if not isinstance(value, dict):
             raise ValueError(text)
         return value
 
     return mapping  # argparse names the type in its message: "invalid mapping value"
+
+
+def yaml_mapping_or_text_for(flag: str):
+    """The argparse type of a `dict | str` field (TrainingArguments' `lr_scheduler_kwargs`, `deepspeed`, ...): a
+    value that starts with `{` is a YAML/JSON mapping (a mistake in it is one line naming the flag), any other is
+    text (a file path)."""
+    mapping = yaml_mapping_for(flag)
+
+    def mapping_or_text(text: str):
+        return mapping(text) if text.lstrip().startswith("{") else text
+
+    return mapping_or_text
 
 
 def _unquoting(convert):
@@ -145,6 +194,8 @@ class ConfigParser:
             tp = self.field_types.get(action.dest)
             if tp is dict or typing.get_origin(tp) is dict:
                 action.type = yaml_mapping_for(action.dest)
+            elif str in typing.get_args(tp) and any(dict in (a, typing.get_origin(a)) for a in typing.get_args(tp)):
+                action.type = yaml_mapping_or_text_for(action.dest)
             elif typing.get_origin(tp) is tuple and typing.get_origin(action.type) is tuple:
                 args = typing.get_args(tp)
                 action.type, action.nargs = args[0], len(args)
@@ -211,7 +262,13 @@ class ConfigParser:
             action = self.parser._option_string_actions.get(name) if token.startswith("--") else None
             value = inline if eq else (argv[i + 1] if i + 1 < len(argv) else "")
             if action is not None and value.startswith("[") and self._takes_list(action.dest):
-                items = yaml.safe_load(value) or []
+                try:
+                    items = safe_load(value) or []
+                except yaml.YAMLError as e:
+                    raise UsageError(
+                        f"{action.dest}={value} is not valid YAML: {yaml_problem(e)}.",
+                        f"fix: a YAML list, e.g. --{action.dest} '[a, b]' or --{action.dest} '[]'.",
+                    ) from e
                 if not isinstance(items, list):
                     raise UsageError(f"{action.dest}={value}: not a YAML list.", "fix: e.g. '[a, b]' or '[]'.")
                 lists[action.dest] = [str(item) for item in items]
@@ -275,8 +332,10 @@ def check_model_reference(name: str, key: str) -> None:
         return
     path = os.path.expanduser(name)
     if os.path.isdir(path):
-        if not os.path.exists(os.path.join(path, "config.json")):
+        config = os.path.join(path, "config.json")
+        if not os.path.exists(config):
             raise UsageError(f"{key}={name!r} is a folder but not a model (no config.json in it).")
+        check_json_file(config, f"{key}={name!r}")
         return
     if looks_like_path(name):
         import difflib
@@ -294,6 +353,24 @@ def check_model_reference(name: str, key: str) -> None:
                 f"{key}={name!r} is neither a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE=1.",
                 f"fix: download it once online (`hf download {name}`), or pass a local model folder.",
             )
+
+
+def check_json_file(path: str, what: str) -> None:
+    """A JSON file a model folder needs (config.json) must parse: one line naming the file and the problem."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except OSError as e:
+        raise UsageError(f"{what}: {path} cannot be read ({e.strerror or e}).") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(
+            f"{what}: {path} is not valid JSON ({type(e).__name__}: {str(e).splitlines()[0]}).",
+            "fix: restore the file (copy the model folder again), or pass another model.",
+        ) from e
+    if not isinstance(value, dict):
+        raise UsageError(f"{what}: {path} is not a JSON object.", "fix: restore the file, or pass another model.")
 
 
 def split_config_path(argv: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -328,7 +405,7 @@ def read_config_file(path: str | None) -> dict[str, Any]:
         raise UsageError(f"config file {path!r} not found.", "fix: check the path (recipes live under recipes/).")
     try:
         with open(path) as f:
-            values = yaml.safe_load(f)
+            values = safe_load(f)
     except yaml.YAMLError as e:
         raise UsageError(f"{path} is not valid YAML: {yaml_problem(e)}.") from e
     except UnicodeDecodeError as e:

@@ -10,7 +10,7 @@ loss. `--tasks_per_step` fixes the episodes per optimizer step over all processe
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import json
 import os
 import sys
@@ -40,6 +40,7 @@ from .parser import (
     read_config_file,
     split_config_path,
 )
+from .run_checks import check_built_model, check_resume_matches, check_values, folder_to_build, record_build
 from .signals import StopOnSignal
 
 ALGOS = ("grpo", "epo", "epo-base", "aepo")
@@ -279,16 +280,17 @@ def derive_batch(values: dict[str, Any], sources: dict[str, str], notes: list[st
     values["per_device_train_batch_size"] = episodes // (world * accum)
 
 
-def resolve_resume(value: str | None, output_dir: str, notes: list[str]) -> str | None:
+def resolve_resume(value: str | None, output_dir: str, notes: list[str], needs_optimizer: bool = True) -> str | None:
     """`resume_from_checkpoint`: None/false, `true` (the newest COMPLETE checkpoint-* in output_dir; newer incomplete
     ones are skipped with a note) or a folder; checked now, before the model is built, so a typo cannot restart at
-    step 0 and overwrite the run's checkpoints."""
+    step 0 and overwrite the run's checkpoints. Complete = every file the resume reads is whole, the optimizer and
+    scheduler state included unless `needs_optimizer` is False (save_only_model)."""
     if value is None or str(value).lower() in ("", "false", "none", "no"):
         return None
     from ..trainers.checkpoints import checkpoint_problem, newest_complete
 
     if str(value).lower() in ("true", "yes", "latest"):
-        last, skipped = newest_complete(output_dir)
+        last, skipped = newest_complete(output_dir, needs_optimizer=needs_optimizer)
         for folder, why in skipped:
             notes.append(f"resume: skipping {folder}: {why}")
         if last is None:
@@ -298,7 +300,7 @@ def resolve_resume(value: str | None, output_dir: str, notes: list[str]) -> str 
                 "fix: pass a checkpoint folder, the output_dir of the run to resume, or start a new run.",
             )
         return last
-    problem = checkpoint_problem(value)
+    problem = checkpoint_problem(value, needs_optimizer=needs_optimizer)
     if problem is not None:
         raise UsageError(
             f"resume_from_checkpoint={value!r} is not a complete training checkpoint: {problem}",
@@ -401,6 +403,7 @@ def load_config(argv: list[str], notes: list[str] | None = None, overrides: dict
     if fast_mode():
         notes += apply_fast_caps(values, FAST_CAPS)
     derive_batch(values, sources, notes)
+    check_values(values, sources)
     if values.get("bf16") and cpu_without_bf16(bool(values.get("use_cpu"))):
         values["bf16"] = False  # emulated bf16 is ~60x slower than fp32 (epo_trl.hardware)
         notes.append(NO_BF16_NOTE)
@@ -408,7 +411,12 @@ def load_config(argv: list[str], notes: list[str] | None = None, overrides: dict
     check_model_reference(values["model_name_or_path"], "model_name_or_path")
     check_optional_dependencies(values)
     check_output_dir(values["output_dir"])
-    values["resume_from_checkpoint"] = resolve_resume(values["resume_from_checkpoint"], values["output_dir"], notes)
+    values["resume_from_checkpoint"] = resolve_resume(
+        values["resume_from_checkpoint"], values["output_dir"], notes, needs_optimizer=not values["save_only_model"]
+    )
+    if values["resume_from_checkpoint"]:
+        check_resume_matches(values, values["resume_from_checkpoint"])
+    check_built_model(values)
     config_cls, _ = trainer_classes(algo)
     script, rollout, args = parser.build(values, [ScriptArguments, RolloutConfig, config_cls])
     return script, rollout, args
@@ -472,7 +480,7 @@ def resolve_model(
             "batch_size": script.warmstart_batch_size}  # fmt: skip
     if script.model_name_or_path != TINY_MODEL:
         path = os.path.join(output_dir, "warm-start-model")
-        if script.warm_starts and world_size() > 1 and not os.path.exists(os.path.join(path, "config.json")):
+        if script.warm_starts and world_size() > 1 and not model_built(path, warm_started=True):
             # SFTTrainer on rank 0 alone would join this launch's process group while the other ranks wait
             raise UsageError(
                 f"the SFT warm start of {script.model_name_or_path!r} runs in one process, not under a "
@@ -485,43 +493,87 @@ def resolve_model(
             base = base_model(script)
             if not script.warm_starts:
                 return base
-            if not os.path.exists(os.path.join(path, "config.json")):
+            if not model_built(path, warm_started=True):
                 from ..models.sft import sft_warm_start
 
                 # the RL trainer's device and precision: accelerate keeps one state per process, and a second
                 # trainer asking for another mixed precision or device raises
                 device = {"bf16": bool(getattr(trainer_args, "bf16", True)),
                           "use_cpu": bool(getattr(trainer_args, "use_cpu", True))}  # fmt: skip
-                summary = sft_warm_start(base, path, factory, factory.tasks(script.train_split), rollout_config,
-                                         script.rollout_mode, learning_rate=script.warmstart_learning_rate or 1e-4,
-                                         **device, **warm)  # fmt: skip
-                with open(os.path.join(path, WARM_START_FILE), "w") as f:
-                    json.dump(summary, f, indent=1)
+                with building_model(path, "warm-starting (SFT) the model", True, log) as tmp:
+                    shown = {"log": (lambda line: log(line.replace(tmp, path))) if log else None}
+                    summary = sft_warm_start(base, tmp, factory, factory.tasks(script.train_split), rollout_config,
+                                             script.rollout_mode, learning_rate=script.warmstart_learning_rate or 1e-4,
+                                             **device, **{**warm, **shown})  # fmt: skip
+                    with open(os.path.join(tmp, WARM_START_FILE), "w") as f:  # written last: the build is done
+                        json.dump(summary, f, indent=1)
                 factory.close()  # the expert's simulator (a JVM for ScienceWorld) is not needed while training
         return path
     from ..models.tiny import build_tiny_model, env_words
 
     path = os.path.join(output_dir, "tiny-model")
     with on_main_process_first():  # ZeRO-3 init off: rank 0 builds alone while the others wait
-        if not os.path.exists(os.path.join(path, "config.json")):
-            build_tiny_model(path, extra_words=env_words(factory), hidden_size=script.tiny_hidden_size,
-                             head_dim=script.tiny_head_dim, seed=seed)  # fmt: skip
-            if script.warm_starts:
-                from ..models.warmstart import warm_start
+        if not model_built(path, script.warm_starts):
+            what = "building and warm-starting the tiny model" if script.warm_starts else "building the tiny model"
+            with building_model(path, what, script.warm_starts, log) as tmp:
+                build_tiny_model(tmp, extra_words=env_words(factory), hidden_size=script.tiny_hidden_size,
+                                 head_dim=script.tiny_head_dim, seed=seed)  # fmt: skip
+                if script.warm_starts:
+                    from ..models.warmstart import warm_start
 
-                tasks = factory.tasks(script.train_split)
-                summary = warm_start(path, factory, tasks, rollout_config, script.rollout_mode,
-                                     learning_rate=script.warmstart_learning_rate or 3e-3, **warm)  # fmt: skip
-                with open(os.path.join(path, WARM_START_FILE), "w") as f:
-                    json.dump(summary, f, indent=1)
+                    tasks = factory.tasks(script.train_split)
+                    summary = warm_start(tmp, factory, tasks, rollout_config, script.rollout_mode,
+                                         learning_rate=script.warmstart_learning_rate or 3e-3, **warm)  # fmt: skip
+                    with open(os.path.join(tmp, WARM_START_FILE), "w") as f:  # written last: the build is done
+                        json.dump(summary, f, indent=1)
     return path
+
+
+def model_built(path: str, warm_started: bool) -> bool:
+    """A finished model folder in the run folder: config.json and weights and, when a warm start is asked for, its
+    summary (WARM_START_FILE, written last). Anything less is an unfinished build (an older version wrote config.json
+    first, and a stopped warm start left random weights) and is built again."""
+    from ..models.atomic import has_weights
+
+    return has_weights(path) and (not warm_started or os.path.isfile(os.path.join(path, WARM_START_FILE)))
+
+
+@contextlib.contextmanager
+def model_phase(what: str, path: str):
+    """A model build that a signal or a full disk stops with one line naming it (epo_trl.cli.lifecycle)."""
+    from .lifecycle import disk_full_is_usage_error, phase
+
+    discarded = "the unfinished model was discarded, and the next run builds it again"
+    with phase(f"{what} in {path}", discarded), disk_full_is_usage_error(
+        what, path, f"free space and run again ({discarded}; nothing else was written there)."
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def building_model(path: str, what: str, warm_started: bool, log=None):
+    """Build the model of `path` in a temporary sibling folder, renamed to `path` only when complete
+    (epo_trl.models.atomic): a stop (signal, full disk, crash) never leaves a folder later runs would take as
+    finished. Yields the temporary folder."""
+    import functools
+
+    from ..models.atomic import build_atomically
+
+    if os.path.exists(path) and log is not None:
+        log(f"{path}: unfinished (stopped during an earlier build): building it again")
+    ready = functools.partial(model_built, warm_started=warm_started)
+    with model_phase(what, path), build_atomically(path, ready, exclusive=True) as tmp:
+        yield tmp
 
 
 def base_model(script: ScriptArguments) -> str:
     """The pretrained model before any warm start: a path or hub id (`smollm2-135m` converted once)."""
     from ..models import smollm2
 
-    return smollm2.build_smollm2() if script.model_name_or_path == smollm2.SMOLLM2 else script.model_name_or_path
+    if script.model_name_or_path != smollm2.SMOLLM2:
+        return script.model_name_or_path
+    with model_phase("converting SmolLM2-135M-Instruct", smollm2.smollm2_dir()):
+        return smollm2.build_smollm2()
 
 
 def preflight(factory) -> None:
@@ -538,19 +590,23 @@ def build_trainer(script: ScriptArguments, rollout_config: RolloutConfig, args, 
     `builtin-tiny`; `log` gets the warm start's progress lines) and the method's trainer class."""
     from ..envs import make_factory, task_dataset
     from ..rollout import StepRollout, TrajectoryRollout, episode_return_reward
+    from .lifecycle import phase
 
-    with user_errors(f"env {script.env!r}"):
+    with phase(f"starting the env {script.env!r}", "nothing was written"), user_errors(f"env {script.env!r}"):
         factory = make_factory(script.env, **script.env_kwargs)
         dataset = task_dataset(factory, script.train_split, script.task_limit)
         preflight(factory)
     rollout_cls = StepRollout if script.rollout_mode == "step" else TrajectoryRollout
     rollout = rollout_cls(factory, rollout_config)
     _, trainer_cls = trainer_classes(script.algo)
+    unbuilt = folder_to_build(script, args.output_dir)  # built now: its seed is recorded (run_checks)
     with user_errors("model"):
         model = resolve_model(script, factory, args.output_dir, rollout_config, args.seed, log, args)
-    return trainer_cls(
-        model, [episode_return_reward], args=args, train_dataset=dataset, rollout_func=rollout, callbacks=callbacks
-    )
+    record_build(unbuilt, args.seed, args.process_index == 0)
+    with phase(f"loading {model} into the trainer", f"the model {model} is kept; no step was trained"):
+        return trainer_cls(
+            model, [episode_return_reward], args=args, train_dataset=dataset, rollout_func=rollout, callbacks=callbacks
+        )
 
 
 def train_and_close(trainer, **train_kwargs):
@@ -616,7 +672,12 @@ def write_outputs(trainer, script: ScriptArguments, train_metrics: dict) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
-    code = _main(argv)
+    from .runlock import release_all
+
+    try:
+        code = _main(argv)
+    finally:
+        release_all()  # the output_dir lock (a process that exits drops it anyway)
     from ..distributed import destroy_process_group
 
     destroy_process_group()  # reached by every rank: a finished run, a stop at a step's end, or --help
@@ -642,6 +703,10 @@ def _main(argv: list[str] | None) -> int:
     notes: list[str] = []
     script, rollout_config, args = load_config(argv, notes)
     main_process = args.process_index == 0
+    if main_process:  # one run per output_dir: locked before anything in it is touched (epo_trl.cli.runlock)
+        from .runlock import lock_output_dir
+
+        lock_output_dir(args.output_dir)
     say = _say if main_process else None  # console lines come from the main process only
     if main_process:
         for line in [*notes, *describe(script, args)]:
@@ -670,8 +735,10 @@ def _main(argv: list[str] | None) -> int:
         if main_process:
             _say(stop.describe(trainer, inside_step=True), sys.stderr)
         return stop.exit_code()
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        if not (getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)):
+    except Exception as e:  # a full disk: OSError, torch.save's RuntimeError, safetensors' SafetensorError
+        from .lifecycle import is_disk_full
+
+        if not is_disk_full(e, args.output_dir):
             raise
         raise UsageError(
             f"disk full while writing to {args.output_dir!r} at step {trainer.state.global_step}: {first_line(e)}",
@@ -685,7 +752,12 @@ def _main(argv: list[str] | None) -> int:
             _say(stop.describe(trainer, inside_step=False), sys.stderr)
         return stop.exit_code()
     if trainer.is_world_process_zero():
-        written = write_outputs(trainer, script, output.metrics)
+        from .lifecycle import disk_full_is_usage_error, phase
+
+        doing, saved = "writing final_metrics.json and the plots", f"the trained model is saved in {args.output_dir}"
+        full = disk_full_is_usage_error(doing, args.output_dir, f"free space; {saved}, those files may be missing.")
+        with phase(doing, f"{saved}; those files may be missing"), full:
+            written = write_outputs(trainer, script, output.metrics)
         from .plots import plots_available
 
         extra = "" if plots_available() else ' (no plots: pip install "epo-trl[plots]")'

@@ -11,6 +11,8 @@ adds over `ScienceWorldEnv`:
   episode as a loss; reward 10 on a win, 0 otherwise;
 - a bounded JVM (`JAVA_TOOL_OPTIONS=-Xmx512m -XX:+UseSerialGC` by default, ~240 MB instead of ~880 MB);
 - a crashed JVM is reported by `step` (`ScienceWorldCrashedError`) and restarted by the next `reset`;
+- the JVM's py4j gateway requires an auth token (`jvm_gateway.require_auth`, applied in `_import_scienceworld`):
+  without it any local user could connect to its port and run commands as the trainer's user;
 - splits: train = train variations of the seen task types, valid_seen (IID) = test variations of the
   seen task types, valid_unseen (OOD) = test variations of held-out task types.
 """
@@ -20,10 +22,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
 
+from .jvm_gateway import check_auth, require_auth
 from .protocol import EnvFactory, TaskSpec, TextEnv
 
 #: Task types held out of training by default and played in `valid_unseen` (OOD). One per topic family,
@@ -71,6 +75,7 @@ def _import_scienceworld():
             "The ScienceWorld environment needs the scienceworld package (and a Java runtime): "
             "pip install 'epo-trl[scienceworld]'."
         ) from e
+    require_auth(sys.modules[scienceworld.ScienceWorldEnv.__module__])  # its JVM gateway takes a token
     return scienceworld
 
 
@@ -128,7 +133,9 @@ def _start_jvm(env_step_limit: int, tool_options: str | None):
         if tool_options is not None:
             os.environ["JAVA_TOOL_OPTIONS"] = tool_options
         try:
-            return ScienceWorldEnv("", envStepLimit=env_step_limit)
+            sw = ScienceWorldEnv("", envStepLimit=env_step_limit)
+            check_auth(sw)
+            return sw
         finally:
             if tool_options is not None:
                 if previous is None:

@@ -10,16 +10,20 @@ Wraps the `textworld-express` package (a Scala re-implementation of TextWorld-st
 - actions are matched against the game's `validActions` (case and spacing normalised); anything else goes to the
   game as typed, which answers it without a state change (as ALFWorld's engine does);
 - the expert is the game's gold path (`generateGoldPath=True`), from the start of an episode or from any prefix of it;
-- a crashed JVM is reported by `step` (`TextWorldExpressCrashedError`) and restarted by the next `reset`.
+- a crashed JVM is reported by `step` (`TextWorldExpressCrashedError`) and restarted by the next `reset`;
+- the JVM's py4j gateway requires an auth token (`jvm_gateway.require_auth`, applied in `_import_twx`): without it
+  any local user could connect to its port and run commands as the trainer's user.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .jvm_gateway import check_auth, require_auth
 from .protocol import EnvFactory, TaskSpec, TextEnv, words_of
 
 GAMES = ("coin", "cookingworld", "twc", "mapreader", "arithmetic", "sorting", "simonsays", "peckingorder")
@@ -53,7 +57,15 @@ def _import_twx():
             "The TextWorldExpress environment needs the textworld-express package: "
             "pip install 'epo-trl[textworld-express]'."
         ) from e
+    require_auth(sys.modules[TextWorldExpressEnv.__module__])  # its JVM gateway takes a token (jvm_gateway.py)
     return TextWorldExpressEnv
+
+
+def _start_twx(env_step_limit: int):
+    """One TextWorldExpress server (one JVM), checked to hold an authenticated gateway."""
+    twx = _import_twx()(envStepLimit=env_step_limit)
+    check_auth(twx)
+    return twx
 
 
 _BRIEF_KEEP = ("north", "south", "east", "west", "coin")
@@ -91,7 +103,7 @@ class TextWorldExpressTextEnv(TextEnv):
 
     def _server(self):
         if self._twx is None:
-            self._twx = _import_twx()(envStepLimit=self.env_step_limit)
+            self._twx = _start_twx(self.env_step_limit)
         return self._twx
 
     def reset(self, task: TaskSpec) -> tuple[str, dict[str, Any]]:
@@ -199,7 +211,7 @@ class TextWorldExpressFactory(EnvFactory):
             raise ValueError(f"Unknown split {split!r}; TextWorldExpress has {list(FOLDS)}.")
         fold = FOLDS[split]
         if fold not in self._seeds:  # the fold's seeds, from the package (one short-lived JVM)
-            server = _import_twx()(envStepLimit=self.env_step_limit)
+            server = _start_twx(self.env_step_limit)
             try:
                 server.load(self.game, self.game_params)
                 getter = {"train": server.getValidSeedsTrain, "dev": server.getValidSeedsDev,

@@ -39,8 +39,10 @@ def build_smollm2(output_dir: str | None = None) -> str:
     Q4_1 weights are de-quantized on load (~30-45 s on CPU); the quantizer and its config entry are dropped so the
     folder is an ordinary, trainable float model. EOS and pad are both `<|im_end|>` (id 2) in this tokenizer.
     """
+    from .atomic import build_atomically, has_weights
+
     output_dir = output_dir or smollm2_dir()
-    if os.path.exists(os.path.join(output_dir, "config.json")):
+    if has_weights(output_dir):
         return output_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -57,9 +59,9 @@ def build_smollm2(output_dir: str | None = None) -> str:
     eos = tokenizer.convert_ids_to_tokens(model.config.eos_token_id)
     tokenizer.eos_token = eos
     tokenizer.pad_token = tokenizer.convert_ids_to_tokens(model.config.pad_token_id or model.config.eos_token_id)
-    tmp = f"{output_dir}.tmp-{os.getpid()}"  # write then rename: a crash never leaves a half-written model
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.makedirs(os.path.dirname(os.path.abspath(output_dir)), exist_ok=True)
-    os.replace(tmp, output_dir)
+    # written in a temporary sibling, renamed when complete: a crash never leaves a half-written model, and the
+    # temporary folder of a killed conversion is removed by the next one
+    with build_atomically(output_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return output_dir

@@ -149,4 +149,7 @@ def main(model_path: str, out: str, mode: str = "rollout") -> None:
 
 
 if __name__ == "__main__":
+    from epo_trl.distributed import destroy_process_group
+
     main(*sys.argv[1:4])
+    destroy_process_group()  # every rank gets here: no live process group at interpreter exit

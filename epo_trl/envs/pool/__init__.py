@@ -17,7 +17,9 @@ killed with its process group (JVMs included) and replaced; the other episodes i
 worker by replaying their task and commands (envs are deterministic per TaskSpec), or failed if the replay does
 not reproduce their last observation.
 
-Wire protocol (plain dicts of str / numbers / bools / lists, so a worker could sit behind a socket):
+Wire protocol (plain dicts of str / numbers / bools / lists, i.e. JSON-able). `ProcessEnvPool` carries them over
+multiprocessing Pipes, which pickle: fine inside one process tree, but never put that transport behind a socket
+(unpickling runs the sender's code); a worker on another machine must exchange these dicts as JSON.
 
     parent -> worker  {"ops": [op, ...]}                one message per worker per turn
                       {"shutdown": True}

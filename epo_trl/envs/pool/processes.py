@@ -27,6 +27,9 @@ class _Worker:
 
     def __init__(self, ctx, factory: EnvFactory, index: int):
         self.index = index
+        # Transport: a multiprocessing Pipe, which PICKLES every message (and the factory goes to the child pickled
+        # too). Safe only because both ends are this process tree: unpickling runs code chosen by the sender. Never
+        # put this transport behind a socket; a remote worker must speak JSON (the messages are JSON-able dicts).
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=worker_main, args=(child, factory), name=f"epo-env-{index}", daemon=True)
         self.process.start()

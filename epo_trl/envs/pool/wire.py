@@ -91,7 +91,10 @@ def _kill_own_group() -> None:
 
 
 def worker_main(conn, factory: EnvFactory) -> None:
-    """A worker process: owns the envs of its slots, runs each batch of ops in order, answers every op."""
+    """A worker process: owns the envs of its slots, runs each batch of ops in order, answers every op.
+
+    `conn` is the parent's multiprocessing Pipe: `recv` unpickles, which runs whatever code the sender chose. Fine
+    inside one process tree; never hand this loop a connection from a socket (a remote worker must speak JSON)."""
     if hasattr(os, "setsid"):
         os.setsid()  # its own process group: killing the worker also kills the JVMs it started
         threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -95,7 +96,7 @@ class MultiTurnGRPOConfig(GRPOConfig):
         # TRL accepts these and fails later (or never): every action invalid at a negative temperature, a torch
         # error after the model is built for a negative learning rate.
         check(self.temperature > 0, "temperature", self.temperature, "> 0 (the sampling temperature)")
-        check(self.learning_rate >= 0, "learning_rate", self.learning_rate, ">= 0")
+        check(0 <= self.learning_rate < math.inf, "learning_rate", self.learning_rate, ">= 0 and finite")
         check(self.save_steps > 0, "save_steps", self.save_steps, "> 0 (steps, or a fraction of the run if < 1)")
         check(self.logging_steps > 0, "logging_steps", self.logging_steps, "> 0")
         check(self.entropy_coef >= 0, "entropy_coef", self.entropy_coef, ">= 0 (use 0 to disable the bonus)")

@@ -21,9 +21,18 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_context
 
+from ...distributed import teardown_at_exit
 from ...rollout.backends.vllm import cpu_engine_defaults
 from .. import vllm_sync
-from ..checkpoints import STATE_FILE, CheckpointError, atomic_write_json, atomic_write_text, read_json
+from ..checkpoints import (
+    RUN,
+    STATE_FILE,
+    CheckpointError,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    run_algo,
+)
 from ..vllm_servers import attach_server_pool
 from . import step_batch
 from .grpo_config import MultiTurnGRPOConfig
@@ -82,6 +91,7 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
         colocated = args.use_vllm and args.vllm_mode == "colocate"
         with cpu_engine_defaults() if colocated else nullcontext():  # TRL builds the engine here
             super().__init__(model, reward_funcs, args, *pargs, **kwargs)
+        teardown_at_exit()  # the process group TrainingArguments set up ends before the interpreter does
         attach_server_pool(self)  # several vLLM servers (args.vllm_server_base_urls)
         self.vllm_sync_check = vllm_sync.install(self)  # the right push per engine, checked after each push
         self._last_forward: tuple[torch.Tensor, torch.Tensor] | None = None  # (logps, entropies) of the training pass
@@ -274,7 +284,10 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
 
     # --- checkpointing --------------------------------------------------------------------------------
     def state_for_checkpoint(self) -> dict:
-        return {"last_step_entropy": self.last_step_entropy}
+        # RUN: what the run is, so a resume under another method or seed is refused before anything runs
+        # (epo_trl.cli.run_checks); the model's shape is in the checkpoint's config.json.
+        algo = run_algo(self._name, bool(getattr(self.args, "smoothing", False)))
+        return {"last_step_entropy": self.last_step_entropy, RUN: {"algo": algo, "seed": self.args.seed}}
 
     def load_checkpoint_state(self, state: dict) -> None:
         self.last_step_entropy = float_or_none(state.get("last_step_entropy"))
