@@ -186,6 +186,8 @@ def test_algo_preset_vs_explicit_values(tmp_path):
 
 
 def test_resume_from_checkpoint_is_checked_before_the_model_is_built(tmp_path):
+    import torch
+
     out = tmp_path / "run"
     base = [MAZE, "--output_dir", str(out)]
     with pytest.raises(UsageError, match="is not a complete training checkpoint: no such folder"):
@@ -196,7 +198,9 @@ def test_resume_from_checkpoint_is_checked_before_the_model_is_built(tmp_path):
         folder = out / f"checkpoint-{step}"
         folder.mkdir(parents=True)
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-        (folder / "model.safetensors").write_text("")
+        (folder / "model.safetensors").write_bytes(b"\x02" + b"\x00" * 7 + b"{}")  # a whole file of no tensors
+        for name in ("optimizer.pt", "scheduler.pt"):
+            torch.save({}, folder / name)
         if step != 12:  # checkpoint-12 never got its EPO state: incomplete
             (folder / "epo_state.json").write_text(json.dumps({"entropy_history": {}}))
     notes = []

@@ -22,7 +22,7 @@ import statistics
 import tempfile
 import time
 
-from ..rollout.backends.vllm import cpu_vllm_dtype, default_cpu_kv_cache
+from ..rollout.backends.vllm import cpu_vllm_dtype, default_cpu_kv_cache, single_process_group
 from .common import maze_model, md_table
 from .rollout_efficiency import _replay, _rollout
 
@@ -42,6 +42,7 @@ def in_process_llm(path: str, dtype: str):
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(key, value)
     ensure_master_addr_port()
+    single_process_group()  # no TCPStore listening on every interface (see its docstring)
     t0 = time.perf_counter()
     llm = LLM(
         model=path, dtype=dtype, seed=0, distributed_executor_backend="external_launcher", max_num_batched_tokens=4096,

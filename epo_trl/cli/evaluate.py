@@ -183,17 +183,20 @@ def main(argv: list[str] | None = None) -> int:
         summary, records = evaluate(
             backend, factory, tasks, tokenizer, config, args.k, args.mode, args.batch_size, on_batch=stream
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (epo_trl.cli.lifecycle): exit 130 / 143
+        from .lifecycle import exit_code
+
+        code = exit_code(e)
         if not done:
             print("\nepo-trl eval: interrupted before the first batch finished; nothing to report.", file=sys.stderr)
-            return 130
+            return code
         summary = summarize(done, factory, args.k)
         print(f"\ninterrupted: {len(done)} of {len(tasks) * args.k} episodes finished")
         print(format_table(summary))
         if args.output:
             write_json(args.output, summary, args, done, complete=False)
             print(f"wrote {args.output} (partial)")
-        return 130
+        return code
     print(format_table(summary))
     if args.output:
         write_json(args.output, summary, args, records, complete=True)

@@ -20,7 +20,7 @@ from typing import Any
 from .errors import UsageError
 
 TINY_FOLDER, WARM_FOLDER = "tiny-model", "warm-start-model"  # where resolve_model (cli/train.py) builds them
-BUILD_RECORD = "epo_trl_build.json"  # beside a model built in output_dir: {"seed": N} it was built with
+BUILD_RECORD = "epo_trl_build.json"  # in a model folder built in output_dir: {"seed": N, "model": base model}
 MAX_SEED = 2**32 - 1  # numpy's (transformers.set_seed seeds numpy too)
 # config.json fields that fix the shape of a model's weights: a checkpoint of another shape cannot be loaded.
 SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -76,18 +76,28 @@ def built_folder(values: dict[str, Any]) -> str | None:
     return None
 
 
+def reused_folder(values: dict[str, Any]) -> str | None:
+    """`built_folder` when resolve_model will reuse it as it is (a finished build: train.model_built), else None."""
+    from .train import model_built
+
+    folder = built_folder(values)
+    warm = bool(values.get("warmstart_steps") or values.get("warmstart_noisy_steps"))
+    return folder if folder and model_built(folder, warm) else None
+
+
 def folder_to_build(script, output_dir: str) -> str | None:
     """The model folder resolve_model is about to build in output_dir (None: it reuses one, or builds none)."""
-    folder = built_folder({**vars(script), "output_dir": output_dir})
-    return folder if folder and not os.path.exists(os.path.join(folder, "config.json")) else None
+    values = {**vars(script), "output_dir": output_dir}
+    return built_folder(values) if reused_folder(values) is None else None
 
 
-def record_build(folder: str | None, seed: int, main_process: bool = True) -> None:
-    """Note the seed a model folder of output_dir was just built (and warm-started) with, for `check_built_model`."""
+def record_build(folder: str | None, seed: int, main_process: bool = True, model: str | None = None) -> None:
+    """Note the seed (and base model) a model folder of output_dir was just built and warm-started with, for
+    `check_built_model`."""
     from ..trainers.checkpoints import atomic_write_json
 
     if folder and main_process and os.path.isfile(os.path.join(folder, "config.json")):
-        atomic_write_json(os.path.join(folder, BUILD_RECORD), {"seed": seed})
+        atomic_write_json(os.path.join(folder, BUILD_RECORD), {"seed": seed, "model": model})
 
 
 def check_built_model(values: dict[str, Any]) -> None:
@@ -95,10 +105,10 @@ def check_built_model(values: dict[str, Any]) -> None:
     differently must agree with it, or they would be ignored without a word."""
     from .train import TINY_MODEL
 
-    folder = built_folder(values)
+    folder = reused_folder(values)
     config = read_config(folder) if folder else None
     if config is None:
-        return  # not built yet (or damaged: resolve_model rebuilds or reports it)
+        return  # built by this run (or damaged: resolve_model reports it)
     fresh = "a fresh --output_dir (or delete that folder to rebuild it)"
     if values["model_name_or_path"] == TINY_MODEL:
         built = {"tiny_hidden_size": config.get("hidden_size"), "tiny_head_dim": model_shape(config).get("head_dim")}
@@ -114,9 +124,17 @@ def check_built_model(values: dict[str, Any]) -> None:
             )
     try:
         with open(os.path.join(folder, BUILD_RECORD), encoding="utf-8") as f:
-            seed = json.load(f).get("seed")
+            record = json.load(f)
+        seed, model = record.get("seed"), record.get("model")
     except (OSError, ValueError, AttributeError):
         return  # built before the record existed: its seed is unknown
+    if model is not None and model != values["model_name_or_path"]:
+        raise UsageError(
+            f"output_dir={values['output_dir']!r} already holds {os.path.basename(folder)}/, warm-started from "
+            f"model_name_or_path={model!r}, and this run has model_name_or_path={values['model_name_or_path']!r}: "
+            "the folder is reused as is.",
+            f"fix: pass --model_name_or_path {model}, or {fresh}.",
+        )
     if seed is not None and seed != values["seed"]:
         raise UsageError(
             f"output_dir={values['output_dir']!r} already holds {os.path.basename(folder)}/ built with seed={seed}, "
@@ -148,8 +166,8 @@ def check_resume_matches(values: dict[str, Any], checkpoint: str) -> None:
         same = written is None or written == algo or (not recorded and written == "epo" and algo == "epo-base")
         if not same:
             raise UsageError(
-                f"{flag} was written by a {written} run ({STATE_FILE}), and this run is {algo}: the method's state "
-                "would not carry over.",
+                f"{flag} was written with --algo {written} ({STATE_FILE}), and this run has --algo {algo}: the "
+                "method's state would not carry over.",
                 f"fix: resume with --algo {written}, {fresh}.",
             )
         seed = state[RUN].get("seed") if recorded else None
@@ -164,7 +182,7 @@ def check_resume_matches(values: dict[str, Any], checkpoint: str) -> None:
         return  # an adapter checkpoint, or no config: nothing to compare
     saved = model_shape(saved)
     name = values["model_name_or_path"]
-    folder = built_folder(values)
+    folder = reused_folder(values)
     ours = read_config(folder) if folder else None
     if ours is None and name == TINY_MODEL:
         ours, source = {"hidden_size": values["tiny_hidden_size"], "head_dim": values["tiny_head_dim"]}, "tiny"

@@ -69,7 +69,7 @@ class StopOnSignal(TrainerCallback):
     def kept(self, trainer) -> str:
         from ..trainers.checkpoints import newest_complete
 
-        last, _ = newest_complete(trainer.args.output_dir)
+        last, _ = newest_complete(trainer.args.output_dir, needs_optimizer=not trainer.args.save_only_model)
         return f"newest complete checkpoint: {last}" if last else "no complete checkpoint was written"
 
     def describe(self, trainer, inside_step: bool) -> str:

@@ -544,9 +544,9 @@ def model_phase(what: str, path: str):
     from .lifecycle import disk_full_is_usage_error, phase
 
     discarded = "the unfinished model was discarded, and the next run builds it again"
-    with phase(f"{what} in {path}", discarded), disk_full_is_usage_error(
-        what, path, f"free space and run again ({discarded}; nothing else was written there)."
-    ):
+    fix = f"free space and run again ({discarded}; nothing else was written there)."
+    full = disk_full_is_usage_error(what, path, fix)
+    with phase(f"{what} in {path}", discarded), full:
         yield
 
 
@@ -562,7 +562,7 @@ def building_model(path: str, what: str, warm_started: bool, log=None):
     if os.path.exists(path) and log is not None:
         log(f"{path}: unfinished (stopped during an earlier build): building it again")
     ready = functools.partial(model_built, warm_started=warm_started)
-    with model_phase(what, path), build_atomically(path, ready, exclusive=True) as tmp:
+    with model_phase(what, path), build_atomically(path, ready) as tmp:
         yield tmp
 
 
@@ -602,7 +602,7 @@ def build_trainer(script: ScriptArguments, rollout_config: RolloutConfig, args, 
     unbuilt = folder_to_build(script, args.output_dir)  # built now: its seed is recorded (run_checks)
     with user_errors("model"):
         model = resolve_model(script, factory, args.output_dir, rollout_config, args.seed, log, args)
-    record_build(unbuilt, args.seed, args.process_index == 0)
+    record_build(unbuilt, args.seed, args.process_index == 0, script.model_name_or_path)
     with phase(f"loading {model} into the trainer", f"the model {model} is kept; no step was trained"):
         return trainer_cls(
             model, [episode_return_reward], args=args, train_dataset=dataset, rollout_func=rollout, callbacks=callbacks

@@ -35,9 +35,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_builds(path: str, exclusive: bool = False) -> list[str]:
-    """Remove the temporary folders of builds of `path` whose process is gone (killed mid-build); return them.
-    `exclusive`: no other process builds `path` (a run folder under the run lock): remove them all."""
+def remove_stale_builds(path: str) -> list[str]:
+    """Remove the temporary folders of builds of `path` whose process is gone (killed mid-build); return them. One
+    whose PID now belongs to another live process is left (ignored: every build writes its own)."""
     parent, name = os.path.split(os.path.abspath(path))
     prefix = f"{name}{TMP_MARK}"
     removed = []
@@ -45,7 +45,7 @@ def remove_stale_builds(path: str, exclusive: bool = False) -> list[str]:
         pid = entry[len(prefix) :]
         if not entry.startswith(prefix) or not pid.isdigit():
             continue
-        if not exclusive and int(pid) != os.getpid() and _alive(int(pid)):
+        if int(pid) != os.getpid() and _alive(int(pid)):
             continue  # another process is building it right now
         shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
         removed.append(os.path.join(parent, entry))
@@ -53,19 +53,16 @@ def remove_stale_builds(path: str, exclusive: bool = False) -> list[str]:
 
 
 @contextlib.contextmanager
-def build_atomically(
-    path: str, ready: Callable[[str], bool] = has_weights, exclusive: bool = False
-) -> Iterator[str]:
+def build_atomically(path: str, ready: Callable[[str], bool] = has_weights) -> Iterator[str]:
     """Yield a temporary folder to build the model of `path` in; when the block finishes, rename it to `path`.
 
     When the block raises (anything, Ctrl-C included) the temporary folder is deleted and `path` is left as it was.
     A folder already at `path` that is not `ready` (an unfinished build of an older version) is replaced; one that
     is `ready` when the block finishes (another process finished the same build first) is kept and ours dropped.
-    `exclusive`: as in `remove_stale_builds`.
     """
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    remove_stale_builds(path, exclusive)
+    remove_stale_builds(path)
     tmp = os.path.join(parent, f"{os.path.basename(os.path.abspath(path))}{TMP_MARK}{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

@@ -202,6 +202,8 @@ def checkpoint_problem(
             missing = [k for k in state_keys if k not in epo]
             if missing:
                 return f"{STATE_FILE} has no {', '.join(missing)}"
+        if os.path.exists(os.path.join(folder, "config.json")):  # transformers reads it when resuming
+            read_json(os.path.join(folder, "config.json"), "the model's configuration cannot be read")
     except CheckpointError as e:
         return str(e)
     problem = weights_problem(folder)

@@ -54,6 +54,50 @@ def cpu_engine_defaults() -> Iterator[None]:
         vllm_generation.LLM = engine
 
 
+def single_process_group() -> bool:
+    """Give a process that runs alone (WORLD_SIZE unset or 1, no process group yet) its default process group on an
+    in-process `HashStore`, before a colocated vLLM engine is built; returns whether it did.
+
+    Why: TRL's colocate mode builds `vllm.LLM(distributed_executor_backend="external_launcher")`, whose workers call
+    `init_process_group(init_method="env://")` when no group exists; rank 0 then starts a TCPStore server, and in
+    torch 2.13 that server listens on ALL interfaces (`[::]`, dual-stack) whatever MASTER_ADDR says: MASTER_ADDR is
+    only where clients connect (TRL sets "localhost"; measured in tests/test_security.py). Anyone on the network
+    could then write into the rendezvous of the engine. vLLM skips its own init when a group exists, so one alone
+    needs no store server at all. Several processes (accelerate/torchrun) have their group from the launcher already,
+    whose TCPStore listens the same way: keep such runs on a firewalled network (docs/scaling.md)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized() or os.environ.get("WORLD_SIZE", "1").strip() != "1":
+        return False
+    from vllm.platforms import current_platform
+
+    backend = current_platform.dist_backend  # what vLLM's own init would use ("nccl" on CUDA, "gloo" on CPU)
+    if not dist.is_backend_available(backend):
+        backend = "gloo"  # vLLM's fallback too
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
+@contextmanager
+def colocated_engine_defaults() -> Iterator[None]:
+    """Around `GRPOTrainer.__init__` in colocate mode: `cpu_engine_defaults`, and `single_process_group` right before
+    TRL builds the engine (TRL has set WORLD_SIZE from the accelerator by then)."""
+    from trl.generation import vllm_generation
+
+    with cpu_engine_defaults():
+        engine = vllm_generation.LLM
+
+        def build(*args, **kwargs):
+            single_process_group()
+            return engine(*args, **kwargs)
+
+        vllm_generation.LLM = build
+        try:
+            yield
+        finally:
+            vllm_generation.LLM = engine
+
+
 class VLLMBackend:
     """`trainer.vllm_generation.generate` (colocate or server mode), one completion per prompt.
 

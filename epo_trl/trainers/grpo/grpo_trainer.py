@@ -22,7 +22,7 @@ from trl import GRPOTrainer
 from trl.extras.profiling import profiling_context
 
 from ...distributed import teardown_at_exit
-from ...rollout.backends.vllm import cpu_engine_defaults
+from ...rollout.backends.vllm import colocated_engine_defaults
 from .. import vllm_sync
 from ..checkpoints import (
     RUN,
@@ -89,7 +89,7 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
                 f"Replace GRPOConfig(...) with {self.config_class.__name__}(...): it takes the same arguments."
             )
         colocated = args.use_vllm and args.vllm_mode == "colocate"
-        with cpu_engine_defaults() if colocated else nullcontext():  # TRL builds the engine here
+        with colocated_engine_defaults() if colocated else nullcontext():  # TRL builds the engine here
             super().__init__(model, reward_funcs, args, *pargs, **kwargs)
         teardown_at_exit()  # the process group TrainingArguments set up ends before the interpreter does
         attach_server_pool(self)  # several vLLM servers (args.vllm_server_base_urls)
