@@ -71,3 +71,29 @@ def alfworld_factory(alfworld_data):
     from epo_trl.envs.alfworld.env import ALFWorldFactory
 
     return ALFWorldFactory(data_path=alfworld_data, expert="handcoded")
+
+
+# What a launcher (accelerate, torchrun) or TRL's colocated vLLM engine sets in os.environ. An in-process engine
+# leaves them set (RANK=0, WORLD_SIZE=1, MASTER_PORT=29500, ...): a later test's child process would then try to
+# join a process group on a port this process holds (EADDRINUSE), a failure that depends on the test order.
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_launch_variables():
+    """Each test module leaves the launch variables as it found them (module scope: a module's shared engine keeps
+    the environment it was built in while the module runs)."""
+    before = {k: os.environ.get(k) for k in LAUNCH_VARS}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """os.environ for a child process that is not a rank of this process's launch: no launch variables."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env.update(extra)
+    return env

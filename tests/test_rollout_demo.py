@@ -69,7 +69,9 @@ def test_demo_llm_quick_sft_then_rl_on_smollm2(tmp_path):
     import sys
 
     # earlier in-process engines leave this process's launch variables (and port 29500) behind: the child gets none
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    from conftest import child_env
+
+    env = child_env()
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     cmd = [sys.executable, "-m", "epo_trl", "demo", "--llm", "--quick", "--output-dir", str(tmp_path)]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import child_env
 
 from epo_trl.cli import main
 from epo_trl.cli.lifecycle import Interrupted, interrupted_line, is_disk_full, phase
@@ -43,7 +44,7 @@ class Built(Exception):
 def start(*args: str) -> tuple[subprocess.Popen, queue.Queue, Path]:
     """`python -m epo_trl ARGS` with stdout read line by line (into the returned queue) and stderr to a file."""
     err = Path(os.environ.get("TMPDIR", "/tmp")) / f"epo-trl-{os.getpid()}-{time.monotonic_ns()}.err"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = child_env(PYTHONUNBUFFERED="1")  # not a rank of an engine an earlier test built in this process
     with open(err, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", "epo_trl", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=f, text=True)  # fmt: skip

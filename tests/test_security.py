@@ -175,11 +175,12 @@ WILDCARD = {"00000000", "00000000000000000000000000000000"}  # 0.0.0.0 and [::] 
 
 def listeners(mode: str) -> list[tuple[str, int]]:
     import ast
-    import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    from conftest import child_env
+
+    env = child_env()
     proc = subprocess.run(
         [sys.executable, "-c", LISTENERS, mode], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )

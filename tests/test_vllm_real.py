@@ -187,8 +187,10 @@ def test_cpu_vllm_recipe_trains_through_the_cli(tmp_path):
     cmd = [sys.executable, "-m", "epo_trl", "train", os.path.join(root, "recipes", "cpu", "maze_epo_vllm.yaml"),
            "--max_steps", "3", "--output_dir", str(tmp_path), "--disable_tqdm", "true"]  # fmt: skip
     # as a user runs it: no launch variables left by earlier in-process engines, no KV-cache size from the Makefile
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "VLLM_CPU_KVCACHE_SPACE")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
+    from conftest import child_env
+
+    env = child_env()
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     # the engine's own atexit shutdown finds its process groups already torn down, not dangling
