@@ -433,9 +433,11 @@ def test_defaults_turn_epo_off(tmp_path):
 def test_two_ranks_stay_in_lockstep_when_one_keeps_nothing(tiny_model, tmp_path):
     """DDP on 2 CPU processes: rank 1's rewards are constant (it never keeps a sample) and must not deadlock;
     both ranks hold the same AEPO state and the same weights."""
+    from scripts.epo_steps import free_port
+
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", free_port(),
         os.path.abspath(__file__), tiny_model, str(tmp_path),
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}

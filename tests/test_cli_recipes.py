@@ -311,20 +311,24 @@ def test_cli_warm_start_flags_reach_the_library_call_unchanged(tmp_path):
 @pytest.mark.multiprocess
 def test_two_process_cli_run_checkpoints_and_resumes(tmp_path):
     out = tmp_path / "run"
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
-        "-m", "epo_trl", "train", MAZE, "--output_dir", str(out), "--report_to", "none", "--task_limit", "16",
-        "--save_strategy", "steps", "--save_steps", "2",
-    ]  # fmt: skip
-    first = subprocess.run([*launch, "--max_steps", "2"], capture_output=True, text=True, timeout=600)
+    from scripts.epo_steps import free_port
+
+    def launch(*extra: str) -> list[str]:  # each launch its own free port: the last one's may be in TIME_WAIT
+        return [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            free_port(), "-m", "epo_trl", "train", MAZE, "--output_dir", str(out), "--report_to", "none",
+            "--task_limit", "16", "--save_strategy", "steps", "--save_steps", "2", *extra,
+        ]  # fmt: skip
+
+    first = subprocess.run(launch("--max_steps", "2"), capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-4000:]
     assert "8 episodes per optimizer step = 2 tasks x 4 generations = 2 process(es) x 4 episodes" in first.stdout
     ckpt = out / "checkpoint-2"
     history = json.loads(Path(ckpt / "epo_state.json").read_text())["entropy_history"]
     assert history["num_steps"] == 2
     second = subprocess.run(
-        [*launch, "--max_steps", "4", "--resume_from_checkpoint", "true"], capture_output=True, text=True, timeout=600
+        launch("--max_steps", "4", "--resume_from_checkpoint", "true"), capture_output=True, text=True, timeout=600
     )
     assert second.returncode == 0, second.stderr[-4000:]
     assert f"resuming from {ckpt}" in second.stdout

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -12,12 +11,6 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 pytestmark = pytest.mark.multiprocess
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stub_trainer(accelerator, tokenizer, steps_per_generation: int):
@@ -126,6 +119,7 @@ def test_collective_vllm_modes_make_equal_calls_on_both_ranks(tmp_path):
     import json
 
     import torch.multiprocessing as mp
+    from scripts.epo_steps import free_port
 
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))

@@ -21,15 +21,21 @@ RECIPES = os.path.join(os.path.dirname(TESTS), "recipes", "accelerate")
 NUM_STEPS = 3
 
 
+def free_port() -> str:
+    """A port free on 127.0.0.1 now, for a launch's rendezvous: a fixed one fails by chance (another launch, or the
+    last run's socket in TIME_WAIT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def accelerate_launch(config: str, argv: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     """`accelerate launch` of ARGV (a script and its args, or `-m module ...`) on 2 CPU processes under the shipped
     recipes/accelerate/CONFIG.yaml. On timeout every process it started is killed (a deadlock fails, not hangs)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.join(RECIPES, f"{config}.yaml"),
-        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port), *argv,
+        "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", port, *argv,
     ]  # fmt: skip
     # DeepSpeed's CPU accelerator (gloo); one thread per rank: 2 ranks share the 2 cores.
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
