@@ -56,6 +56,9 @@ def destroy_process_group(barrier_timeout_s: float | None = None) -> None:
     dist = sys.modules.get("torch.distributed")  # not imported: no group to tear down (and no torch import)
     if dist is None or not dist.is_available() or not dist.is_initialized():
         return
+    import gc
+
+    gc.collect()  # a finished trainer's cycles may hold gloo work objects: freed now, while the group is alive
     try:
         if barrier_timeout_s is None:
             dist.barrier()
@@ -72,6 +75,31 @@ def destroy_process_group(barrier_timeout_s: float | None = None) -> None:
         vllm_state.destroy_distributed_environment()  # (ValueError: Invalid process group specified)
     if dist.is_initialized():  # vLLM's teardown may have destroyed the default group itself
         dist.destroy_process_group()
+
+
+def end_launched_process(code: int) -> int:
+    """The end of an `epo-trl` command: under a multi-process launch (WORLD_SIZE > 1, torch.distributed in use), run
+    the exit handlers now and end the process without interpreter finalization, returning nothing.
+
+    Why: even after `destroy_process_group`, objects of DeepSpeed or gloo (work handles holding tensors) can
+    outlive the group and be destroyed during finalization, when their C++ threads can no longer take the GIL:
+    `terminate called without an active exception`, SIGABRT, after a run that finished (a rare, timing-dependent
+    abort under ZeRO-3). The command owns its process, so it can skip that stage; the exit handlers (logging, vLLM,
+    TensorBoard/W&B writers) still run first. A single process returns `code` for a normal exit."""
+    import os
+    import sys
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or "torch.distributed" not in sys.modules:
+        return code
+    import atexit
+    import logging
+
+    destroy_process_group(barrier_timeout_s=EXIT_BARRIER_TIMEOUT_S)
+    atexit._run_exitfuncs()  # CPython's own exit stage, run while the interpreter is whole
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def teardown_at_exit() -> None:

@@ -331,6 +331,7 @@ def test_two_process_cli_run_checkpoints_and_resumes(tmp_path):
         launch("--max_steps", "4", "--resume_from_checkpoint", "true"), capture_output=True, text=True, timeout=600
     )
     assert second.returncode == 0, second.stderr[-4000:]
+    assert "terminate called" not in first.stderr + second.stderr  # no abort at exit (end_launched_process)
     assert f"resuming from {ckpt}" in second.stdout
     resumed = json.loads(Path(out / "checkpoint-4" / "epo_state.json").read_text())["entropy_history"]
     assert resumed["num_steps"] == 4  # continued from step 2's history, did not restart

@@ -33,4 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, func_name = COMMANDS[command].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    return run_command(func, rest, f"epo-trl {command}")
+    code = run_command(func, rest, f"epo-trl {command}")
+    from ..distributed import end_launched_process
+
+    return end_launched_process(code)  # under a multi-process launch: exits here, after the exit handlers
