@@ -89,7 +89,8 @@ def end_launched_process(code: int) -> int:
     import os
     import sys
 
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or "torch.distributed" not in sys.modules:
+    launched = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1  # a launcher's rank
+    if not launched or "torch.distributed" not in sys.modules:
         return code
     import atexit
     import logging
