@@ -3,17 +3,24 @@
 The agent walks a grid of rooms joined by passages (a random spanning tree, so every room is reachable and
 there is exactly one way into the goal room). In the `key` task the way into the goal room is a locked door:
 the agent must find the key, take it, open the door and walk through. In the `reach` task the door is open.
-Only reaching the goal room pays (`won`); everything else is exploration.
+Only reaching the goal room pays (`won`); everything else is exploration. In the `trail` task the door is open
+too, the maze branches more (a random Kruskal spanning tree instead of depth-first corridors), the goal is a dead
+end 3 or 4 moves from the start, and every room has a sign pointing one step along the way to it: an agent that
+reads the observation wins every game, one that does not is an explorer (docs/study/setting.md has the numbers).
 
 Actions are short commands ("go north", "take key", "open door", "look"); `project_action` is lenient and
 accepts the bare words too ("north", "key"), so even a tiny random model stumbles on valid moves sometimes.
 
-Difficulty knobs: `size` (the grid is size x size rooms), `task` ("key" or "reach"), `distractors` (useless
-items lying around). Splits are disjoint by seed range; `valid_unseen` uses a larger grid (`size + 1`).
+Difficulty knobs: `size` (the grid is size x size rooms), `task` ("key", "reach" or "trail"), `distractors` (useless
+items lying around). Held-out splits are disjoint from `train` by content (`Layout.content_key`: passages, start,
+goal, key and items), not only by seed: a held-out candidate whose maze occurs in `train` is skipped, and a split
+that cannot be filled with unseen mazes is refused (a 2x2 grid has only 8 distinct `reach` mazes). `valid_unseen`
+uses a larger grid (`size + 1`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import deque
 from collections.abc import Sequence
@@ -24,7 +31,7 @@ from .protocol import EnvFactory, TaskSpec, TextEnv, words_of
 DIRECTIONS = {"north": (-1, 0), "south": (1, 0), "east": (0, 1), "west": (0, -1)}
 OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
 ITEMS = ("box", "lamp", "coin", "book", "cup")
-TASKS = ("key", "reach")
+TASKS = ("key", "reach", "trail")
 # Command word -> command, for the lenient `project_action`.
 _KEYWORDS = {
     **{d: f"go {d}" for d in DIRECTIONS},
@@ -34,17 +41,25 @@ _KEYWORDS = {
     "door": "open door",
     "look": "look",
 }
-# Seed ranges of the splits: disjoint by construction.
+# Seed ranges of the splits (their contents are made disjoint by `MazeFactory.tasks`).
 SPLIT_SEED_OFFSET = {"train": 0, "valid_seen": 100_000, "valid_unseen": 200_000}
 
 GOALS = {
     "key": "find the key , take it , open the locked door and reach the goal room .",
     "reach": "find the goal room and go in .",
+    "trail": "follow the signs to the goal room .",
 }
+# `trail`: the goal's distance from the start (moves), and how many (start, goal) draws a maze gets before the
+# generator gives up on it.
+TRAIL_DISTANCE = (3, 4)
+_TRAIL_DRAWS = 100
+# Held-out candidates tried per requested task before a split is refused as unfillable by unseen mazes.
+_CANDIDATES_PER_TASK = 50
 # Every sentence the env can print, for `MazeFactory.vocabulary()`; keep in sync with MazeEnv's texts.
 _TEXTS = [
     *GOALS.values(),
     "you are in room . exits : north south east west . you see a key box lamp coin book cup .",
+    "a sign points north south east west .",
     "the door to the north south east west is locked open . you have the key .",
     "you take the key . you open the door . you can not go that way . nothing happens .",
     "there is no key here . you have no key . there is no door here .",
@@ -62,11 +77,68 @@ class Layout:
         if size < 2:
             raise ValueError(f"Maze size must be >= 2 (got {size}); the goal needs a room of its own.")
         rng = random.Random(f"maze|{task}|{size}|{seed}")
-        self.size = size
+        self.task, self.size = task, size
         self.passages: dict[tuple[int, int], dict[str, tuple[int, int]]] = {
             (r, c): {} for r in range(size) for c in range(size)
         }
-        # Random depth-first spanning tree: every room reachable, no cycles.
+        if task == "trail":
+            self._kruskal_tree(rng)
+            self.start, self.goal = self._trail_ends(rng)
+        else:
+            self._depth_first_tree(rng)
+        # The goal is a leaf: its single passage is the door.
+        (door_dir_from_goal, self.door_room) = next(iter(self.passages[self.goal].items()))
+        self.door_dir = OPPOSITE[door_dir_from_goal]
+        others = sorted(c for c in self.passages if c != self.goal)
+        start = self.start
+        self.key_room = rng.choice([c for c in others if c != start] or others) if task == "key" else None
+        self.items = {c: rng.choice(ITEMS) for c in rng.sample(others, min(distractors, len(others)))}
+        # `trail`: each room's sign names its first step on the way to the goal.
+        self.signs: dict[tuple[int, int], str] = {}
+        if task == "trail":
+            to_goal = self._distances(self.goal)
+            for cell, exits in self.passages.items():
+                steps = [d for d, nxt in sorted(exits.items()) if to_goal[nxt] == to_goal[cell] - 1]
+                if steps:
+                    self.signs[cell] = steps[0]
+
+    def _link(self, cell: tuple[int, int], direction: str, nxt: tuple[int, int]) -> None:
+        self.passages[cell][direction] = nxt
+        self.passages[nxt][OPPOSITE[direction]] = cell
+
+    def _kruskal_tree(self, rng: random.Random) -> None:
+        """Random Kruskal spanning tree: more branching than depth-first corridors (an explorer guesses more)."""
+        walls = [(c, d) for c in sorted(self.passages) for d in ("south", "east")
+                 if (c[0] + DIRECTIONS[d][0], c[1] + DIRECTIONS[d][1]) in self.passages]  # fmt: skip
+        rng.shuffle(walls)
+        root = {c: c for c in self.passages}
+
+        def find(c):
+            while root[c] != c:
+                c = root[c]
+            return c
+
+        for cell, d in walls:
+            nxt = (cell[0] + DIRECTIONS[d][0], cell[1] + DIRECTIONS[d][1])
+            a, b = find(cell), find(nxt)
+            if a != b:
+                root[a] = b
+                self._link(cell, d, nxt)
+
+    def _trail_ends(self, rng: random.Random) -> tuple[tuple[int, int], tuple[int, int]]:
+        """A start and a dead-end goal TRAIL_DISTANCE moves away (another start when no dead end is that far)."""
+        low, high = TRAIL_DISTANCE
+        for _ in range(_TRAIL_DRAWS):
+            start = rng.choice(sorted(self.passages))
+            dist = self._distances(start)
+            goals = sorted(c for c, p in self.passages.items() if len(p) == 1 and low <= dist[c] <= high)
+            if goals:
+                return start, rng.choice(goals)
+        raise ValueError(f"a {self.size}x{self.size} trail maze has no dead end {low}-{high} moves from a start.")
+
+    def _depth_first_tree(self, rng: random.Random) -> None:
+        """Random depth-first spanning tree (every room reachable, no cycles); the goal is the farthest dead end."""
+        size = self.size
         start = (rng.randrange(size), rng.randrange(size))
         stack, seen = [start], {start}
         while stack:
@@ -80,8 +152,7 @@ class Layout:
                 stack.pop()
                 continue
             d, nxt = rng.choice(options)
-            self.passages[cell][d] = nxt
-            self.passages[nxt][OPPOSITE[d]] = cell
+            self._link(cell, d, nxt)
             seen.add(nxt)
             stack.append(nxt)
         self.start = start
@@ -89,12 +160,12 @@ class Layout:
         leaves = [c for c, p in self.passages.items() if len(p) == 1 and c != start]
         far = max(dist[c] for c in leaves)
         self.goal = rng.choice(sorted(c for c in leaves if dist[c] == far))
-        # The goal is a leaf: its single passage is the door.
-        (door_dir_from_goal, self.door_room) = next(iter(self.passages[self.goal].items()))
-        self.door_dir = OPPOSITE[door_dir_from_goal]
-        others = sorted(c for c in self.passages if c != self.goal)
-        self.key_room = rng.choice([c for c in others if c != start] or others) if task == "key" else None
-        self.items = {c: rng.choice(ITEMS) for c in rng.sample(others, min(distractors, len(others)))}
+
+    def content_key(self) -> str:
+        """A canonical hash of what an episode can tell apart: task, passages, start, goal, key room, items."""
+        passages = sorted((cell, sorted(exits.items())) for cell, exits in self.passages.items())
+        content = (self.task, self.size, passages, self.start, self.goal, self.key_room, sorted(self.items.items()))
+        return hashlib.sha256(repr(content).encode()).hexdigest()[:16]
 
     def _distances(self, src: tuple[int, int]) -> dict[tuple[int, int], int]:
         dist, queue = {src: 0}, deque([src])
@@ -121,7 +192,7 @@ class MazeEnv(TextEnv):
         self.layout = Layout(task.task, task.variation, task.seed, self.distractors)
         self.pos = self.layout.start
         self.has_key = False
-        self.door_open = task.task == "reach"
+        self.door_open = task.task != "key"
         self.key_room = self.layout.key_room
         self.done = False
         self.goal = GOALS[task.task]
@@ -144,6 +215,8 @@ class MazeEnv(TextEnv):
         if self.pos == layout.door_room:
             state = "open" if self.door_open else "locked"
             parts.append(f"the door to the {layout.door_dir} is {state} .")
+        if self.pos in layout.signs:
+            parts.append(f"a sign points {layout.signs[self.pos]} .")
         return " ".join(p for p in parts if p)
 
     def admissible_actions(self) -> list[str]:
@@ -247,7 +320,8 @@ class MazeFactory(EnvFactory):
 
     Args:
         size: grid side for `train` and `valid_seen` (`valid_unseen` uses `size + 1`).
-        task: "key" (locked door, needs the key) or "reach" (no lock), or "mixed" (both, alternating).
+        task: "key" (locked door, needs the key), "reach" (no lock), "trail" (signs point the way; branchy mazes,
+            the goal 3-4 moves away), or "mixed" (key and reach, alternating).
         distractors: useless items placed in rooms.
         num_train / num_valid: task instances per split.
     """
@@ -261,13 +335,14 @@ class MazeFactory(EnvFactory):
         self, size: int = 3, task: str = "key", distractors: int = 1, num_train: int = 256, num_valid: int = 64
     ):
         if task not in (*TASKS, "mixed"):
-            raise ValueError(f"Unknown maze task {task!r}; use 'key', 'reach' or 'mixed'.")
+            raise ValueError(f"Unknown maze task {task!r}; use 'key', 'reach', 'trail' or 'mixed'.")
         for name, value, low in (("size", size, 2), ("distractors", distractors, 0), ("num_train", num_train, 1),
                                  ("num_valid", num_valid, 1)):  # fmt: skip
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"maze {name}={value!r} must be an integer >= {low}.")
         self.size, self.task, self.distractors = size, task, distractors
         self.num_train, self.num_valid = num_train, num_valid
+        self._train_keys: frozenset[str] | None = None
 
     def make(self) -> MazeEnv:
         return MazeEnv(distractors=self.distractors)
@@ -275,11 +350,40 @@ class MazeFactory(EnvFactory):
     def tasks(self, split: str = "train") -> list[TaskSpec]:
         if split not in SPLIT_SEED_OFFSET:
             raise ValueError(f"Unknown split {split!r} for maze; use one of {sorted(SPLIT_SEED_OFFSET)}.")
-        size = self.size + 1 if split == "valid_unseen" else self.size
-        count = self.num_train if split == "train" else self.num_valid
-        kinds = TASKS if self.task == "mixed" else (self.task,)
-        offset = SPLIT_SEED_OFFSET[split]
+        if split == "train":
+            return self._candidates(split, self.num_train)
+        # Held out = unseen by content: distinct mazes, none of which occurs in `train`.
+        train, seen, tasks = self._train_contents(), set(), []
+        for task in self._candidates(split, self.num_valid * _CANDIDATES_PER_TASK):
+            key = self.content_key(task)
+            if key not in train and key not in seen:
+                seen.add(key)
+                tasks.append(task)
+                if len(tasks) == self.num_valid:
+                    return tasks
+        raise ValueError(
+            f"maze split {split!r}: only {len(tasks)} of num_valid={self.num_valid} {self.task!r} mazes of size "
+            f"{self._size(split)} are distinct and unseen in the {self.num_train} train tasks ({len(train)} distinct mazes); a "
+            f"{self._size(split)}x{self._size(split)} grid has too few distinct mazes. Use a larger size, or "
+            "fewer num_train / num_valid."
+        )
+
+    def _size(self, split: str) -> int:
+        return self.size + 1 if split == "valid_unseen" else self.size
+
+    def _candidates(self, split: str, count: int) -> list[TaskSpec]:
+        kinds = ("key", "reach") if self.task == "mixed" else (self.task,)
+        offset, size = SPLIT_SEED_OFFSET[split], self._size(split)
         return [TaskSpec(self.name, kinds[i % len(kinds)], size, offset + i) for i in range(count)]
+
+    def _train_contents(self) -> frozenset[str]:
+        if self._train_keys is None:
+            self._train_keys = frozenset(self.content_key(t) for t in self.tasks("train"))
+        return self._train_keys
+
+    def content_key(self, task: TaskSpec) -> str:
+        """What makes two tasks the same game (`Layout.content_key`); held-out splits share none with `train`."""
+        return Layout(task.task, task.variation, task.seed, self.distractors).content_key()
 
     def solve(self, task: TaskSpec, prefix: Sequence[str] = ()) -> list[str]:
         """The expert (shortest) command sequence for `task`, from the state reached by playing `prefix`."""

@@ -121,6 +121,11 @@ class EnvFactory(ABC):
     def tasks(self, split: str = "train") -> list[TaskSpec]:
         """Task instances of `split` (one of SPLITS, or an env-specific name)."""
 
+    def content_key(self, task: TaskSpec) -> str | None:
+        """A canonical hash of the game `task` starts (layout or initial state, and goal), for checking that held-out
+        splits are unseen by content, not only by seed. None: this factory cannot tell (the default)."""
+        return None
+
     def task_types(self) -> list[str]:
         """Task type names, for per-type evaluation tables."""
         return sorted({t.task for t in self.tasks("train")})
