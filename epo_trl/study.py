@@ -7,8 +7,10 @@ in what `--algo` switches. The setting is the demo's (a hidden-64 tiny model war
 KL anchor, batch-std rewards, trajectory mode), where plain GRPO learns. Per seed, the warm start is built once and shared by every
 algorithm (same start, same held-out "before"). Per optimizer step it records train success, TRL's token entropy and
 the per-turn entropies; after training, held-out success with HF generate on `valid_seen` and `valid_unseen`.
-Writes one JSON per finished run (so an interrupted study can still be reported), `results.json`, PNG plots and
-`docs/study.md` (table with 95% confidence intervals + answer generated from the data).
+Before the runs, it records the reference policies (`epo_trl.rollout.baselines`: random, walker, expert, ceiling) on
+the same held-out tasks. Writes one JSON per finished run (so an interrupted study can still be reported),
+`results.json`, PNG plots and `docs/study.md` (tables of held-out success with the reference rows, paired per-seed
+differences between methods, training dynamics, all with 95% intervals; an answer generated from the data).
 Runs execute as subprocesses, `--jobs` at a time, each with cores/jobs torch threads.
 """
 
@@ -30,6 +32,7 @@ from pathlib import Path
 
 from .cli.demo import QUICK as QUICK_OVERRIDES
 from .cli.train import DEMO_RECIPE
+from .stats import mean_ci, paired_differences, share
 
 AEPO_TARGET_ENTROPY = 0.05  # the maze's H*: between the warm start's entropy and a collapsed policy's
 
@@ -267,19 +270,10 @@ def _launch(kind: str, job: dict, threads: int, result_file: str) -> dict:
 
 
 # ----- statistics ------------------------------------------------------------------------------------------------
-# Two-sided 95% Student t quantiles by degrees of freedom (n - 1); 1.96 beyond the table.
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
-def _mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% confidence interval across seeds: t_{0.975, n-1} * s / sqrt(n)."""
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    n = len(values)
-    if n == 1:
-        return values[0], math.nan
-    return statistics.fmean(values), _T95.get(n - 1, 1.96) * statistics.stdev(values) / math.sqrt(n)
+# The math (t intervals, binomial intervals, paired differences) is in epo_trl.stats; here, what the study measures.
+_mean_ci = mean_ci  # the name study_llm and the tests import
+SPLITS = ("valid_seen", "valid_unseen")  # rollout.evaluation.HELD_OUT_SPLITS, without importing torch
+BASELINE_K = 4  # episodes per task of each reference policy (random, walker, expert) on the held-out tasks
 
 
 def run_stats(run: dict) -> dict:
@@ -288,7 +282,7 @@ def run_stats(run: dict) -> dict:
     n = len(ent)
     q = max(n // 4, 1)
     late = ent[n // 2 :] if n > 1 else ent
-    collapse = collapse_step(ent)
+    collapse = collapse_step(ent, succ)
     return {
         "diverged": float(max(ent) > DIVERGED_NATS),
         "collapsed": float(collapse is not None),
@@ -299,6 +293,7 @@ def run_stats(run: dict) -> dict:
         "valid_seen": run["held_out"]["valid_seen"],
         "gain_seen": run["held_out"]["valid_seen"] - run["before"]["valid_seen"],
         "gain_reached": float(run["held_out"]["valid_seen"] - run["before"]["valid_seen"] >= GAIN_TARGET),
+        "before_unseen": run["before"]["valid_unseen"],
         "valid_unseen": run["held_out"]["valid_unseen"],
         "final_entropy": ent[-1],
         "min_entropy": min(ent),
@@ -310,33 +305,58 @@ def run_stats(run: dict) -> dict:
 
 
 DIVERGED_NATS = 5.0  # uniform over the tiny vocabulary is ~6.3 nats: above 5 the policy has fallen apart
-COLLAPSE_FRACTION = 0.5  # entropy below half its step-1 value: the policy has collapsed onto fewer actions
+# Entropy collapse = the policy went (near-)deterministic without learning: at some step k the entropy is below
+# COLLAPSE_FRACTION x its step-1 value while the train success, averaged over the quarter-run window ending at k, is
+# not above its first-quarter mean. Learning sharpens a policy too (the committed maze runs reach 0.11-0.62 x their
+# step-1 entropy at their lowest while success climbs), so the entropy test alone (the former "below 0.5 x step 1")
+# measured sharpening: it fired on 19 of the 20 maze runs, all of which learned. The new one fires on none of them;
+# the success test keeps it to a policy that narrowed without getting better.
+COLLAPSE_FRACTION = 0.1
+COLLAPSE_TEXT = (
+    f"entropy below {COLLAPSE_FRACTION} x its step-1 value at a step where the train success, averaged over the "
+    "quarter-run window ending there, is not above its first-quarter mean"
+)
 
 
-def collapse_step(entropy: list[float]) -> int | None:
-    """The first optimizer step (1-based) whose entropy is below COLLAPSE_FRACTION x the step-1 entropy; None if
-    no step is."""
-    first = entropy[0]
-    return next((i + 1 for i, h in enumerate(entropy) if h < COLLAPSE_FRACTION * first), None)
+def collapse_step(entropy: list[float], success: list[float]) -> int | None:
+    """The first optimizer step k (1-based) whose entropy is below COLLAPSE_FRACTION x the step-1 entropy while the
+    mean train success over steps max(1, k-q+1)..k (q = a quarter of the run, at least 1) is not above the mean over
+    the first quarter; None if no step is."""
+    q = max(len(success) // 4, 1)
+    first_quarter = statistics.fmean(success[:q])
+    for k, h in enumerate(entropy, 1):
+        if h < COLLAPSE_FRACTION * entropy[0] and statistics.fmean(success[max(k - q, 0) : k]) <= first_quarter:
+            return k
+    return None
 
 
-STAT_COLUMNS = {
+# Columns of the report's tables. Held-out success (with the reference policies' rows):
+HELD_OUT_COLUMNS = {
+    "before_seen": "valid_seen before RL",
+    "valid_seen": "valid_seen after RL",
+    "gain_seen": "valid_seen gain (after - before)",
+    "gain_reached": f"share of seeds with gain >= {GAIN_TARGET:.2f}",
+    "before_unseen": "valid_unseen before RL",
+    "valid_unseen": "valid_unseen after RL",
+}
+# Training dynamics:
+DYNAMICS_COLUMNS = {
     "diverged": "share of seeds diverged (entropy > 5 nats)",
-    "collapsed": "share of seeds collapsed (entropy < 0.5 x step 1)",
+    "collapsed": f"share of seeds collapsed (entropy < {COLLAPSE_FRACTION} x step 1, train success not up)",
     "collapse_step": "collapse step (seeds that collapse)",
     "initial_train_success": "train success (first quarter)",
     "final_train_success": "train success (last quarter)",
-    "before_seen": "held-out valid_seen before RL",
-    "valid_seen": "held-out valid_seen after RL",
-    "gain_seen": "held-out gain (after - before)",
-    "gain_reached": "share of seeds with gain >= 0.30",
-    "valid_unseen": "held-out valid_unseen after RL",
     "final_entropy": "final entropy",
     "min_entropy": "min entropy",
     "early_drop": "entropy drop, first quarter",
     "late_entropy_std": "entropy std, second half",
     "late_change_std": "std of step-to-step entropy change, second half",
 }
+SHARE_COLUMNS = ("diverged", "collapsed", "gain_reached")  # 0/1 per seed: k of n seeds, exact binomial interval
+# every other column: mean ± Student t interval over seeds
+STAT_COLUMNS = {k: v for k, v in {**HELD_OUT_COLUMNS, **DYNAMICS_COLUMNS}.items() if k not in SHARE_COLUMNS}
+# Paired comparisons besides "every algorithm vs the first one run (the baseline)": the method a variant adds to.
+PAIRED_WITH = {"epo": "epo-base", "epo-bonus": "epo-base-bonus"}
 
 
 def _by_algo(runs: list[dict]) -> dict[str, list[dict]]:
@@ -349,13 +369,54 @@ def _by_algo(runs: list[dict]) -> dict[str, list[dict]]:
 
 
 def aggregate(runs: list[dict]) -> dict:
+    """Per algorithm: mean ± 95% t interval over seeds of every STAT_COLUMNS column; for SHARE_COLUMNS, the count of
+    seeds with the property and the exact 95% interval of the share (`stats.share`)."""
     out = {}
     for algo, rs in _by_algo(runs).items():
         stats = [run_stats(r) for r in rs]
-        out[algo] = {k: _mean_ci([s[k] for s in stats]) for k in STAT_COLUMNS}
+        out[algo] = {k: mean_ci([s[k] for s in stats]) for k in STAT_COLUMNS}
+        out[algo].update({k: share([s[k] for s in stats]) for k in SHARE_COLUMNS})
         out[algo]["seeds"] = len(rs)
-        out[algo]["train_s"] = _mean_ci([r["train_s"] for r in rs])
+        out[algo]["train_s"] = mean_ci([r["train_s"] for r in rs])
     return out
+
+
+def comparisons(algos: list[str], paired_with: dict[str, str] = PAIRED_WITH) -> list[tuple[str, str]]:
+    """The (method, baseline) pairs a report compares: every algorithm vs the first (the baseline), then each
+    algorithm vs the one it adds to (`paired_with`, e.g. EPO vs EPO-Base) where both ran."""
+    if not algos:
+        return []
+    pairs = [(a, algos[0]) for a in algos[1:]]
+    return pairs + [(a, b) for a, b in paired_with.items() if a in algos[1:] and b in algos[1:]]
+
+
+def paired(runs: list[dict]) -> list[dict]:
+    """Per comparison and held-out split: the per-seed differences in held-out success after RL, method - baseline,
+    and their mean ± 95% t interval (`stats.paired_differences`). Only pairs in the same rollout mode: those share
+    each seed's warm start, so the seed's level cancels."""
+    by_algo = _by_algo(runs)
+    out = []
+    for method, base in comparisons(list(by_algo)):
+        if by_algo[method][0]["mode"] != by_algo[base][0]["mode"]:
+            continue
+        for split in SPLITS:
+            per_seed = [{r["seed"]: r["held_out"][split] for r in by_algo[a]} for a in (method, base)]
+            out.append({"method": method, "baseline": base, "split": split, **paired_differences(*per_seed)})
+    return out
+
+
+def reference_baselines(script, rollout, eval_tasks: int, k: int = BASELINE_K) -> dict[str, dict[str, float]]:
+    """The reference policies' success (`epo_trl.rollout.baselines`: random, walker, expert, and the ceiling) on the
+    held-out tasks the study evaluates (the first `eval_tasks` of each split, the same turn limit), per split."""
+    from .envs import make_factory
+    from .rollout.baselines import baselines
+
+    factory = make_factory(script.env, **script.env_kwargs)
+    try:
+        return {split: baselines(factory, factory.tasks(split)[:eval_tasks], rollout.max_turns, k=k, seed=0)
+                for split in SPLITS}  # fmt: skip
+    finally:
+        factory.close()
 
 
 def scale_note(runs: list[dict], episodes_per_step: int) -> str:
@@ -441,9 +502,106 @@ def _pm(ms: tuple[float, float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {ci:.{digits}f}" if not math.isnan(ci) else f"{mean:.{digits}f}"
 
 
-def answer(summary: dict, labels: dict = LABELS) -> list[str]:
+def _share(s: dict, digits: int = 2) -> str:
+    """k of n seeds and the exact 95% interval of the share: "4/5 (0.28-0.99)"."""
+    if not s["seeds"]:
+        return "-"
+    return f"{s['count']}/{s['seeds']} ({s['low']:.{digits}f}-{s['high']:.{digits}f})"
+
+
+def _diff(d: dict) -> str:
+    """A paired difference: its mean ± the 95% t half-width (the mean alone for one seed)."""
+    if math.isnan(d["mean"]):
+        return "-"
+    return f"{d['mean']:+.3f}" + ("" if math.isnan(d["half"]) else f" ± {d['half']:.3f}")
+
+
+def _verdict(d: dict) -> str:
+    if math.isnan(d["half"]):
+        return "one seed: no interval"
+    if d["mean"] - d["half"] > 0:
+        return "above zero at 95% confidence"
+    if d["mean"] + d["half"] < 0:
+        return "below zero at 95% confidence"
+    return "the interval includes zero: no difference shown"
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [_row(header), "|" + "---|" * len(header), *map(_row, rows)]
+
+
+REFERENCES = {"random": "random", "walker": "walker", "expert": "expert (ceiling)"}  # policy: its row's label
+
+
+def reference(baselines: dict | None, split: str, policy: str) -> str:
+    """A reference policy's held-out success on `split` (the expert's with the ceiling in parentheses); "not
+    recorded" where the results predate the reference policies, "-" where the env cannot play it (no expert)."""
+    if not baselines:
+        return "not recorded"
+    b = baselines.get(split, {})
+    if policy not in b:
+        return "-"
+    return f"{b[policy]:.3f}" + (f" ({b['ceiling']:.3f})" if policy == "expert" and "ceiling" in b else "")
+
+
+def reference_text(baselines: dict | None, k: int | None) -> str:
+    """What the reference rows are (or that they were not recorded)."""
+    if not baselines:
+        return (
+            "Reference rows (random, walker, expert (ceiling): `epo_trl.rollout.baselines`): not recorded; these "
+            "results predate them, and a re-run of the command records them."
+        )
+    return (
+        "Reference rows: policies that learn nothing (`epo_trl.rollout.baselines`), played on the same held-out tasks "
+        f"with the same turn limit, {k or '?'} episode(s) per task. random = a uniformly random admissible action each "
+        "turn; walker = takes or opens whatever it is offered, else moves through an exit other than the one it came "
+        "in by; expert (ceiling) = the env's planner, re-planned every turn, and in parentheses the ceiling (the "
+        "share of these tasks it can win within the turn limit, the best any policy can score). They do not "
+        "train: the same number before and after."
+    )
+
+
+def paired_table(pairs: list[dict], labels: dict) -> list[str]:
+    """One row per (method - baseline, held-out split): seeds, mean difference ± 95% CI, every seed's difference."""
+    if not pairs:
+        return ["No pair of algorithms in the same rollout mode to compare."]
+    header = ["method - baseline", "held-out split", "seeds", "mean difference ± 95% CI", "per seed (seed: diff.)"]
+    rows = []
+    for d in pairs:
+        per_seed = ", ".join(f"{s}: {v:+.3f}" for s, v in zip(d["seeds"], d["differences"]))
+        rows.append([f"{labels[d['method']]} - {labels[d['baseline']]}", d["split"], str(len(d["seeds"])), _diff(d),
+                     per_seed])  # fmt: skip
+    return _table(header, rows)
+
+
+PAIRED_TEXT = (
+    "The algorithms of a seed start from the same warm start (the same weights), so they are compared seed by seed: "
+    "held-out success after RL of the method minus the baseline's on the same seed; the mean of these differences "
+    "± its 95% confidence interval over the seeds (Student t), and each seed's difference."
+)
+
+
+def paired_answer(pairs: list[dict], labels: dict) -> list[str]:
+    """One line per comparison: its paired differences per split, and whether each interval excludes zero."""
+    by_pair: dict[tuple[str, str], list[dict]] = {}
+    for d in pairs:
+        by_pair.setdefault((d["method"], d["baseline"]), []).append(d)
+    return [
+        f"- **{labels[m]} vs {labels[b]} on success** (paired by seed). Held-out success after RL, {labels[m]} - "
+        f"{labels[b]}, mean over seeds ± 95% CI: "
+        + "; ".join(f"{d['split']} {_diff(d)} ({_verdict(d)})" for d in ds)
+        + "."
+        for (m, b), ds in by_pair.items()
+    ]
+
+
+def answer(summary: dict, labels: dict = LABELS, pairs: list[dict] = (), baselines: dict | None = None) -> list[str]:
     """The study's answer, phrased from the numbers (no hand-written claims that could go stale). The baseline is
-    the first algorithm run (GRPO in the main study)."""
+    the first algorithm run (GRPO in the main study); `pairs`: `paired`'s per-seed differences."""
     if not summary:
         return ["No run finished: nothing to report."]
     base = next(iter(summary))
@@ -452,27 +610,35 @@ def answer(summary: dict, labels: dict = LABELS) -> list[str]:
     def overlaps(a, b) -> bool:  # 95% intervals overlap: no claim of a difference
         return abs(a[0] - b[0]) <= (0 if math.isnan(a[1]) else a[1]) + (0 if math.isnan(b[1]) else b[1])
 
+    references = (
+        "Reference policies on valid_seen: "
+        + ", ".join(f"{label} {reference(baselines, 'valid_seen', p)}" for p, label in REFERENCES.items())
+        + "."
+        if baselines
+        else "Reference policies: not recorded."
+    )
     lines = [
-        "- **Does the baseline learn?** Held-out valid_seen success, before -> after RL (mean ± 95% CI over seeds): "
+        "- **Does the baseline learn?** Held-out valid_seen success, before -> after RL (mean ± 95% CI over seeds; "
+        f"then the seeds with gain >= {GAIN_TARGET}, with the exact 95% interval of that share): "
         + "; ".join(
-            f"{labels[a]} {s['before_seen'][0]:.3f} -> {_pm(s['valid_seen'])} (gain {_pm(s['gain_seen'])}, "
-            f"{s['gain_reached'][0]:.0%} of seeds >= {GAIN_TARGET})"
+            f"{labels[a]} {s['before_seen'][0]:.3f} -> {_pm(s['valid_seen'])} (gain {_pm(s['gain_seen'])}; "
+            f"{_share(s['gain_reached'])} seeds)"
             for a, s in summary.items()
         )
         + ". "
         + (
-            f"{name}'s gain is above zero at 95% confidence."
+            f"{name}'s gain is above zero at 95% confidence. "
             if g["gain_seen"][0] - (0 if math.isnan(g["gain_seen"][1]) else g["gain_seen"][1]) > 0
-            else f"{name}'s gain is not distinguishable from zero at 95% confidence."
+            else f"{name}'s gain is not distinguishable from zero at 95% confidence. "
         )
+        + references
     ]
-    diverged = {a: s["diverged"][0] for a, s in summary.items()}
-    if any(diverged.values()):
+    if any(s["diverged"]["count"] for s in summary.values()):
         lines.append(
-            "- **Divergence.** Share of seeds whose entropy blew up to near-uniform (> 5 nats) at some step: "
-            + ", ".join(f"{labels[a]} {v:.2f}" for a, v in diverged.items())
+            "- **Divergence.** Seeds whose entropy blew up to near-uniform (> 5 nats) at some step (exact 95% "
+            "interval of the share): " + ", ".join(f"{labels[a]} {_share(s['diverged'])}" for a, s in summary.items())
             + "."
-        )
+        )  # fmt: skip
     lines.append(
         "- **Early collapse.** Entropy drop over the first quarter (negative = rises) / minimum entropy: "
         + "; ".join(f"{labels[a]} {_pm(s['early_drop'], 3)} / {_pm(s['min_entropy'], 3)}" for a, s in summary.items())
@@ -489,9 +655,9 @@ def answer(summary: dict, labels: dict = LABELS) -> list[str]:
         )
     )
     lines.append(
-        f"- **Entropy collapse** (below {COLLAPSE_FRACTION} x the step-1 entropy): share of seeds / first step "
-        "(mean over the seeds that collapse): "
-        + "; ".join(f"{labels[a]} {_pm(s['collapsed'], 2)} / {_pm(s['collapse_step'], 1)}" for a, s in summary.items())
+        f"- **Entropy collapse** ({COLLAPSE_TEXT}: the policy went near-deterministic without learning). Seeds that "
+        "collapse (exact 95% interval of the share) / first such step (mean over the seeds that collapse): "
+        + "; ".join(f"{labels[a]} {_share(s['collapsed'])} / {_pm(s['collapse_step'], 1)}" for a, s in summary.items())
         + "."
     )
     lines.append(
@@ -503,18 +669,7 @@ def answer(summary: dict, labels: dict = LABELS) -> list[str]:
         )
         + "."
     )
-    for algo, other in summary.items():
-        if algo == base:
-            continue
-        lines.append(
-            f"- **{labels[algo]} vs {name} on success.** Held-out gain {name} {_pm(g['gain_seen'])}, {labels[algo]} "
-            f"{_pm(other['gain_seen'])}"
-            + (
-                ": the intervals overlap, so this study shows no success difference between them."
-                if overlaps(g["gain_seen"], other["gain_seen"])
-                else ": the intervals do not overlap."
-            )
-        )
+    lines += paired_answer(list(pairs), labels)
     cost = {a: s["train_s"][0] for a, s in summary.items()}
     lines.append(
         "- **Cost.** Mean training wall time per run: "
@@ -525,15 +680,38 @@ def answer(summary: dict, labels: dict = LABELS) -> list[str]:
     return lines
 
 
+_REFERENCE_SPLIT = {"before_seen": "valid_seen", "valid_seen": "valid_seen", "before_unseen": "valid_unseen",
+                    "valid_unseen": "valid_unseen"}  # fmt: skip
+
+
+def _cells(s: dict, columns: dict) -> list[str]:
+    return [_share(s[k]) if k in SHARE_COLUMNS else _pm(s[k]) for k in columns]
+
+
+def _reference_cells(baselines: dict | None, policy: str) -> list[str]:
+    """A reference policy's row of the held-out table: its success in the before and after columns of each split."""
+    return [
+        reference(baselines, _REFERENCE_SPLIT[k], policy) if k in _REFERENCE_SPLIT else "-" for k in HELD_OUT_COLUMNS
+    ]
+
+
 def to_markdown(results: dict, figures: str = "study") -> str:
-    """The report; `figures` is the output folder relative to the report's own folder (plots, results.json)."""
-    summary, meta = results["summary"], results["meta"]
+    """The report; `figures` is the output folder relative to the report's own folder (plots, results.json). Every
+    number comes from `results["runs"]` (and the reference policies from `results["baselines"]`, "not recorded"
+    where absent): the stored summary is a record of the numbers, not an input."""
+    meta, runs = results["meta"], results["runs"]
+    summary, pairs, baselines = aggregate(runs), paired(runs), results.get("baselines")
     setting = SETTINGS[meta.get("setting_name", "maze")]
     labels = setting.all_labels
-    header = ["algo", "seeds", *STAT_COLUMNS.values()]
-    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for algo, s in summary.items():
-        rows.append("| " + " | ".join([labels[algo], str(s["seeds"]), *[_pm(s[k]) for k in STAT_COLUMNS]]) + " |")
+    held_out = _table(
+        ["policy", "seeds", *HELD_OUT_COLUMNS.values()],
+        [[labels[a], str(s["seeds"]), *_cells(s, HELD_OUT_COLUMNS)] for a, s in summary.items()]
+        + [[label, "-", *_reference_cells(baselines, p)] for p, label in REFERENCES.items()],
+    )
+    dynamics = _table(
+        ["algo", "seeds", *DYNAMICS_COLUMNS.values()],
+        [[labels[a], str(s["seeds"]), *_cells(s, DYNAMICS_COLUMNS)] for a, s in summary.items()],
+    )
     shared = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in meta["overrides"].items() if k not in ("report_to",))
     errors = "".join(
         f"\n- {labels.get(r['algo'], r['algo'])} seed {r['seed']} failed: {r['error']}" for r in results["errors"]
@@ -541,7 +719,7 @@ def to_markdown(results: dict, figures: str = "study") -> str:
     extra = "; ".join(f"{labels[a]} `{json.dumps(setting.extra(a))}`" for a in summary if setting.extra(a)) or "none"
     per_seed = "; ".join(
         f"{labels[r['algo']]} seed {r['seed']}: {r['before']['valid_seen']:.3f} -> {r['held_out']['valid_seen']:.3f}"
-        for r in sorted(results["runs"], key=lambda r: (r["algo"], r["seed"]))
+        for r in sorted(runs, key=lambda r: (r["algo"], r["seed"]))
     )
     title = " vs ".join(labels[a] for a in summary)
     recipe = os.path.relpath(setting.recipe, Path(__file__).resolve().parent.parent)
@@ -551,25 +729,44 @@ def to_markdown(results: dict, figures: str = "study") -> str:
     return f"""# Study: {title} on {setting.title}
 
 Generated by `{meta["command"]}` on {meta["date"]} ({meta["machine"]}); total wall time {meta["wall_s"]:.0f} s
-({meta["jobs"]} runs at a time). Raw numbers: [{figures}/results.json]({figures}/results.json). Do not edit the table by hand: re-run the command.
+({meta["jobs"]} runs at a time). Raw numbers: [{figures}/results.json]({figures}/results.json). Do not edit the tables by hand: re-run the command.
 {setting.why}
 
 ## Setup
 The recipe `{recipe}` with `--algo` per method, through `epo_trl.cli.train.load_config/build_trainer`
 (the CLI path), all with the same overrides: {shared}; seeds {list(meta["seeds"])}. Per algorithm: {extra}. {setup}{errors}
 
-## Results (mean ± 95% confidence interval across seeds, Student t)
+## Results
 
-{chr(10).join(rows)}
+Means ± 95% confidence interval across seeds (Student t). Shares of seeds: k/n seeds, with the exact 95% binomial
+(Clopper-Pearson) interval of the share in parentheses.
+
+### Held-out success
+
+{chr(10).join(held_out)}
+
+{reference_text(baselines, meta.get("baseline_k"))}
 
 Held-out valid_seen success per run, before -> after: {per_seed}.
 
+### Paired differences (method - baseline, seed by seed)
+
+{PAIRED_TEXT}
+
+{chr(10).join(paired_table(pairs, labels))}
+
+### Training dynamics
+
+{chr(10).join(dynamics)}
+
 Columns: train success = mean `rollout/success_rate` over the first / last quarter of steps; entropy = TRL's `entropy`
-(token mean over action tokens, nats); collapsed = the entropy fell below {COLLAPSE_FRACTION} x its step-1 value at
-some step, collapse step = the first such step (mean over the seeds that collapse; "-" if none does); drop =
-entropy at step 1 minus at the end of the first quarter; entropy std, second half = std of the per-step entropy over
-the second half of training (late instability, trend included); step-to-step change std = std of H[k+1] - H[k] over
-the second half (oscillation without the trend).
+(token mean over action tokens, nats); diverged = the entropy rose above {DIVERGED_NATS:g} nats at some step;
+collapsed = entropy collapse, the policy went near-deterministic without learning:
+{COLLAPSE_TEXT}
+(a policy that sharpens while it learns is not counted); collapse step = the first such step (mean over the seeds
+that collapse; "-" if none does); drop = entropy at step 1 minus at the end of the first quarter; entropy std,
+second half = std of the per-step entropy over the second half of training (late instability, trend included);
+step-to-step change std = std of H[k+1] - H[k] over the second half (oscillation without the trend).
 
 ![entropy]({figures}/entropy.png) ![success]({figures}/success.png)
 
@@ -577,7 +774,7 @@ the second half (oscillation without the trend).
 
 ## What it shows
 
-{chr(10).join(answer(summary, labels))}
+{chr(10).join(answer(summary, labels, pairs, baselines))}
 
 {caveats}{scale}
 """
@@ -641,7 +838,7 @@ def main(argv: list[str] | None = None) -> int:
 
         recipe_env = yaml.safe_load(setting.recipe.read_text())["env_kwargs"]
         overrides["env_kwargs"] = {**recipe_env, **setting.quick_env_kwargs}
-    recipe_script, _, recipe_args = _setup(overrides, "epo", 0, output_dir, recipe)
+    recipe_script, recipe_rollout, recipe_args = _setup(overrides, "epo", 0, output_dir, recipe)
     warm_cfg = warm_settings(recipe_script)
     run_setting = {"max_steps": recipe_args.max_steps, "episodes_per_step": recipe_args.per_device_train_batch_size,
                "num_generations": recipe_args.num_generations}  # fmt: skip
@@ -652,10 +849,17 @@ def main(argv: list[str] | None = None) -> int:
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     threads = max((os.cpu_count() or 1) // max(opts.jobs, 1), 1)
+    baselines, baseline_k = None, None  # the reference policies' held-out success: recorded when the runs start
     if not opts.report_only:
         for f in raw.glob("*.json"):
             f.unlink()
-        (out / "started.json").write_text(json.dumps({"time": time.time(), "seeds": seeds, "algos": algos}))
+        try:
+            baselines, baseline_k = reference_baselines(recipe_script, recipe_rollout, plan["eval_tasks"]), BASELINE_K
+        except ValueError as e:  # an env the reference policies cannot play: the report says "not recorded"
+            print(f"reference policies not recorded: {e}", file=sys.stderr)
+        started_info = {"time": time.time(), "seeds": seeds, "algos": algos, "baselines": baselines,
+                        "baseline_k": baseline_k}  # fmt: skip
+        (out / "started.json").write_text(json.dumps(started_info))
         done, total = [0], len(seeds) * (len(modes) + len(algos))
 
         def progress(what: str, result: dict) -> None:
@@ -722,7 +926,12 @@ def main(argv: list[str] | None = None) -> int:
         first = start.get("time") or min(f.stat().st_mtime - json.loads(f.read_text()).get("warm_s", 0) for f in files)
         wall_s = max(f.stat().st_mtime for f in files) - first
         seeds, algos = start.get("seeds", seeds), start.get("algos", algos)
-    previous = json.loads((out / "results.json").read_text())["meta"] if (out / "results.json").exists() else {}
+        # recorded when the runs started (the recipe may have changed since: never recomputed here)
+        baselines, baseline_k = start.get("baselines"), start.get("baseline_k")
+    previous_results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    previous = previous_results.get("meta", {})
+    if opts.report_only and baselines is None and previous.get("runs") == len(runs):
+        baselines, baseline_k = previous_results.get("baselines"), previous.get("baseline_k")
     if opts.report_only and previous.get("runs") == len(runs):  # the same runs: keep when and where they ran
         # (file times of a fresh clone are checkout times, not the study's)
         info = {**info, "date": previous["date"]}
@@ -753,11 +962,15 @@ def main(argv: list[str] | None = None) -> int:
         setting_name=opts.setting,
         labels={a: setting.all_labels[a] for a in algos},
     )
+    if baselines:
+        meta["baseline_k"] = baseline_k
     if opts.setting == "coin" and not opts.quick:
         meta["scale"] = scale_note(runs, run_setting["episodes_per_step"])
     results = {
         "meta": meta,
         "summary": aggregate(runs),
+        "paired": paired(runs),
+        "baselines": baselines,  # per held-out split: {random, walker, expert, ceiling}; None: not recorded
         "warm_starts": warm_starts,
         "runs": runs,
         "errors": errors,

@@ -23,7 +23,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from .study import _mean_ci, _pm
+from .stats import paired_differences, share_of
+from .study import (
+    PAIRED_TEXT,
+    REFERENCES,
+    _mean_ci,
+    _pm,
+    _share,
+    _table,
+    comparisons,
+    paired_answer,
+    paired_table,
+    reference,
+    reference_text,
+)
 
 ALGOS = ("grpo", "epo-base", "epo", "aepo")
 LABELS = {"grpo": "GRPO", "epo-base": "EPO-Base", "epo": "EPO (make demo-llm)", "aepo": "AEPO"}
@@ -101,23 +114,66 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+def paired(runs: list[dict]) -> list[dict]:
+    """Per comparison (`study.comparisons`: every algorithm vs the first, EPO vs EPO-Base) and held-out split: the
+    per-seed differences in held-out success after RL, and their mean ± 95% t interval. The algorithms of a seed
+    start from the same warm start."""
+    after = {"valid_seen": lambda r: r["after"], "valid_unseen": lambda r: r["valid_unseen"]["after"]}
+    algos = [a for a in ALGOS if any(r["algo"] == a for r in runs)]
+    out = []
+    for method, base in comparisons(algos):
+        for split, value in after.items():
+            per_seed = [{r["seed"]: value(r) for r in runs if r["algo"] == a} for a in (method, base)]
+            out.append({"method": method, "baseline": base, "split": split, **paired_differences(*per_seed)})
+    return out
+
+
 def to_markdown(results: dict, figures: str) -> str:
-    summary, runs = summarize(results["runs"]), results["runs"]
-    head = ["algo", "seeds", "before RL", "after RL", "gain", f"seeds with gain >= {GAIN_TARGET}",
+    summary, runs, baselines = summarize(results["runs"]), results["runs"], results.get("baselines")
+    head = ["algo", "seeds", "before RL", "after RL", "gain", f"share of seeds with gain >= {GAIN_TARGET}",
             "valid_unseen after", "valid actions after", "entropy step 1", "entropy last step", "RL s"]  # fmt: skip
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for algo, s in summary.items():
-        cells = [LABELS[algo], str(s["seeds"]), _pm(s["before"]), _pm(s["after"]), _pm(s["gain"]),
-                 f"{s['gain_reached']} of {s['seeds']}", _pm(s["valid_unseen_after"]), _pm(s["valid_actions_after"]),
-                 _pm(s["entropy_first"]), _pm(s["entropy_last"]), _pm(s["train_s"], 0)]  # fmt: skip
-        rows.append("| " + " | ".join(cells) + " |")
+    rows = [
+        [
+            LABELS[algo],
+            str(s["seeds"]),
+            _pm(s["before"]),
+            _pm(s["after"]),
+            _pm(s["gain"]),
+            _share(share_of(s["gain_reached"], s["seeds"])),
+            _pm(s["valid_unseen_after"]),
+            _pm(s["valid_actions_after"]),
+            _pm(s["entropy_first"]),
+            _pm(s["entropy_last"]),
+            _pm(s["train_s"], 0),
+        ]
+        for algo, s in summary.items()
+    ]
+    for policy, label in REFERENCES.items():  # a reference policy does not train: the same success before and after
+        seen, unseen = reference(baselines, "valid_seen", policy), reference(baselines, "valid_unseen", policy)
+        rows.append([label, "-", seen, seen, "-", "-", unseen, "-", "-", "-", "-"])
     per_run = [
-        f"| {LABELS[r['algo']]} | {r['seed']} | {r['zero_shot']:.3f} | {r['before']:.3f} | {r['after']:.3f} | "
-        f"{r['after'] - r['before']:+.3f} | {r['valid_actions']['zero_shot']:.3f} / {r['valid_actions']['before']:.3f}"
-        f" / {r['valid_actions']['after']:.3f} | {r['train_success']['first_quarter']:.3f} -> "
-        f"{r['train_success']['last_quarter']:.3f} | {r['warm_start_s']:.0f} | {r['train_s']:.0f} | {r['total_s']:.0f} |"
+        [
+            LABELS[r["algo"]],
+            str(r["seed"]),
+            f"{r['zero_shot']:.3f}",
+            f"{r['before']:.3f}",
+            f"{r['after']:.3f}",
+            f"{r['after'] - r['before']:+.3f}",
+            f"{r['valid_actions']['zero_shot']:.3f} / "
+            f"{r['valid_actions']['before']:.3f} / {r['valid_actions']['after']:.3f}",
+            f"{r['train_success']['first_quarter']:.3f} -> {r['train_success']['last_quarter']:.3f}",
+            f"{r['warm_start_s']:.0f}",
+            f"{r['train_s']:.0f}",
+            f"{r['total_s']:.0f}",
+        ]
         for r in sorted(runs, key=lambda r: (r["seed"], ALGOS.index(r["algo"])))
     ]
+    for policy, label in REFERENCES.items():
+        seen = reference(baselines, "valid_seen", policy)
+        per_run.append([label, "-", seen, seen, seen, "-", "-", "-", "-", "-", "-"])
+    per_run_head = ["algo", "seed", "zero-shot", "before RL", "after RL", "gain", "valid actions", "train success",
+                    "warm s", "RL s", "total s"]  # fmt: skip
+    pairs = paired(runs)
     errors = "".join(f"\n- {r['algo']} seed {r['seed']} failed: {r['error']}" for r in results.get("errors", []))
     errors += "".join(
         f"\n- {r['algo']} seed {r['seed']} failed once and was run again (`--append`): {r['error']}"
@@ -138,26 +194,35 @@ actions, then on a noisy demonstrator's) is shared by every algorithm. Held-out 
 temperature 1 on the trainer's vLLM engine: zero-shot (the pretrained model), before RL (after the warm start),
 after RL.{errors}
 
-## Results (mean ± 95% confidence interval across seeds, Student t)
+## Results
 
-{chr(10).join(rows)}
+Means ± 95% confidence interval across seeds (Student t). Shares of seeds: k/n seeds, with the exact 95% binomial
+(Clopper-Pearson) interval of the share in parentheses. Held-out success on `valid_seen` unless named.
+
+{chr(10).join(_table(head, rows))}
+
+{reference_text(baselines, results.get("baseline_k"))}
 
 Per run (valid actions = turns with a well-formed, admissible `<action>`: zero-shot / before / after RL; train
 success = mean `rollout/success_rate` over the first -> last quarter of steps; seconds: warm start incl. model
 conversion and engine start, RL, whole run with the three evaluations):
 
-| algo | seed | zero-shot | before RL | after RL | gain | valid actions | train success | warm s | RL s | total s |
-|---|---|---|---|---|---|---|---|---|---|---|
-{chr(10).join(per_run)}
+{chr(10).join(_table(per_run_head, per_run))}
+
+### Paired differences (method - baseline, seed by seed)
+
+{PAIRED_TEXT}
+
+{chr(10).join(paired_table(pairs, LABELS))}
 
 ## What it shows
 
-{chr(10).join(answer(summary, runs))}
+{chr(10).join(answer(summary, runs, pairs))}
 """
 
 
-def answer(summary: dict, runs: list[dict]) -> list[str]:
-    """Sentences phrased from the numbers only."""
+def answer(summary: dict, runs: list[dict], pairs: list[dict] = ()) -> list[str]:
+    """Sentences phrased from the numbers only; `pairs`: `paired`'s per-seed differences."""
     lines = []
     befores = {}
     for r in runs:
@@ -186,18 +251,9 @@ def answer(summary: dict, runs: list[dict]) -> list[str]:
         )
         lines.append(
             f"- {LABELS[algo]}: held-out success {s['before'][0]:.3f} -> {s['after'][0]:.3f}, gain {_pm(s['gain'])} "
-            f"({verdict}); {s['gain_reached']} of {s['seeds']} seeds gain >= {GAIN_TARGET}."
+            f"({verdict}); {_share(share_of(s['gain_reached'], s['seeds']))} seeds gain >= {GAIN_TARGET}."
         )
-    if "grpo" in summary and "epo" in summary:
-        g, e = summary["grpo"]["gain"], summary["epo"]["gain"]
-        if math.isnan(g[1]) or math.isnan(e[1]):
-            verdict = "one seed on a side: no interval to compare."
-        elif abs(g[0] - e[0]) > g[1] + e[1]:
-            verdict = "the 95% intervals do not overlap."
-        else:
-            verdict = "the 95% intervals overlap: no difference between the two is shown at this size."
-        lines.append(f"- EPO vs GRPO: mean gain {e[0]:+.3f} vs {g[0]:+.3f}; {verdict}")
-    return lines
+    return lines + paired_answer(list(pairs), LABELS)
 
 
 def run_study(opts, out: Path, argv: list[str] | None) -> dict:

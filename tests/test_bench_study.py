@@ -93,19 +93,21 @@ def test_study_quick(tmp_path):
 
 
 def test_collapse_step_and_run_stats_by_hand():
-    """Collapse = entropy below 0.5 x its step-1 value: first such step, 1-based; the quarters by hand."""
+    """Collapse = entropy below 0.1 x its step-1 value while train success is not up (the definition's cases:
+    tests/test_study_stats.py): first such step, 1-based; the quarters by hand."""
     from epo_trl.study import collapse_step, run_stats
 
-    assert collapse_step([1.0, 0.8, 0.49, 0.6]) == 3 and collapse_step([1.0, 0.5, 0.7]) is None
+    assert collapse_step([1.0, 0.8, 0.09, 0.6], [0.5] * 4) == 3 and collapse_step([1.0, 0.5, 0.7], [0.5] * 3) is None
     run = {"entropy": [1.0, 0.8, 0.4, 0.45], "success": [0.0, 0.25, 0.5, 1.0],
-           "before": {"valid_seen": 0.25}, "held_out": {"valid_seen": 0.75, "valid_unseen": 0.5}}  # fmt: skip
+           "before": {"valid_seen": 0.25, "valid_unseen": 0.0},
+           "held_out": {"valid_seen": 0.75, "valid_unseen": 0.5}}  # fmt: skip
     stats = run_stats(run)
-    assert stats["collapsed"] == 1.0 and stats["collapse_step"] == 3.0
+    assert stats["collapsed"] == 0.0 and math.isnan(stats["collapse_step"])
     assert stats["early_drop"] == pytest.approx(1.0 - 0.8) and stats["gain_seen"] == 0.5 and stats["gain_reached"]
     assert stats["initial_train_success"] == 0.0 and stats["final_train_success"] == 1.0
     assert stats["late_entropy_std"] == pytest.approx(0.025) and stats["late_change_std"] == 0.0
-    never = run_stats({**run, "entropy": [1.0, 0.9, 0.8, 0.7]})
-    assert never["collapsed"] == 0.0 and math.isnan(never["collapse_step"])
+    flat = run_stats({**run, "entropy": [1.0, 0.8, 0.05, 0.05], "success": [0.5, 0.5, 0.5, 0.5]})
+    assert flat["collapsed"] == 1.0 and flat["collapse_step"] == 3.0  # deterministic without learning
 
 
 @pytest.mark.slow
@@ -172,5 +174,5 @@ def test_smollm2_study_rows_and_intervals_by_hand():
     results = {"model": "SmolLM2-135M-Instruct", "wall_s": 1.0, "command": "c", "date": "d", "machine": "m",
                "runs": runs, "errors": []}  # fmt: skip
     report = to_markdown(results, "smollm2")
-    assert "| EPO (make demo-llm) | 3 | 0.400 ± 0.248 | 0.800 ± 0.430 | 0.400 ± 0.248 | 3 of 3 |" in report
+    assert "| EPO (make demo-llm) | 3 | 0.400 ± 0.248 | 0.800 ± 0.430 | 0.400 ± 0.248 | 3/3 (0.29-1.00) |" in report
     assert "GRPO: held-out success 0.400 -> 0.500, gain 0.100 (one seed: no interval)" in report

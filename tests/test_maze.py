@@ -22,7 +22,7 @@ def play(factory, task, actions):
     return done, info, texts
 
 
-@pytest.mark.parametrize("task", ["key", "reach"])
+@pytest.mark.parametrize("task", ["key", "reach", "trail"])
 def test_expert_solver_wins_every_split(task):
     factory = MazeFactory(size=3, task=task, num_train=40, num_valid=20)
     for split in ("train", "valid_seen", "valid_unseen"):
@@ -96,3 +96,18 @@ def test_expert_replans_from_the_state_a_prefix_reaches():
     plan = keyed.solve(spec)
     taken = plan.index("take key") + 1
     assert keyed.solve(spec, plan[:taken]) == plan[taken:]  # the key is kept
+
+
+def test_trail_signs_point_along_the_expert_path():
+    """Following the sign of every room is the expert's path; the goal is a dead end 3-4 moves from the start."""
+    factory = MazeFactory(size=4, task="trail", distractors=0)
+    for spec in factory.tasks("train")[:32]:
+        env = factory.make()
+        obs, _ = env.reset(spec)
+        moves = []
+        while "you won" not in obs:
+            sign = obs.split("a sign points ")[1].split(" .")[0]
+            moves.append(f"go {sign}")
+            obs, _, done, _ = env.step(moves[-1])
+            assert len(moves) <= 4
+        assert moves == factory.solve(spec) and 3 <= len(moves) <= 4, spec

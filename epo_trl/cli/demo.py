@@ -126,6 +126,26 @@ def held_out_success(trainer, rollout, mode: str, tasks: int, temperature: float
     }
 
 
+# Episodes per task of each reference policy: more than the model's one, so their rates carry little noise.
+REFERENCE_SAMPLES = 8
+
+
+def reference_policies(factory, tasks: int, max_turns: int, seed: int) -> dict:
+    """Random, walker and expert success and the ceiling on the first `tasks` tasks of each held-out split."""
+    from ..rollout.baselines import baselines
+    from ..rollout.evaluation import HELD_OUT_SPLITS
+
+    return {
+        split: baselines(factory, factory.tasks(split)[:tasks], max_turns, REFERENCE_SAMPLES, seed)
+        for split in HELD_OUT_SPLITS
+    }
+
+
+def best_non_expert(reference: dict) -> tuple[str, float]:
+    """The strongest reference policy that does not know the answer: (name, success)."""
+    return max(((k, v) for k, v in reference.items() if k not in ("expert", "ceiling")), key=lambda kv: kv[1])
+
+
 def zero_shot_success(trainer, base: str, evaluate) -> dict:
     """`evaluate()` with the pretrained model's weights (before the warm start) loaded into the trainer's model,
     restored after: one engine serves all three evaluations."""
@@ -204,6 +224,7 @@ def _main(argv: list[str] | None) -> int:
         _, train_seconds = train_and_close(trainer)
     with phase("evaluating the model after RL", kept):
         after = evaluate()
+    reference = reference_policies(trainer.rollout_func.factory, eval_tasks, rollout.max_turns, opts.seed)
 
     history = trainer.state.log_history
     train_logs = [h for h in history if "rollout/success_rate" in h]
@@ -242,6 +263,9 @@ def _main(argv: list[str] | None) -> int:
         "eval_before": before,
         "eval_after": after,
         "gain": {s: after[s]["success_rate"] - before[s]["success_rate"] for s in before},
+        # policies that learn nothing, on the same held-out tasks and turn limit (epo_trl.rollout.baselines)
+        "baselines": reference,
+        "env": {"name": script.env, **script.env_kwargs},
         "train_success_first_quarter": _mean(train_logs[:quarter], "rollout/success_rate"),
         "train_success_last_quarter": _mean(train_logs[-quarter:], "rollout/success_rate"),
         "train_first_step": {
@@ -272,8 +296,11 @@ def _report(m: dict, out: Path) -> None:
         )
     )
     how = "TRL SFTTrainer" if w.get("trainer") == "trl.SFTTrainer" else "behaviour-cloning"
+    env = m["env"]
+    grid = f"{env['size']}x{env['size']} " if "size" in env else ""
+    what = f"{env['name']} {env.get('task', '')!r} {grid}".replace("'' ", "")
     print(
-        f"\n=== {m['algo'].upper()} demo: maze 'reach' 2x2, {m['model']}, CPU, {m['generation']}, {s['rollout_mode']} mode ==="
+        f"\n=== {m['algo'].upper()} demo: {what}, {m['model']}, CPU, {m['generation']}, {s['rollout_mode']} mode ==="
     )
     print(
         f"setting: warm start {w['steps']} {how} steps on the expert, then {w['noisy_steps']} on a demonstrator that "
@@ -293,12 +320,20 @@ def _report(m: dict, out: Path) -> None:
             f"  zero-shot (before the warm start), valid_seen: success {z['success_rate']:.3f}, valid actions "
             f"{1 - z['invalid_rate']:.3f} ({z['episodes']} episodes)"
         )
-    for split, what in (("valid_seen", "unseen 2x2 layouts"), ("valid_unseen", "3x3 mazes, never trained on")):
-        b, a = m["eval_before"][split], m["eval_after"][split]
+    size = env.get("size")
+    splits = {"valid_seen": f"{size}x{size} mazes, none in train" if size else "held out from train",
+              "valid_unseen": f"{size + 1}x{size + 1} mazes, a size never trained on" if size else "held out"}  # fmt: skip
+    print("held-out success, unseen by content (the warm start = before RL; reference policies learn nothing):")
+    for split, what in splits.items():
+        b, a, ref = m["eval_before"][split], m["eval_after"][split], m["baselines"][split]
+        name, best = best_non_expert(ref)
         print(
-            f"{split:>12} ({what}): success {b['success_rate']:.3f} -> {a['success_rate']:.3f} "
-            f"({a['success_rate'] - b['success_rate']:+.3f}, {a['episodes']} episodes); valid actions (format and "
-            f"admissible) {1 - b['invalid_rate']:.3f} -> {1 - a['invalid_rate']:.3f}"
+            f"{split:>12} ({what}): before RL {b['success_rate']:.3f} -> after {a['success_rate']:.3f} "
+            f"({a['success_rate'] - b['success_rate']:+.3f} over the warm start, "
+            f"{a['success_rate'] - best:+.3f} over the {name}; {a['episodes']} episodes); random "
+            f"{ref['random']:.3f}, walker {ref['walker']:.3f}, expert {ref.get('expert', float('nan')):.3f}, "
+            f"ceiling {ref.get('ceiling', float('nan')):.3f}; valid actions {1 - b['invalid_rate']:.3f} -> "
+            f"{1 - a['invalid_rate']:.3f}"
         )
     if m["train_success_first_quarter"] is not None:
         print(

