@@ -131,6 +131,55 @@ def take_coin_policy(factory, tokenizer):
     return _picker(tokenizer)
 
 
+def test_scripted_policies_score_exactly_what_they_play():
+    """The rollout's logged metrics (`rollout/*`, what the trainer logs) on real games, for two policies whose outcome
+    is known: the expert's gold path wins every task in exactly its length (success 1.0, return 10), and a policy that
+    only looks around wins none and plays every episode to the turn limit (success 0.0, return 0)."""
+    from contextlib import closing
+
+    from epo_trl.rollout import RolloutEngine
+    from epo_trl.rollout.engine import reduce_metrics, rollout_metrics
+
+    factory = TextWorldExpressFactory(**COIN, num_train=2, num_valid=2)
+    tokenizer = build_tokenizer(env_words(factory))
+    tasks = factory.tasks("train") + factory.tasks("valid_unseen")
+    plans = [factory.solve(t) for t in tasks]
+    max_turns = max(len(p) for p in plans) + 2
+    calls: list[int] = []
+    eos = [tokenizer.eos_token_id]
+
+    def say(action):
+        return tokenizer(f"<action> {action} </action>", add_special_tokens=False)["input_ids"] + eos
+
+    def expert(prompts, n, t):  # call k is turn k of the episodes still playing, in task order
+        turn = len(calls)
+        calls.append(len(prompts))
+        playing = [p for p in plans if len(p) > turn]
+        assert len(prompts) == len(playing)
+        return [say(p[turn]) for p in playing]
+
+    def look(prompts, n, t):
+        return [say("look around")] * len(prompts)
+
+    config = RolloutConfig(max_turns=max_turns, max_turn_tokens=32)
+    metrics = {}
+    for name, policy in (("expert", expert), ("look", look)):
+        with closing(RolloutEngine(factory, tokenizer, config)) as engine:
+            result = engine.run(tasks, CallableBackend(policy), "step")
+        metrics[name] = reduce_metrics(rollout_metrics(result, config))
+        if name == "expert":
+            assert [[t.action for t in e.turns] for e in result.episodes] == plans
+            assert all(e.won and e.truncated is None for e in result.episodes)
+    assert calls == [sum(len(p) > k for p in plans) for k in range(max(len(p) for p in plans))]
+    expert_m, look_m = metrics["expert"], metrics["look"]
+    assert expert_m["rollout/success_rate"] == 1.0 and expert_m["rollout/mean_return"] == 10.0
+    assert expert_m["rollout/episode_length"] == sum(len(p) for p in plans) / len(plans)
+    assert expert_m["rollout/truncation_rate"] == 0.0 and expert_m["rollout/invalid_action_rate"] == 0.0
+    assert look_m["rollout/success_rate"] == 0.0 and look_m["rollout/mean_return"] == 0.0
+    assert look_m["rollout/episode_length"] == max_turns and look_m["rollout/truncation_rate"] == 1.0
+    assert look_m["rollout/invalid_action_rate"] == 0.0 and look_m["rollout/env_failures"] == 0
+
+
 def test_eval_cli_plays_coin_collector(tmp_path, capsys):
     from epo_trl.cli.evaluate import main
     from epo_trl.models.tiny import build_tiny_model
@@ -168,9 +217,20 @@ def test_epo_trl_train_runs_the_cpu_recipe(tmp_path):
     logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
     steps = [e for e in logs if "loss" in e]
     assert len(steps) == 2
-    for e in steps:
-        assert 0.0 <= e["rollout/success_rate"] <= 1.0 and e["rollout/env_failures"] == 0
-        assert 1 <= e["rollout/episode_length"] <= 8
+    for e in steps:  # what 8 episodes of at most 8 turns must log, whatever the tiny model plays
+        assert e["rollout/env_failures"] == 0
+        won = e["rollout/success_rate"] * 8
+        assert won == pytest.approx(round(won))  # a whole number of the 8 episodes
+        # Coin Collector cannot be lost: an episode wins, or plays all 8 turns (truncated)
+        assert e["rollout/success_rate"] + e["rollout/truncation_rate"] == pytest.approx(1.0)
+        if won == 0:
+            assert e["rollout/episode_length"] == 8.0
+        assert e["rollout/rows"] == pytest.approx(8 * e["rollout/episode_length"])  # step mode: one row per turn
+        # return = 10 per win - 0.1 per invalid turn; the reward is that return
+        invalid_per_episode = e["rollout/invalid_action_rate"] * e["rollout/episode_length"]
+        mean_return = 10.0 * e["rollout/success_rate"] - 0.1 * invalid_per_episode
+        assert e["rollout/mean_return"] == pytest.approx(mean_return, abs=1e-9)
+        assert e["reward"] == pytest.approx(e["rollout/mean_return"], abs=1e-6)
 
 
 def test_vocabulary_gives_a_tiny_tokenizer_one_token_per_word():
@@ -232,9 +292,15 @@ def test_long_horizon_study_quick(tmp_path):
     assert set(results["summary"]) == {"grpo", "epo"} and not results["errors"]
     (warm,) = results["warm_starts"].values()
     assert warm["mode"] == "step" and warm["warm_start"]["steps"] == 20 and warm["warm_start"]["noisy_steps"] == 0
+    per_step = results["meta"]["setting"]["episodes_per_step"]
     for run in results["runs"]:
         assert run["mode"] == "step" and len(run["entropy"]) == 2 and run["before"] == warm["before"]
-        assert all(0.0 <= v <= 1.0 for v in run["success"]) and all(h > 0 for h in run["entropy"])
+        assert all(h > 0 for h in run["entropy"])
+        assert all(v * per_step == pytest.approx(round(v * per_step)) for v in run["success"])  # whole episodes
+        # held-out success never beats the expert's ceiling on the same tasks and turn limit (--quick's 3 turns
+        # leave no held-out game winnable: both are then exactly 0)
+        for split, reference in results["baselines"].items():
+            assert run["held_out"][split] <= reference["ceiling"] and run["before"][split] <= reference["ceiling"]
     text = report.read_text()
     assert text.startswith("# Study: GRPO vs EPO on long-horizon Coin Collector")
     assert "twx_coin_long.yaml" in text and "share of seeds collapsed" in text and "**Entropy collapse**" in text

@@ -425,14 +425,27 @@ def test_step_batch_advantages_and_padding(tiny_model_dir, tmp_path):
 
 
 def test_step_mode_trains_with_epo_trainer(tiny_model_dir, tmp_path):
-    epo = pytest.importorskip("epo_trl")
-    if not hasattr(epo, "EPOTrainer"):
-        pytest.skip("EPOTrainer not available yet")
+    """EPOTrainer on a step-mode rollout of a scripted policy whose every episode's outcome is known.
+
+    Countdown task n ends (won) after n valid actions. Members 0, 1 of each group act validly from turn 0 (n turns,
+    return 10); members 2, 3 write an invalid action on turn 0 first (n + 1 turns, return 10 - 0.1 = 9.9).
+    """
+    import torch
+
     from epo_trl import EPOConfig, EPOTrainer
     from epo_trl.envs import task_dataset
+    from epo_trl.rollout import CallableBackend
 
-    factory = MazeFactory(size=2, task="reach")
-    rollout = StepRollout(factory, RolloutConfig(max_turns=3, max_turn_tokens=8))
+    tok = build_tokenizer(vocabulary())
+    good = tok("<action> go </action>", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    bad = tok("no", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+    def policy(prompts, n, t):  # a turn-0 call holds whole groups of 4, in order
+        first = ["you are now at step 1 ." in tok.decode(p) for p in prompts]
+        return [bad if (f and i % 4 >= 2) else good for i, f in enumerate(first)]
+
+    factory = CountdownFactory()
+    rollout = StepRollout(factory, RolloutConfig(max_turns=6, max_turn_tokens=12), backend=CallableBackend(policy))
     args = grpo_args(tmp_path, config_cls=EPOConfig)
     trainer = EPOTrainer(
         model=tiny_model_dir,
@@ -441,6 +454,26 @@ def test_step_mode_trains_with_epo_trainer(tiny_model_dir, tmp_path):
         train_dataset=task_dataset(factory),
         rollout_func=rollout,
     )
+    before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
     assert trainer.state.global_step == 2
-    assert any("rollout/success_rate" in h for h in trainer.state.log_history)
+    logs = [h for h in trainer.state.log_history if "rollout/success_rate" in h]
+    assert len(logs) == 2
+    for h in logs:
+        n = round(h["rollout/episode_length"] - 0.5)  # the task's count
+        assert n in (1, 2, 3, 4) and h["rollout/episode_length"] == n + 0.5  # (n + n + (n + 1) + (n + 1)) / 4
+        assert h["rollout/success_rate"] == 1.0
+        assert h["rollout/mean_return"] == pytest.approx(9.95)
+        assert h["reward_std"] == pytest.approx(0.05 * 2 / 3**0.5, rel=1e-4)  # std of (10, 10, 9.9, 9.9)
+        assert h["rollout/invalid_action_rate"] == pytest.approx(2 / (4 * n + 2))
+        assert h["rollout/rows"] == 4 * n + 2  # one row per turn
+        assert h["epo/num_turns"] == n + 1
+        assert sorted(k for k in h if k.startswith("epo/turn_entropy/")) == [
+            f"epo/turn_entropy/{t}" for t in range(n + 1)
+        ]
+    assert logs[0]["epo/beta"] == 1.0 and logs[1]["epo/beta"] < 1.0  # the phase schedule decays
+    # EPO's per-turn entropy history: none at step 1; at step 2 the reference is step 1's per-turn means
+    assert "epo/ref_entropy_mean" not in logs[0]
+    first = [v for k, v in logs[0].items() if k.startswith("epo/turn_entropy/")]
+    assert logs[1]["epo/ref_entropy_mean"] == pytest.approx(sum(first) / len(first), rel=1e-4)
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))  # it trained

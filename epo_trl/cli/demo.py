@@ -297,8 +297,12 @@ def _report(m: dict, out: Path) -> None:
     )
     how = "TRL SFTTrainer" if w.get("trainer") == "trl.SFTTrainer" else "behaviour-cloning"
     env = m["env"]
-    grid = f"{env['size']}x{env['size']} " if "size" in env else ""
-    what = f"{env['name']} {env.get('task', '')!r} {grid}".replace("'' ", "")
+    parts = [
+        env["name"],
+        repr(env["task"]) if "task" in env else "",
+        f"{env['size']}x{env['size']}" if "size" in env else "",
+    ]
+    what = " ".join(p for p in parts if p)
     print(
         f"\n=== {m['algo'].upper()} demo: {what}, {m['model']}, CPU, {m['generation']}, {s['rollout_mode']} mode ==="
     )
