@@ -112,14 +112,16 @@ Warm start, per seed and rollout mode, shared by the algorithms of that mode: be
 until the model, sampling, wins {target_success} of 32 train tasks (at most {steps} steps, checked
 every {check_every}), then {noisy_steps} steps on a noisy demonstrator's plays (each turn a random
 admissible action with probability {noise}, else the expert's move). Held-out success:
-HF generate at temperature 1 on the first {eval_tasks} tasks of `valid_seen` (unseen 2x2 layouts) and
-`valid_unseen` (3x3 mazes, never trained on), before RL (the warm start) and after.""",
+HF generate at temperature 1 on the first {eval_tasks} tasks of `valid_seen` (4x4 `trail` mazes, none of which
+occurs in train: checked by content) and `valid_unseen` (5x5 mazes, a size never trained on), before RL (the warm
+start) and after, next to policies that learn nothing on the same tasks (random, the walker, and the expert, whose
+success is the ceiling: `epo_trl.rollout.baselines`).""",
     caveats="""Caveats: {seeds} seed(s), {max_steps} steps of
 {episodes_per_step} episodes on a ~0.2M-parameter tiny model
-and a 2x2 maze that the expert wins in 3 moves. The setting was chosen so that the baseline learns, not to provoke
-the failures EPO targets (early entropy collapse, late instability under a plain bonus). Two variants probe them
-(`--algos grpo-nokl epo-nokl epo-base-bonus epo-bonus`, [study-variants.md](study-variants.md)): no KL anchor, and a
-10x stronger entropy bonus. The long-horizon study (`--setting coin`,
+and mazes the expert wins in 3-4 moves by following signs. The setting was chosen so that a learner can beat
+policies that learn nothing on unseen mazes, not to provoke the failures EPO targets (early entropy collapse, late
+instability under a plain bonus). Two variants probe them (`--algos grpo-nokl epo-nokl epo-base-bonus epo-bonus`):
+no KL anchor, and a 10x stronger entropy bonus. The long-horizon study (`--setting coin`,
 [study-long-horizon.md](study-long-horizon.md)) runs the methods on 30-turn Coin Collector games.""",
     algo_extra={"aepo": {"aepo_target_entropy": AEPO_TARGET_ENTROPY}},
     why="Why the setting is what it is, and the negative results that led to it: "
@@ -808,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:
         help="a test run: 1 seed, 2 steps (maze: GRPO, AEPO, EPO in step mode; coin: GRPO, EPO)",
     )
     parser.add_argument("--setting", default="maze", choices=sorted(SETTINGS),
-                        help="maze: the demo's 2x2 maze (docs/study.md); coin: 30-turn Coin Collector games "
+                        help="maze: the demo's 4x4 trail maze (docs/study.md); coin: 30-turn Coin Collector games "
                         "(TextWorldExpress, needs Java; docs/study-long-horizon.md)")  # fmt: skip
     parser.add_argument("--output-dir", default=None,
                         help="results.json, PNG plots, per-run JSON (raw/) (default: docs/study, or "

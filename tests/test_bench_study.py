@@ -176,3 +176,107 @@ def test_smollm2_study_rows_and_intervals_by_hand():
     report = to_markdown(results, "smollm2")
     assert "| EPO (make demo-llm) | 3 | 0.400 ± 0.248 | 0.800 ± 0.430 | 0.400 ± 0.248 | 3/3 (0.29-1.00) |" in report
     assert "GRPO: held-out success 0.400 -> 0.500, gain 0.100 (one seed: no interval)" in report
+
+
+def _fake_bench(monkeypatch, committed: dict) -> dict:
+    """The bench with every section's `run` replaced by the committed numbers (nothing is measured), a fixed machine
+    and commit; returns the machine."""
+    import importlib
+
+    import epo_trl.bench.__main__ as bench
+
+    info = {"date": "2030-01-02T03:04:05+00:00", "cpu": "Fake CPU", "cores": 8, "torch_threads": 8, "ram_gib": 64.0,
+            "python": "3.11.7", "torch": "9.0", "transformers": "9.1", "trl": "9.2", "vllm": "9.3", "cuda": None,
+            "bf16_native": True}  # fmt: skip
+    monkeypatch.setattr(bench, "machine_info", lambda: info)
+    monkeypatch.setattr(bench, "git_commit", lambda ignore=(): "abc1234+dirty")
+    monkeypatch.setattr(bench, "setup_offline", lambda: None)
+    for name in bench.SECTIONS:
+        module = importlib.import_module(f"epo_trl.bench.{name}")
+        monkeypatch.setattr(module, "run", lambda name=name, **kwargs: committed["results"][name])
+    return info
+
+
+def test_bench_update_keeps_other_sections_measured_records(tmp_path, monkeypatch):
+    """`--update` of one section writes a new `sections_measured` record for it and keeps the others' records as they
+    were (the hand-added ones of the committed .json included); the report has one Measured line per section, right
+    under its heading. Nothing is measured: the sections return the committed numbers."""
+    from pathlib import Path
+
+    from epo_trl.bench.__main__ import SECTIONS, main
+
+    committed = json.loads((Path(__file__).parents[1] / "docs" / "benchmarks.json").read_text())
+    _fake_bench(monkeypatch, committed)
+    out = tmp_path / "bench.md"
+    out.with_suffix(".json").write_text(json.dumps(committed))
+    assert main(["--sections", "tool_race", "--update", "--output", str(out)]) == 0
+    raw = json.loads(out.with_suffix(".json").read_text())
+    measured = raw["sections_measured"]
+    new = measured.pop("tool_race")
+    assert new["date"] == new["date"][:19] + "+00:00" and new["commit"] == "abc1234+dirty"
+    assert new["run"] == f"python -m epo_trl.bench --sections tool_race --update --output {out}"
+    assert new["machine"] == {"cpu": "Fake CPU", "cores": 8, "torch_threads": 8, "ram_gib": 64.0, "cuda": None,
+                              "bf16_native": True}  # fmt: skip
+    assert new["software"] == {"python": "3.11.7", "torch": "9.0", "transformers": "9.1", "trl": "9.2", "vllm": "9.3"}
+    old = {k: v for k, v in committed["sections_measured"].items() if k != "tool_race"}
+    assert measured == old and "note" in measured  # the hand-added records and their note, unchanged
+    assert raw["results"] == committed["results"] and raw["command"].endswith("; then " + new["run"])
+    report = out.read_text()
+    lines = report.splitlines()
+    headings = [i for i, line in enumerate(lines) if line.startswith("## ") and "GPU (device)" not in line]
+    assert len(headings) == len(SECTIONS) == sum(line.startswith("**Measured**") for line in lines)
+    assert all(lines[i + 2].startswith("**Measured**") for i in headings)
+    tool_race = next(lines[i + 2] for i in headings if lines[i].startswith("## 6."))
+    assert tool_race == (f"**Measured**: {new['date']} on Fake CPU, 8 cores (torch threads 8), 64.0 GiB RAM, no GPU "
+                         f"(bf16 native), commit abc1234+dirty; Python 3.11.7, torch 9.0, transformers 9.1, trl 9.2, "
+                         f"vllm 9.3; by `{new['run']}`.")  # fmt: skip
+    env = next(lines[i + 2] for i in headings if lines[i].startswith("## 3."))
+    assert env.startswith("**Measured** (added by hand, not by the bench): date: 2026-12-04T02:19:53+00:00; ")
+    # a re-run of every section replaces the last hand-added record: the note about them goes too
+    assert main(["--update", "--output", str(out)]) == 0
+    measured = json.loads(out.with_suffix(".json").read_text())["sections_measured"]
+    assert list(measured) == list(SECTIONS) and all(r["commit"] == "abc1234+dirty" for r in measured.values())
+    assert "hand-added" not in out.read_text() and "added by hand" not in out.read_text()
+
+
+def test_bench_report_only_renders_the_json(tmp_path, capsys):
+    """--report-only measures nothing and rewrites the report from the .json: the same report the run wrote."""
+    from pathlib import Path
+
+    from epo_trl.bench.__main__ import main, render_raw
+
+    committed = json.loads((Path(__file__).parents[1] / "docs" / "benchmarks.json").read_text())
+    out = tmp_path / "bench.md"
+    out.with_suffix(".json").write_text(json.dumps(committed))
+    assert main(["--report-only", "--output", str(out)]) == 0
+    assert out.read_text() == render_raw(committed) and out.read_text().count("\n**Measured**") == 6
+    assert json.loads(out.with_suffix(".json").read_text()) == committed  # the numbers are left alone
+    with pytest.raises(SystemExit):
+        main(["--report-only", "--output", str(tmp_path / "none.md")])
+
+
+def test_git_commit_short_hash_dirty_unknown(tmp_path):
+    """The commit of the checkout holding the package, "+dirty" with changes to tracked files (except the ignored
+    ones), "unknown" where the package is not at a checkout's top level, or without git."""
+    import re
+    import subprocess
+
+    from epo_trl.bench.common import git_commit
+
+    repo, package = tmp_path / "repo", tmp_path / "repo" / "pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (repo / "report.md").write_text("a")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    commit = git_commit(package)
+    assert re.fullmatch(r"[0-9a-f]{4,40}", commit)
+    (repo / "report.md").write_text("b")
+    assert git_commit(package) == commit + "+dirty" and git_commit(package, ignore=[repo / "report.md"]) == commit
+    (repo / "untracked.txt").write_text("")  # not part of the code until added
+    assert git_commit(package, ignore=[repo / "report.md"]) == commit
+    assert git_commit(repo / "elsewhere") == "unknown"  # the package is not at the top level of this checkout
+    (tmp_path / "plain").mkdir()
+    assert git_commit(tmp_path / "plain" / "pkg") == "unknown"  # no checkout at all

@@ -50,7 +50,7 @@ def test_pass_at_k_by_hand():
 def test_eval_numbers_match_the_episodes_played():
     factory = make_factory("maze", size=2, task="reach", distractors=0)
     tokenizer = build_tokenizer(factory.vocabulary())
-    tasks = factory.tasks("valid_seen")[:12]
+    tasks = factory.tasks("train")[:12]
     config = RolloutConfig(max_turns=MAX_TURNS, max_turn_tokens=32)
     backend = CallableBackend(last_admissible_policy(tokenizer))
     summary, records = evaluate(backend, factory, tasks, tokenizer, config, k=2, progress=False)
@@ -75,7 +75,7 @@ def test_eval_cli_writes_json(tmp_path, capsys):
     model = build_tiny_model(str(tmp_path / "m"), extra_words=factory.vocabulary())
     out = tmp_path / "eval.json"
     rc = main(
-        ["--model", model, "--env", "maze", "--env_kwargs", "{size: 2, task: reach, distractors: 0}", "--limit", "3",
+        ["--model", model, "--env", "maze", "--env_kwargs", "{size: 2, task: reach, distractors: 0}", "--split", "train", "--limit", "3",
          "--k", "2", "--max_turns", "2", "--max_turn_tokens", "8", "--backend", "hf", "--output", str(out)]
     )  # fmt: skip
     assert rc == 0
@@ -110,15 +110,15 @@ def test_eval_streams_its_json_and_ctrl_c_keeps_finished_episodes(tmp_path, caps
 
     monkeypatch.setattr(evaluate_module, "run_episodes", interrupted_on_second_batch)
     rc = main(
-        ["--model", model, "--env_kwargs", "{size: 2, task: reach, distractors: 0}", "--limit", "4", "--batch_size",
+        ["--model", model, "--env_kwargs", "{size: 2, task: reach, distractors: 0}", "--split", "train", "--limit", "4", "--batch_size",
          "2", "--max_turns", str(MAX_TURNS), "--policy", "test_evaluate:scripted_policy", "--output", str(out)]
     )  # fmt: skip
     assert rc == 130
     streamed = seen_before_interrupt[0]  # written after batch 1, before the interrupt
     assert len(streamed["episodes"]) == 2 and streamed["complete"] is False
     data = json.loads(out.read_text())
-    assert [e["task"] for e in data["episodes"]] == [t.key() for t in factory.tasks("valid_seen")[:2]]
-    wins = sum(simulate_last_admissible(factory, t)[0] for t in factory.tasks("valid_seen")[:2])
+    assert [e["task"] for e in data["episodes"]] == [t.key() for t in factory.tasks("train")[:2]]
+    wins = sum(simulate_last_admissible(factory, t)[0] for t in factory.tasks("train")[:2])
     assert data["summary"]["episodes"] == 2 and data["summary"]["success_rate"] == pytest.approx(wins / 2)
     printed = capsys.readouterr().out
     assert "interrupted: 2 of 4 episodes finished" in printed and "pass@1 over 2 tasks" in printed

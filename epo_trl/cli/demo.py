@@ -1,38 +1,32 @@
-"""`python -m epo_trl demo`: EPO on the built-in maze with a tiny model, offline, on CPU — a run that visibly learns.
+"""`python -m epo_trl demo`: EPO on the built-in maze with a tiny model, offline, on CPU: an agent that learns to win
+mazes it never saw.
 
 What it does: builds a tiny Qwen2 model whose tokenizer covers the maze, warm-starts it by behaviour cloning
-(standing in for the instruction-tuned LLM a real run starts from), evaluates it on held-out tasks, trains
+(standing in for the instruction-tuned LLM a real run starts from), evaluates it on held-out mazes, trains
 `EPOTrainer` on multi-turn episodes with the paper's strict `<action>...</action>` format and reward, evaluates
-again, and writes `final_metrics.json`, TensorBoard logs and PNG plots (success rate, return, per-turn entropy, EPO's
-band) to the run folder. Rollouts are in trajectory mode (one row per episode, turns told apart by the env mask;
-EPO's per-turn entropy is taken per turn inside the row); `--rollout-mode step` trains one row per turn instead.
-Its settings are one recipe, `recipes/cpu/demo.yaml`, trained through `epo-trl train`'s own path; the study
-(`python -m epo_trl.study`) trains the same file for every method and seed, so docs/study.md holds its spread.
+again, and prints both next to policies that learn nothing on the same mazes (random, the walker, the expert: the
+ceiling; `epo_trl.rollout.baselines`). It writes `final_metrics.json`, TensorBoard logs and PNG plots (success rate,
+return, per-turn entropy, EPO's band) to the run folder. Rollouts are in trajectory mode (one row per episode, turns
+told apart by the env mask; EPO's per-turn entropy is taken per turn inside the row); `--rollout-mode step` trains
+one row per turn instead. Its settings are one recipe, `recipes/cpu/demo.yaml`, trained through `epo-trl train`'s
+own path; the study (`python -m epo_trl.study`) trains the same file for every method and seed, so docs/study.md
+holds its spread.
 
 `--llm` runs the same on a real pretrained model (recipes/cpu/demo_llm.yaml, `make demo-llm`): SmolLM2-135M-Instruct,
 warm-started with TRL's SFTTrainer (epo_trl.models.sft), rollouts and all three held-out evaluations (zero-shot,
-after the warm start, after RL) on the trainer's vLLM engine when vLLM is installed. Its choices and numbers:
-docs/quickstart.md, section 4; its spread over seeds against GRPO: docs/study/smollm2.md.
+after the warm start, after RL) on the trainer's vLLM engine when vLLM is installed. Its choices:
+docs/quickstart.md, section 4; its spread over seeds against GRPO: `python -m epo_trl.study_llm`.
 
-Why the tiny setting is what it is (measured, negative results included: docs/study/setting.md):
-- model: hidden size 64. A hidden-32 model only learns the action format (its probability of the right direction
-  on expert states stays at chance, 0.24); hidden 64 learns to read the listed exits.
-- warm start, two phases: behaviour cloning on the expert until the model, sampling, wins 90% of 32 train tasks
-  (it then reads the exits and its history; when that happens varies from 250 to 850 steps between seeds), then
-  300 steps on a *noisy demonstrator*'s plays (each turn a random admissible action with probability
-  `--warmstart-noise`, else the expert's move from where it stands). The model converges towards the
-  demonstrator's mixture: it reads the observation and writes valid actions but wanders, like an instruction-tuned
-  LLM that knows the format but not the task, with held-out success 0.22-0.44 over 5 seeds whatever the first
-  phase took. Cloning only the noisy demonstrator leaves some seeds unable to read the exits at all.
-- a KL anchor to the warm start (`beta`): without it the policy gradient drifted in step mode (long losing episodes
-  put more negative-advantage rows on the shared format tokens) and invalid actions took over.
-- trajectory mode: 40 steps took 86-127 s of RL against 145-202 s in step mode (same machine load) and learned at
-  least as well per step; on an idle 2-core CPU the demo's 40 steps take ~40 s. Over 5 seeds the held-out gain is
-  +0.41 +- 0.11 (4 of 5 seeds >= 0.30; docs/study.md, EPO row).
-- `scale_rewards="batch"`: with per-group std normalisation a group without a win turns one extra invalid turn
-  (-0.1) into an advantage as large as a win (+10); the batch std keeps the win signal dominant.
-- held-out success is measured on 64 unseen layouts of the trained size (`valid_seen`) that the expert solves within
-  the turn limit; `valid_unseen` (3x3 mazes, room numbers the model never saw) is reported too.
+Why the setting is what it is (measured, with the settings it replaced: docs/study/setting.md):
+- the maze's `trail` task, 4x4: signs point the way, so an agent that reads the observation can win mazes it never
+  saw, and the policies that learn nothing (which do not read it) stay far below the ceiling. Held-out mazes are
+  unseen by content (`MazeFactory.content_key`), `valid_seen` of the trained size, `valid_unseen` one size larger.
+- warm start, two phases: behaviour cloning on the expert until the model, sampling, wins 90% of 32 train tasks,
+  then steps on a *noisy demonstrator*'s plays (each turn a random admissible action with probability
+  `--warmstart-noise`, else the expert's move from where it stands): the model writes valid actions and half-reads
+  the signs, above the random policy and well below the expert, so RL has room.
+- a KL anchor to the warm start (`beta`) and `scale_rewards="batch"`: with per-group std normalisation a group
+  without a win turns one extra invalid turn (-0.1) into an advantage as large as a win (+10).
 """
 
 from __future__ import annotations
