@@ -190,7 +190,7 @@ Every run is `epo-trl demo --llm --algo ALGO --seed SEED`: the recipe `recipes/c
 [quickstart](../quickstart.md#4-a-real-model-smollm2-135m-instruct)), {results["model"]} fully fine-tuned with bf16
 autocast on CPU, rollouts on vLLM (CPU build). Per seed, one SFT warm start (TRL's `SFTTrainer` on the expert's
 actions, then on a noisy demonstrator's) is shared by every algorithm. Held-out success = the first
-{runs[0]["episodes"] if runs else "?"} tasks of `valid_seen` (unseen 2x2 layouts), one episode each, sampled at
+{runs[0]["episodes"] if runs else "?"} tasks of `valid_seen` (mazes unseen in training, by content), one episode each, sampled at
 temperature 1 on the trainer's vLLM engine: zero-shot (the pretrained model), before RL (after the warm start),
 after RL.{errors}
 
