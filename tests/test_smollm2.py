@@ -100,7 +100,8 @@ def test_smollm2_one_epo_step(smollm2, mode, tmp_path):
     assert trainer.state.global_step == 1 and moved
     assert len(logs) == 1
     log = logs[0]
-    assert 0.0 <= log["rollout/success_rate"] <= 1.0
+    # every 2x2 reach maze takes 3 moves, so in 2 turns nothing can be won (the ceiling is 0: tests/test_baselines.py)
+    assert log["rollout/success_rate"] == 0.0
     assert 0.0 < log["entropy"] < 11.0  # nats; uniform over SmolLM2's 49k vocabulary is ~10.8
     if mode == "step":
         assert log["rollout/rows"] >= 2  # one row per (episode, turn)

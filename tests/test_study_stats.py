@@ -157,4 +157,5 @@ def test_reference_baselines_on_the_held_out_tasks():
     assert set(result) == {"valid_seen", "valid_unseen"}
     for b in result.values():
         assert set(b) == {"random", "walker", "expert", "ceiling"}
-        assert all(0.0 <= v <= 1.0 for v in b.values()) and b["expert"] == b["ceiling"]  # the expert re-plans
+        # 4x4 trail mazes are 3-4 moves long: the expert wins all in 6 turns; the signs-blind policies far fewer
+        assert b["expert"] == b["ceiling"] == 1.0 and b["random"] < b["walker"] < 0.75, b
