@@ -23,10 +23,10 @@ def test_demo_quick_runs_to_the_end(tmp_path, capsys):
     for when in ("eval_before", "eval_after"):
         for split in ("valid_seen", "valid_unseen"):
             assert metrics[when][split]["episodes"] == 8
-    # reference policies on the same 8 held-out tasks: the signs-blind walker far below the expert's ceiling of 1
+    # reference policies on the same 8 held-out tasks; --quick's 3 turns win only the 3-move mazes (the ceiling)
     for split in ("valid_seen", "valid_unseen"):
         ref = metrics["baselines"][split]
-        assert ref["expert"] == ref["ceiling"] == 1.0 and ref["random"] < ref["walker"] < 0.6, ref
+        assert 0 < ref["expert"] == ref["ceiling"] < 1.0 and ref["random"] < ref["walker"] < ref["ceiling"], ref
     gain = metrics["eval_after"]["valid_seen"]["success_rate"] - metrics["eval_before"]["valid_seen"]["success_rate"]
     assert metrics["gain"]["valid_seen"] == pytest.approx(gain)
     assert "rollout/success_rate" in metrics["train_last_step"]
@@ -90,7 +90,7 @@ def test_demo_llm_quick_sft_then_rl_on_smollm2(tmp_path):
     assert zero["episodes"] == before["episodes"] == 8
     # valid actions = 1 - invalid_rate: the pretrained model writes no <action> tags; after SFT it does
     assert zero["success_rate"] == 0.0 and 1 - zero["invalid_rate"] < 0.2
-    assert 1 - before["invalid_rate"] >= 0.5
+    assert 1 - before["invalid_rate"] >= 1 - zero["invalid_rate"] + 0.25
     assert (tmp_path / "warm-start-model" / "warm_start.json").exists()
     if importlib.util.find_spec("vllm") is not None:
         assert m["generation"] == "vLLM"

@@ -157,9 +157,17 @@ def test_sigterm_during_the_demo_warm_start_is_one_line_and_exit_143(tmp_path):
     [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C (SIGINT)")],
     ids=["SIGTERM", "SIGINT"],
 )
-def test_a_signal_during_the_demos_rl_run_names_it_and_what_is_kept(tmp_path, monkeypatch, capsys, signum, code, name):
+def test_a_signal_during_the_demos_rl_run_names_it_and_what_is_kept(
+    tmp_path, monkeypatch, capsys, request, signum, code, name
+):
     """The demo trains without `StopOnSignal`: a signal there ends the command with the same one line."""
     import epo_trl.cli.train as train_module
+
+    if signal.getsignal(signum) is signal.SIG_IGN:
+        # a suite launched in the background without job control (`nohup make test &`) inherits SIGINT ignored, and
+        # the command rightly keeps an ignored signal ignored: give this test the terminal's default back
+        signal.signal(signum, signal.default_int_handler)
+        request.addfinalizer(lambda: signal.signal(signum, signal.SIG_IGN))
 
     def signalled(trainer, **kwargs):
         os.kill(os.getpid(), signum)  # a real signal to this process, through the command's handler
