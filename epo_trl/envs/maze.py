@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from .protocol import EnvFactory, TaskSpec, TextEnv, words_of
+from .protocol import EnvFactory, TaskSpec, TextEnv, unseen_tasks, words_of
 
 DIRECTIONS = {"north": (-1, 0), "south": (1, 0), "east": (0, 1), "west": (0, -1)}
 OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
@@ -353,14 +353,11 @@ class MazeFactory(EnvFactory):
         if split == "train":
             return self._candidates(split, self.num_train)
         # Held out = unseen by content: distinct mazes, none of which occurs in `train`.
-        train, seen, tasks = self._train_contents(), set(), []
-        for task in self._candidates(split, self.num_valid * _CANDIDATES_PER_TASK):
-            key = self.content_key(task)
-            if key not in train and key not in seen:
-                seen.add(key)
-                tasks.append(task)
-                if len(tasks) == self.num_valid:
-                    return tasks
+        train = self._train_contents()
+        candidates = self._candidates(split, self.num_valid * _CANDIDATES_PER_TASK)
+        tasks = unseen_tasks(candidates, self.num_valid, self.content_key, train)
+        if len(tasks) == self.num_valid:
+            return tasks
         raise ValueError(
             f"maze split {split!r}: only {len(tasks)} of num_valid={self.num_valid} {self.task!r} mazes of size "
             f"{self._size(split)} are distinct and unseen in the {self.num_train} train tasks ({len(train)} distinct mazes); a "

@@ -72,6 +72,21 @@ class TaskSpec:
         return asdict(self)
 
 
+def unseen_tasks(candidates: Iterable[TaskSpec], count: int, content_key, seen: set[str]) -> list[TaskSpec]:
+    """The first `count` of `candidates` (fewer when they run out) whose `content_key` is not in `seen` (e.g. the
+    train split's keys) nor taken before: held-out tasks unseen by content and distinct."""
+    taken: set[str] = set()
+    out: list[TaskSpec] = []
+    for task in candidates:
+        if len(out) == count:
+            break
+        key = content_key(task)
+        if key not in seen and key not in taken:
+            taken.add(key)
+            out.append(task)
+    return out
+
+
 class TextEnv(ABC):
     """A single live text environment. Not thread-safe; the rollout gives each worker its own."""
 

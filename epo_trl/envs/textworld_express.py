@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .jvm_gateway import check_auth, require_auth
-from .protocol import EnvFactory, TaskSpec, TextEnv, words_of
+from .protocol import EnvFactory, TaskSpec, TextEnv, unseen_tasks, words_of
 
 GAMES = ("coin", "cookingworld", "twc", "mapreader", "arithmetic", "sorting", "simonsays", "peckingorder")
 FOLDS = {"train": "train", "valid_seen": "dev", "valid_unseen": "test"}
@@ -291,17 +291,9 @@ class TextWorldExpressFactory(EnvFactory):
         held-out splits partly seen. Costs a content key per train task and candidate
         (~10-20 ms each, in the expert's JVM; a JVM this call starts, it closes), once per factory."""
         started_expert = self._expert is None
-        taken: set[str] = set()
-        out: list[TaskSpec] = []
         try:
             train = {self.content_key(t) for t in self.tasks("train")}
-            for task in candidates:
-                if len(out) == self.num_valid:
-                    break
-                key = self.content_key(task)
-                if key not in train and key not in taken:
-                    taken.add(key)
-                    out.append(task)
+            out = unseen_tasks(candidates, self.num_valid, self.content_key, train)
         finally:
             if started_expert:
                 self.close()
