@@ -114,6 +114,39 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+def run_baselines(raw: Path) -> tuple[dict | None, int | None]:
+    """The reference policies' held-out success the runs recorded (`final_metrics.json`'s "baselines": the demo plays
+    them on the same tasks with the same turn limit) and their episodes per task; (None, None) for runs that predate
+    them. Every run of a recipe plays the same tasks with the same seed, so any run's numbers are the study's."""
+    from .cli.demo import REFERENCE_SAMPLES
+
+    for path in sorted(raw.glob("*.json")):
+        reference = json.loads(path.read_text()).get("baselines")
+        if reference:
+            return reference, REFERENCE_SAMPLES
+    return None, None
+
+
+def margins(runs: list[dict], baselines: dict | None) -> list[str]:
+    """Per run: the gain over its warm start and the margin over the best reference policy that does not know the
+    answer (`cli.demo.best_non_expert`), on `valid_seen`, and whether both reach GAIN_TARGET (the demo's bar)."""
+    if not baselines:
+        return []
+    from .cli.demo import best_non_expert
+
+    name, best = best_non_expert(baselines["valid_seen"])
+    lines, met = [], 0
+    for r in sorted(runs, key=lambda r: (ALGOS.index(r["algo"]), r["seed"])):
+        gain, margin = r["after"] - r["before"], r["after"] - best
+        met += gain >= GAIN_TARGET and margin >= GAIN_TARGET
+        lines.append(f"{LABELS[r['algo']]} seed {r['seed']}: gain {gain:+.3f}, over the {name} {margin:+.3f}")
+    return [
+        f"- Against the bar (held-out `valid_seen` after RL at least {GAIN_TARGET} above both the warm start and the "
+        f"best policy that learns nothing, the {name} at {best:.3f}): {_share(share_of(met, len(runs)))} runs reach "
+        f"both. " + "; ".join(lines) + "."
+    ]
+
+
 def paired(runs: list[dict]) -> list[dict]:
     """Per comparison (`study.comparisons`: every algorithm vs the first, EPO vs EPO-Base) and held-out split: the
     per-seed differences in held-out success after RL, and their mean ± 95% t interval. The algorithms of a seed
@@ -217,7 +250,7 @@ conversion and engine start, RL, whole run with the three evaluations):
 
 ## What it shows
 
-{chr(10).join(answer(summary, runs, pairs))}
+{chr(10).join(answer(summary, runs, pairs) + margins(runs, baselines))}
 """
 
 
@@ -340,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads((out / "results.json").read_text())
     else:
         results = run_study(opts, out, argv)
+    if not results.get("baselines"):
+        results["baselines"], results["baseline_k"] = run_baselines(raw)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
     if opts.report:
         figures = os.path.relpath(out, Path(opts.report).parent)
         Path(opts.report).write_text(to_markdown(results, figures))

@@ -178,6 +178,23 @@ def test_smollm2_study_rows_and_intervals_by_hand():
     assert "GRPO: held-out success 0.400 -> 0.500, gain 0.100 (one seed: no interval)" in report
 
 
+def test_smollm2_study_margin_over_the_best_baseline(tmp_path):
+    """The demo-llm bar: after RL >= 0.20 above both the warm start and the best policy that learns nothing (the
+    walker here, 0.55 > random 0.05). Seed 0: gain +0.5, margin 0.9 - 0.55 = +0.35 (both met); seed 1: gain +0.3,
+    margin +0.05 (not met); seed 2: gain +0.1 (not met) -> 1/3. The baselines come from the runs' final metrics."""
+    from epo_trl.study_llm import margins, record, run_baselines
+
+    reference = {"valid_seen": {"random": 0.05, "walker": 0.55, "expert": 1.0, "ceiling": 1.0}}
+    (tmp_path / "epo-0.json").write_text(json.dumps({**_demo_metrics("epo", 0, 0.4, 0.9), "baselines": reference}))
+    assert run_baselines(tmp_path) == (reference, 8)
+    assert run_baselines(tmp_path / "none") == (None, None)
+    runs = [record(_demo_metrics("epo", s, b, a)) for s, b, a in ((0, 0.4, 0.9), (1, 0.3, 0.6), (2, 0.5, 0.6))]
+    (line,) = margins(runs, reference)
+    assert "the walker at 0.550): 1/3 (0.01-0.91) runs reach both" in line
+    assert "seed 0: gain +0.500, over the walker +0.350; " in line and "seed 1: gain +0.300, over the walker +0.050" in line
+    assert margins(runs, None) == []
+
+
 def _fake_bench(monkeypatch, committed: dict) -> dict:
     """The bench with every section's `run` replaced by the committed numbers (nothing is measured), a fixed machine
     and commit; returns the machine."""
