@@ -191,7 +191,10 @@ def test_smollm2_study_margin_over_the_best_baseline(tmp_path):
     runs = [record(_demo_metrics("epo", s, b, a)) for s, b, a in ((0, 0.4, 0.9), (1, 0.3, 0.6), (2, 0.5, 0.6))]
     (line,) = margins(runs, reference)
     assert "the walker at 0.550): 1/3 (0.01-0.91) runs reach both" in line
-    assert "seed 0: gain +0.500, over the walker +0.350; " in line and "seed 1: gain +0.300, over the walker +0.050" in line
+    assert (
+        "seed 0: gain +0.500, over the walker +0.350; " in line
+        and "seed 1: gain +0.300, over the walker +0.050" in line
+    )
     assert margins(runs, None) == []
 
 
