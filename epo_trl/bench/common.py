@@ -117,9 +117,12 @@ def git_commit(package_dir: Path | None = None, ignore: Iterable[Path | str] = (
 
 
 def machine_summary(info: dict | None = None) -> str:
-    """One line for reports: CPU, cores, RAM and the torch / TRL versions."""
+    """One line for reports: CPU (and whether it computes bf16 natively), cores, RAM and the torch / TRL versions."""
     info = info or machine_info()
-    return f"{info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB, torch {info['torch']}, trl {info['trl']}"
+    bf16 = {True: ", bf16 native", False: ", bf16 emulated"}.get(info.get("bf16_native"), "")
+    return (
+        f"{info['cpu']}{bf16}, {info['cores']} cores, {info['ram_gib']} GiB, torch {info['torch']}, trl {info['trl']}"
+    )
 
 
 def maze_model(output_dir: str, hidden_size: int = 32, num_layers: int = 2, seed: int = 0, head_dim: int = 8):
