@@ -104,7 +104,7 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
 
     # --- rows -----------------------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
-        if getattr(self.rollout_func, "mode", None) == "step":
+        if getattr(self.rollout_func, "mode", None) == "step":  # a user's rollout_func may have no `mode`
             # Step mode bypasses GRPOTrainer._generate, the only place TRL syncs vLLM: sync here, exactly as TRL does.
             self.sync_generation_weights()
             return step_batch.build_training_batch(self.rollout_func, inputs, self)
@@ -286,7 +286,7 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
     def state_for_checkpoint(self) -> dict:
         # RUN: what the run is, so a resume under another method or seed is refused before anything runs
         # (epo_trl.cli.run_checks); the model's shape is in the checkpoint's config.json.
-        algo = run_algo(self._name, bool(getattr(self.args, "smoothing", False)))
+        algo = run_algo(self._name, bool(getattr(self.args, "smoothing", False)))  # EPOConfig's field; others lack it
         return {"last_step_entropy": self.last_step_entropy, RUN: {"algo": algo, "seed": self.args.seed}}
 
     def load_checkpoint_state(self, state: dict) -> None:
