@@ -1,14 +1,17 @@
 """The TRL / transformers / accelerate / vLLM names epo_trl relies on (epo_trl/trainers/trl_surface.py) exist in the
-installed versions, the code uses no undeclared one and reads none with a silent default."""
+installed versions, the code uses no undeclared one and reads none with a silent default, and the TRL loss
+semantics copied into the base trainer (LOSS_NORMALISATION) match TRL's own loss for every loss type it allows."""
 
 import importlib
 import pathlib
 import re
 
 import pytest
-from helpers import length_reward, prompt_dataset, tiny_args
+import torch
+from helpers import length_reward, prompt_dataset, step_mode_batch, tiny_args, trl_loss_types
 
 from epo_trl.trainers import trl_surface
+from epo_trl.trainers.grpo.grpo_trainer import LOSS_NORMALISATION
 from epo_trl.trainers.trl_surface import GRPO_TRAINER, SURFACE, Name, problems
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -129,3 +132,66 @@ def test_declared_names_are_read_without_defaults():
             if name in declared and owner in ("self", "trainer", "trainer.args", "self.args", "args"):
                 found.append(f"{rel}: getattr({owner}, {name!r}, ...)")
     assert not found, "\n".join(found)
+
+
+# --- TRL's loss semantics: LOSS_NORMALISATION against TRL's _compute_loss ------------------------------------------
+def test_the_table_covers_every_trl_loss_type():
+    allowed = trl_loss_types()
+    assert "dapo" in allowed and len(allowed) >= 7, allowed
+    assert set(LOSS_NORMALISATION) == set(allowed), (
+        f"LOSS_NORMALISATION has {sorted(LOSS_NORMALISATION)}, TRL allows {sorted(allowed)}"
+    )
+
+
+@pytest.fixture(scope="module")
+def trl_trainer(tiny_model, tmp_path_factory):
+    from trl import GRPOConfig, GRPOTrainer
+
+    out = tmp_path_factory.mktemp("loss_probe")
+    trainer = GRPOTrainer(tiny_model, length_reward, args=tiny_args(GRPOConfig, out), train_dataset=prompt_dataset())
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train() in a real run
+    return trainer
+
+
+def _chunk(batch, rows, token_share):
+    n = batch["completion_ids"].size(0)
+    out = {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() and v.size(0) == n else v for k, v in batch.items()}
+    out["num_items_in_batch"] = batch["num_items_in_batch"] * token_share  # as the base trainer's row chunks do
+    return out
+
+
+@pytest.mark.parametrize("loss_type", trl_loss_types())
+def test_loss_normalisation_matches_trl(trl_trainer, loss_type):
+    """TRL's loss of a micro-batch is the row-weighted or the token-weighted sum of its chunks' losses: which one is
+    what LOSS_NORMALISATION must say (a wrong entry would give row chunks the wrong gradient)."""
+    trainer = trl_trainer
+    trainer.loss_type = loss_type
+    trainer.importance_sampling_level = "sequence" if loss_type == "luspo" else "token"  # TRL requires it for luspo
+    batch = step_mode_batch(trainer.processing_class)
+    batch = {k: v for k, v in batch.items() if k not in ("turn_ids", "_epo_prepared")}  # TRL's own keys only
+    tokens = batch["completion_mask"].sum(1).double()
+    parts = [slice(0, 1), slice(1, 5)]
+    with torch.no_grad():
+        full = trainer._compute_loss(trainer.model, batch).item()
+        chunks = []
+        for rows in parts:
+            share = (tokens[rows].sum() / tokens.sum()).item()
+            chunks.append((trainer._compute_loss(trainer.model, _chunk(batch, rows, share)).item(), share))
+    n = len(tokens)
+    by_rows = sum(loss * (r.stop - r.start) / n for (loss, _), r in zip(chunks, parts))
+    by_tokens = sum(loss * share for loss, share in chunks)
+    assert abs(by_rows - by_tokens) > 1e-3 * max(abs(full), 1e-3), "the probe batch does not tell the two apart"
+    trl_says = [k for k, v in (("rows", by_rows), ("tokens", by_tokens)) if v == pytest.approx(full, rel=1e-5)]
+    assert trl_says == [LOSS_NORMALISATION[loss_type]], (
+        f"loss_type={loss_type!r}: TRL's loss {full:.6g} is normalised by {trl_says or 'neither'} "
+        f"(rows {by_rows:.6g}, tokens {by_tokens:.6g}); LOSS_NORMALISATION says {LOSS_NORMALISATION[loss_type]!r}"
+    )
+
+
+def test_an_unknown_loss_type_stops_row_chunks_loudly(trainer, monkeypatch):
+    """A loss type TRL adds later must not be chunked by a guess."""
+    monkeypatch.setattr(trainer, "loss_type", "new_loss")
+    monkeypatch.setattr(trainer.args, "max_rows_per_backward", 2)
+    with pytest.raises(ValueError, match="loss_type='new_loss' is not in LOSS_NORMALISATION"):
+        trainer._row_chunks(step_mode_batch(trainer.processing_class))
