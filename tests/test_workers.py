@@ -11,7 +11,7 @@ import pytest
 from envs_for_tests import WORDS, ScriptedFactory, admissible_picker, task
 
 from epo_trl.envs.maze import MazeFactory
-from epo_trl.envs.pool import EnvPool, ProcessEnvPool, ThreadEnvPool, resolve_kind, worker_main
+from epo_trl.envs.pool import EnvPool, ProcessEnvPool, ThreadEnvPool, create_pool, resolve_kind, worker_main
 from epo_trl.models.tiny import build_tokenizer
 from epo_trl.rollout import CallableBackend, RolloutConfig, RolloutEngine, run_episodes
 
@@ -187,10 +187,8 @@ def test_worker_processes_import_no_torch():
 
     from env_import_probe import ProbeFactory
 
-    from epo_trl.envs.pool import EnvPool, ProcessEnvPool
-
     assert "torch" in sys.modules  # the parent has it: the worker must not inherit or re-import it
-    pool = EnvPool.create(ProbeFactory(), num_workers=1, timeout=120.0, kind="processes")
+    pool = create_pool(ProbeFactory(), num_workers=1, timeout=120.0, kind="processes")
     try:
         assert isinstance(pool, ProcessEnvPool)
         handle = pool.acquire()

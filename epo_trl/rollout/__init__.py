@@ -6,13 +6,14 @@
 - `run_episodes`: play tasks without a trainer (evaluation, benchmarks).
 """
 
+from ..envs.pool import EnvPool
 from .backends.base import Generation, GenerationBackend, RankSync
 from .backends.hf import HFBackend
 from .backends.hf_kv_cache import KVCacheHFBackend
 from .backends.scripted import CallableBackend
 from .backends.vllm import VLLMBackend
 from .config import RolloutConfig
-from .engine import EnvPool, RolloutEngine, run_episodes, success_rate
+from .engine import RolloutEngine, run_episodes, success_rate
 from .episode import Episode, RolloutResult
 from .parsing import ActionParser, ParsedAction
 from .prompts import PromptBuilder

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from contextlib import closing, nullcontext
 from typing import Any
 
-from ..envs.pool import EnvPool
+from ..envs.pool import create_pool
 from ..envs.protocol import EnvFactory, TaskSpec
 from .backends.base import GenerationBackend, RankSync
 from .config import MODES, RolloutConfig
@@ -38,7 +38,7 @@ class RolloutEngine:
         c = self.config
         self.parser = ActionParser(c.action_tags, c.think_tags, c.require_think, c.require_tags)
         self.prompts = PromptBuilder(tokenizer, factory.prompt_header, self.parser, c.prompt_history_pairs)
-        self.pool = EnvPool.create(factory, c.num_workers, c.step_timeout_s, c.env_workers)
+        self.pool = create_pool(factory, c.num_workers, c.step_timeout_s, c.env_workers)
         # Fallback for backends that declare no EOS ids; trainer backends carry the trainer's `eos_token_ids`.
         eos = tokenizer.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
