@@ -322,11 +322,20 @@ class EnvRollout:
         config: budgets and scoring (`RolloutConfig`).
         backend: a fixed generation backend; None = the trainer's (vLLM when `use_vllm`, else HF generate).
         tokenizer: None = the trainer's `processing_class`.
+
+    A subclass must set `mode` ("step": one training row per turn, `StepRollout`; "trajectory": one per episode,
+    `TrajectoryRollout`): there is no default.
     """
 
-    mode = "step"
+    mode: str  # set by every subclass; checked in __init__
 
     def __init__(self, factory: EnvFactory, config: RolloutConfig | None = None, backend=None, tokenizer=None):
+        mode = getattr(self, "mode", None)
+        if mode not in MODES:
+            raise TypeError(
+                f"{type(self).__name__}.mode = {mode!r}: a rollout must set its sample mode, one of {MODES} "
+                "(use StepRollout or TrajectoryRollout, or set `mode` on your EnvRollout subclass)."
+            )
         self.factory, self.config = factory, config or RolloutConfig()
         self.backend, self.tokenizer = backend, tokenizer
         self.engine: RolloutEngine | None = None
