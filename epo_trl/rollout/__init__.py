@@ -17,7 +17,7 @@ from .engine import RolloutEngine, run_episodes, success_rate
 from .episode import Episode, RolloutResult
 from .parsing import ActionParser, ParsedAction
 from .prompts import PromptBuilder
-from .rewards import episode_return_reward, won_reward
+from .rewards import env_return_reward, episode_return_reward, won_reward
 from .step import StepRollout
 from .trajectory import TrajectoryRollout
 
@@ -39,6 +39,7 @@ __all__ = [
     "StepRollout",
     "TrajectoryRollout",
     "VLLMBackend",
+    "env_return_reward",
     "episode_return_reward",
     "run_episodes",
     "success_rate",

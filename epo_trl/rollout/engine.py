@@ -81,11 +81,13 @@ class RolloutEngine:
                 turn.error = "the env did not accept the action"
                 self._invalid_turn(e)
                 continue
-            turn.action = value["action"]
+            turn.action, turn.env_reward = value["action"], value["reward"]
             e.history.append((e.observation, turn.action))
             e.observation, e.admissible = value["obs"], value["admissible"]
-            if value["done"]:
-                e.done, e.won = True, value["won"]
+            if value["terminated"]:
+                e.terminated, e.won = True, value["won"]
+            elif value["truncated"]:
+                e.truncated = "env_limit"
 
     @staticmethod
     def _invalid_turn(e: Episode) -> None:
@@ -299,7 +301,8 @@ def run_episodes(
     """Play `tasks` without a trainer (evaluation, benchmarks); one record per episode. `temperature`: None = the
     backend's. `engine`: an open engine to play on (its envs are reused; the caller closes it); None = a new one.
 
-    Records: task, won, return, length, invalid, failed, failure, truncated, turns (text/action/observation).
+    Records: task, won, return, length, invalid, failed, failure, terminated, truncated, env_return, turns
+    (text/action/observation/context_tokens).
     """
     with engine_for(factory, tokenizer, config, engine) as engine:
         return engine.run(tasks, backend, mode, temperature=temperature).records(engine.config)

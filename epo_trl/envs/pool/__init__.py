@@ -32,7 +32,8 @@ multiprocessing Pipes, which pickle: fine inside one process tree, but never put
                       {"ok": True, "value": {...}}  |  {"ok": False, "error": "TypeName", "message": str}
         reset/replay value = {"obs": str, "goal": str, "admissible": [str] | None}
         act value = {"action": None} (rejected by project_action, no step) |
-                    {"action": str, "obs": str, "done": bool, "won": bool, "admissible": [str] | None}
+                    {"action": str, "obs": str, "reward": float, "terminated": bool, "truncated": bool, "won": bool,
+                     "admissible": [str] | None}          admissible: None once the episode ended
 """
 
 from __future__ import annotations
