@@ -45,7 +45,7 @@ class CountdownEnv(TextEnv):
             time.sleep(self.hang_seconds)
         self.left -= 1
         done = self.left <= 0
-        return ("won" if done else f"count {self.left}"), float(done), done, {"won": done}
+        return ("won" if done else f"count {self.left}"), float(done), done, False, {"won": done}
 
     def close(self):
         self.closed = True

@@ -15,7 +15,7 @@ class ProbeEnv(TextEnv):
         return ["stop"]
 
     def step(self, action: str):
-        return "done", 0.0, True, {"won": False}
+        return "done", 0.0, True, False, {"won": False}
 
 
 class ProbeFactory(EnvFactory):

@@ -2,7 +2,9 @@
 
 `ScriptedEnv` counts down `task.variation` valid steps to a win. The task name picks a misbehaviour:
 
-    count           a well-behaved env
+    count           a well-behaved env: terminates (won) after `variation` steps
+    limit           never wins: its own step limit truncates the episode after `variation` steps
+    old_shape       step returns the old 4-tuple (observation, reward, done, info)
     raise           step raises                      hang       step sleeps `HANG_S`
     hang_forever    step never returns (an hour)     die        step kills its own process (worker mode only)
     project_raise   project_action raises            reset_raise  reset raises
@@ -53,18 +55,22 @@ class ScriptedEnv(TextEnv):
             os._exit(3)
         self.left -= 1
         done = self.left <= 0
+        if kind == "limit":  # out of moves: cut off, no outcome
+            return ("out of moves" if done else f"count {self.left}"), 0.5, False, done, {"won": False}
         obs = "won" if done else f"count {self.left}"
         info = {"won": done}
         if kind == "bad_won":
             info = {"won": "false"}  # a truthy string: must not count as a win
             done = True
         elif kind == "bad_reward":
-            return obs, "1.0", done, info
+            return obs, "1.0", done, False, info
         elif kind == "bad_obs":
-            return None, 0.0, done, info
+            return None, 0.0, done, False, info
         elif kind == "bad_info":
             info = ["won"]
-        return obs, float(done), done, info
+        elif kind == "old_shape":
+            return obs, float(done), done, info
+        return obs, float(done), done, False, info
 
 
 class ScriptedFactory(EnvFactory):

@@ -54,7 +54,7 @@ def test_step_rollout_turn_advantages_gigpo_is_opt_in():
     from epo_trl.trainers.grpo.step_batch import turn_advantages
 
     def episode(observations, won, invalid=()):
-        e = Episode(task=TaskSpec("maze", "reach", 2, 0), won=won, done=won)
+        e = Episode(task=TaskSpec("maze", "reach", 2, 0), won=won, terminated=won)
         for t, obs in enumerate(observations):
             action = None if t in invalid else "go north"
             e.turns.append(Turn([1], [2], [0.0], "", action, None, False))

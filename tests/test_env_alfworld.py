@@ -49,7 +49,7 @@ def test_expert_plan_wins_every_sample_game(factory, env):
         assert info["goal"] and info["won"] is False and "Welcome" not in obs
         rewards, done = [], False
         while not done and len(rewards) < 50:
-            obs, reward, done, info = env.step(env.expert_plan()[0])
+            obs, reward, done, truncated, info = env.step(env.expert_plan()[0])
             rewards.append(reward)
         assert done and info["won"] is True, task.task
         assert sum(rewards) == 10.0 and rewards[-1] == 10.0
@@ -62,7 +62,7 @@ def test_planner_expert_wins(data_root):
         e.reset(f.tasks("valid_unseen")[0])
         total, done, info = 0.0, False, {}
         for action in e.expert_plan():  # the planner gives the whole plan at once
-            _, reward, done, info = e.step(action)
+            _, reward, done, truncated, info = e.step(action)
             total += reward
         assert done and info["won"] and total == 10.0
     finally:
@@ -73,7 +73,7 @@ def test_invalid_command_does_nothing(factory, env):
     env.reset(factory.tasks("train")[0])
     cmd = env.project_action("Fly To The Moon")
     assert cmd == "fly to the moon"
-    obs, reward, done, info = env.step(cmd)
+    obs, reward, done, truncated, info = env.step(cmd)
     assert obs == "Nothing happens." and reward == 0.0 and not done and info["won"] is False
 
 
@@ -83,7 +83,7 @@ def test_admissible_and_projection(factory, env):
     assert "go to fridge 1" in valid and "help" not in valid
     assert env.project_action("  Go To   FRIDGE 1 ") == "go to fridge 1"
     assert env.project_action(" \n ") is None
-    obs, _, _, _ = env.step(env.project_action("go to fridge 1"))
+    obs, *_ = env.step(env.project_action("go to fridge 1"))
     assert obs.startswith("You arrive at fridge 1")
 
 
@@ -136,7 +136,7 @@ def test_expert_plans_win_through_the_parallel_rollout_engine(factory, env):
         while not done:
             action = env.expert_plan()[0]
             plan.append(action)
-            _, _, done, _ = env.step(action)
+            _, _, done, truncated, _ = env.step(action)
         plans.append(plan)
     tokenizer = build_tokenizer()
     engine = RolloutEngine(factory, tokenizer, RolloutConfig(max_turns=50, max_turn_tokens=48, num_workers=4))
@@ -155,7 +155,7 @@ def _play(factory, task, commands):
         info, done = {"won": False}, False
         for command in commands:
             assert not done, "the plan goes on after the game ended"
-            _, _, done, info = env.step(command)
+            _, _, done, truncated, info = env.step(command)
         return done, info["won"]
     finally:
         env.close()

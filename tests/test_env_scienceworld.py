@@ -41,7 +41,7 @@ def test_gold_path_wins_with_return_10(env, task):
     assert obs and info["goal"].startswith("Your task is to") and info["won"] is False
     rewards, done, info = [], False, {}
     for action in env.gold_actions():
-        obs, reward, done, info = env.step(action)
+        obs, reward, done, truncated, info = env.step(action)
         rewards.append(reward)
         if done:
             break
@@ -65,7 +65,7 @@ def test_solve_is_the_gold_path_and_wins():
     try:
         env.reset(task)
         for action in plan:
-            _, reward, done, info = env.step(action)
+            _, reward, done, truncated, info = env.step(action)
         assert done and info["won"] and reward == 10.0
     finally:
         env.close()
@@ -84,10 +84,10 @@ def test_nonsense_policy_does_not_win(env):
     env.reset(_spec("boil"))
     total = 0.0
     for _ in range(10):
-        obs, reward, done, info = env.step("dance with the purple unicorn")
+        obs, reward, done, truncated, info = env.step("dance with the purple unicorn")
         total += reward
         assert obs == "No known action matches that input."
-        assert not done and info["won"] is False
+        assert not done and not truncated and info["won"] is False
     assert total == 0.0
 
 
@@ -95,11 +95,29 @@ def test_nonsense_policy_does_not_win(env):
 @pytest.mark.slow
 def test_wrong_focus_is_a_loss(env):
     env.reset(_spec("boil"))
-    obs, reward, done, info = env.step("focus on air")  # the task is about water
-    assert done is True and info["won"] is False and reward == 0.0
+    obs, reward, done, truncated, info = env.step("focus on air")  # the task is about water
+    assert done is True and truncated is False and info["won"] is False and reward == 0.0  # a loss: terminated
     assert info["score"] < 0 and info["failed"] is True
     with pytest.raises(RuntimeError, match="reset"):
         env.step("look around")
+
+
+@needs_java
+@pytest.mark.slow
+def test_the_move_limit_truncates():
+    """Past `env_step_limit` moves without an outcome the episode is truncated, not terminated (the old `done` merged
+    the two)."""
+    e = sw_mod.ScienceWorldTextEnv(env_step_limit=2)
+    try:
+        e.reset(_spec("boil"))
+        flags = []
+        while len(flags) < 6 and not (flags and any(flags[-1][:2])):
+            _, _, terminated, truncated, info = e.step("wait1")
+            flags.append((terminated, truncated, info["won"], info["moves"]))
+        assert [f[:3] for f in flags] == [(False, False, False)] * (len(flags) - 1) + [(False, True, False)]
+        assert flags[-1][3] > 2 >= flags[-2][3]
+    finally:
+        e.close()
 
 
 @needs_java

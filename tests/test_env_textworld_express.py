@@ -29,7 +29,7 @@ def play(factory, task, actions):
     try:
         env.reset(task)
         for a in actions:
-            _, reward, done, info = env.step(env.project_action(a))
+            _, reward, done, truncated, info = env.step(env.project_action(a))
         return done, info, reward
     finally:
         env.close()
@@ -84,7 +84,7 @@ def test_invalid_actions_bad_options_and_a_crash_restarts():
         obs, info = env.reset(task)
         assert "coin" in info["goal"] and env.admissible_actions()
         assert env.project_action("   ") is None and env.project_action("  LOOK   around ") == "look around"
-        reply, reward, done, _ = env.step(env.project_action("Fly to the MOON"))  # the game answers it
+        reply, reward, done, truncated, _ = env.step(env.project_action("Fly to the MOON"))  # the game answers it
         assert "unknown action" in reply.lower() and reward == 0.0 and not done
         env._twx._gateway.java_process.kill()  # the JVM dies mid-episode
         env._twx._gateway.java_process.wait()
@@ -304,3 +304,37 @@ def test_long_horizon_study_quick(tmp_path):
     text = report.read_text()
     assert text.startswith("# Study: GRPO vs EPO on long-horizon Coin Collector")
     assert "twx_coin_long.yaml" in text and "share of seeds collapsed" in text and "**Entropy collapse**" in text
+
+
+def test_the_games_move_limit_truncates_and_a_win_terminates():
+    """The game's `done` merges its move limit with the task's end: the adapter splits them. Past `env_step_limit`
+    moves without an outcome is truncated (not terminated, not won), on the env and through the rollout's pool; the
+    gold path's last step terminates."""
+    factory = TextWorldExpressFactory(**COIN, num_train=1, env_step_limit=2)
+    task = factory.tasks()[0]
+    env = factory.make()
+    try:
+        env.reset(task)
+        flags = []
+        while not flags or not any(flags[-1]):
+            flags.append(env.step("look around")[2:4])
+        assert flags == [(False, False)] * (len(flags) - 1) + [(False, True)] and len(flags) == 3
+        env.reset(task)
+        plan = factory.solve(task)
+        assert [env.step(env.project_action(a))[2:4] for a in plan[:2]] == [(False, False)] * 2  # within the limit
+    finally:
+        env.close()
+    roomy = TextWorldExpressFactory(**COIN, num_train=1)
+    assert play(roomy, task, roomy.solve(task))[:2] == (True, {"won": True, "score": 1.0})
+    tokenizer = build_tokenizer(env_words(factory))
+    look = tokenizer("<action> look around </action>", add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id
+    ]
+    backend = CallableBackend(lambda prompts, n, t: [look] * len(prompts))
+    [record] = run_episodes(backend, factory, [task], tokenizer, RolloutConfig(max_turns=6, max_turn_tokens=32))
+    assert (record["terminated"], record["truncated"], record["won"], record["length"]) == (
+        False,
+        "env_limit",
+        False,
+        3,
+    )

@@ -34,8 +34,8 @@ def simulate_last_admissible(factory, task):
     env = factory.make()
     env.reset(task)
     for turn in range(1, MAX_TURNS + 1):
-        _, _, done, info = env.step(env.admissible_actions()[-1])
-        if done:
+        _, _, terminated, truncated, info = env.step(env.admissible_actions()[-1])
+        if terminated or truncated:
             return bool(info.get("won")), turn
     return False, MAX_TURNS
 

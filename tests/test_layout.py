@@ -49,7 +49,23 @@ def _imports(module: str, path: str, is_pkg: bool, mods, top_level_only: bool) -
 
 def test_no_import_cycle():
     mods = _modules()
-    graph = {m: _imports(m, p, pkg, mods, top_level_only=True) for m, (p, pkg) in mods.items()}
+    _assert_acyclic({m: _imports(m, p, pkg, mods, top_level_only=True) for m, (p, pkg) in mods.items()})
+
+
+def test_the_env_packages_have_no_cycle_even_through_deferred_imports():
+    """Within epo_trl.envs, an import inside a function counts too: the pool interface (base.py) must not build the
+    pools that import it (`create_pool` lives in pool/factory.py)."""
+    mods = _modules()
+    envs = {m: v for m, v in mods.items() if m.startswith("epo_trl.envs.")}
+    graph = {
+        m: {d for d in _imports(m, p, pkg, mods, top_level_only=False) if d in envs} for m, (p, pkg) in envs.items()
+    }
+    _assert_acyclic(graph)
+    assert "epo_trl.envs.pool.processes" in graph["epo_trl.envs.pool.factory"]
+    assert not graph["epo_trl.envs.pool.base"] & {"epo_trl.envs.pool.processes", "epo_trl.envs.pool.threads"}
+
+
+def _assert_acyclic(graph: dict[str, set[str]]) -> None:
     state: dict[str, int] = {}
 
     def visit(m, stack):

@@ -16,7 +16,8 @@ def play(factory, task, actions):
     texts = [obs, info["goal"]]
     done, info = False, {}
     for action in actions:
-        obs, _, done, info = env.step(action)
+        obs, _, done, truncated, info = env.step(action)
+        assert truncated is False  # the maze has no step limit of its own
         texts.append(obs)
         texts.extend(env.admissible_actions() if not done else [])
     return done, info, texts
@@ -108,6 +109,6 @@ def test_trail_signs_point_along_the_expert_path():
         while "you won" not in obs:
             sign = obs.split("a sign points ")[1].split(" .")[0]
             moves.append(f"go {sign}")
-            obs, _, done, _ = env.step(moves[-1])
+            obs, *_ = env.step(moves[-1])
             assert len(moves) <= 4
         assert moves == factory.solve(spec) and 3 <= len(moves) <= 4, spec

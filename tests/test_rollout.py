@@ -477,3 +477,20 @@ def test_step_mode_trains_with_epo_trainer(tiny_model_dir, tmp_path):
     first = [v for k, v in logs[0].items() if k.startswith("epo/turn_entropy/")]
     assert logs[1]["epo/ref_entropy_mean"] == pytest.approx(sum(first) / len(first), rel=1e-4)
     assert any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))  # it trained
+
+
+def test_a_rollout_names_its_mode_there_is_no_default():
+    """`EnvRollout.mode` has no silent default: a subclass without a valid one fails at construction, naming both."""
+    from epo_trl.rollout import StepRollout, TrajectoryRollout
+    from epo_trl.rollout.engine import EnvRollout
+
+    class NoMode(EnvRollout):
+        pass
+
+    class Typo(EnvRollout):
+        mode = "steps"
+
+    for cls in (NoMode, Typo):
+        with pytest.raises(TypeError, match=r"mode = .*'step', 'trajectory'"):
+            cls(MazeFactory())
+    assert StepRollout(MazeFactory()).mode == "step" and TrajectoryRollout(MazeFactory()).mode == "trajectory"

@@ -31,6 +31,12 @@ def stub_trainer(accelerator, tokenizer, steps_per_generation: int):
         beta=0.0,
         processing_class=tokenizer,
         eos_token_ids=[tokenizer.eos_token_id],
+        # TRL's defaults for what step_batch reads (epo_trl/trainers/trl_surface.py: they are read without defaults)
+        scale_rewards="group",
+        pad_to_multiple_of=None,
+        mask_truncated_completions=False,
+        use_vllm=False,
+        vllm_importance_sampling_correction=False,
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
         state=SimpleNamespace(num_input_tokens_seen=0),
     )

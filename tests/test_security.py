@@ -60,7 +60,7 @@ def test_textworld_express_gateway_needs_its_token():
     try:
         env.reset(task)
         assert_gateway_refuses_strangers(env._twx._gateway)
-        obs, _, _, _ = env.step(env.project_action("look around"))  # the env itself still plays
+        obs, *_ = env.step(env.project_action("look around"))  # the env itself still plays
         assert obs
     finally:
         env.close()
@@ -76,7 +76,7 @@ def test_scienceworld_gateway_needs_its_token():
     try:
         env.reset(TaskSpec(env="scienceworld", task="find-plant", variation=0))
         assert_gateway_refuses_strangers(env.simulator._gateway)
-        obs, _, _, _ = env.step("look around")
+        obs, *_ = env.step("look around")
         assert obs and "No known action" not in obs
     finally:
         env.close()

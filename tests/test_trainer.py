@@ -6,8 +6,15 @@ import shutil
 
 import pytest
 import torch
-from helpers import length_reward, prompt_dataset, scripted_rollout, tiny_args
-from transformers import AutoModelForCausalLM
+from helpers import (
+    assert_trains_like,
+    length_reward,
+    prompt_dataset,
+    scripted_rollout,
+    step_mode_batch,
+    tiny_args,
+    train_recorded,
+)
 from trl import GRPOConfig, GRPOTrainer
 
 from epo_trl import EPOConfig, EPOTrainer
@@ -18,27 +25,20 @@ def _weights(model):
 
 
 def test_equivalent_to_grpo_when_epo_is_off(tiny_model, tmp_path):
-    torch.manual_seed(0)
-    grpo = GRPOTrainer(
-        tiny_model, length_reward, args=tiny_args(GRPOConfig, tmp_path / "g"), train_dataset=prompt_dataset()
+    grpo = train_recorded(
+        lambda: GRPOTrainer(
+            tiny_model, length_reward, args=tiny_args(GRPOConfig, tmp_path / "g"), train_dataset=prompt_dataset()
+        )
     )
-    grpo.train()
-    torch.manual_seed(0)
-    epo = EPOTrainer(
-        tiny_model,
-        length_reward,
-        args=tiny_args(EPOConfig, tmp_path / "e", entropy_coef=0.0, smoothing=False),
-        train_dataset=prompt_dataset(),
+    epo = train_recorded(
+        lambda: EPOTrainer(
+            tiny_model,
+            length_reward,
+            args=tiny_args(EPOConfig, tmp_path / "e", entropy_coef=0.0, smoothing=False),
+            train_dataset=prompt_dataset(),
+        )
     )
-    epo.train()
-    g_loss = [h["loss"] for h in grpo.state.log_history if "loss" in h]
-    e_loss = [h["loss"] for h in epo.state.log_history if "loss" in h]
-    assert len(g_loss) == 2 and g_loss == pytest.approx(e_loss, abs=1e-7)
-    gw, ew = _weights(grpo.model), _weights(epo.model)
-    initial = _weights(AutoModelForCausalLM.from_pretrained(tiny_model))
-    assert any(not torch.equal(gw[k], initial[k]) for k in gw)  # training did move the weights
-    for k in gw:
-        torch.testing.assert_close(gw[k], ew[k], rtol=0, atol=1e-7)
+    assert_trains_like(grpo, epo, atol=1e-7)
 
 
 def test_smoothing_changes_the_gradient(tiny_model, tmp_path):
@@ -208,25 +208,6 @@ def test_grpo_config_is_rejected_with_a_hint(tiny_model, tmp_path):
         EPOTrainer(tiny_model, length_reward, args=tiny_args(GRPOConfig, tmp_path), train_dataset=prompt_dataset())
 
 
-def _step_mode_batch(tok, rows=5):
-    """Hand-built step-mode micro-batch: rows of different lengths, each one turn with its turn index."""
-    texts = [" go north key", " open door", " take key go", " look", " go south door key"][:rows]
-    ids = [tok(t)["input_ids"] for t in texts]
-    width = max(map(len, ids))
-    completion = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in ids])
-    prompt = torch.tensor([tok("look")["input_ids"] * 3] * rows)
-    return {
-        "prompt_ids": prompt,
-        "prompt_mask": torch.ones_like(prompt),
-        "completion_ids": completion,
-        "completion_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
-        "advantages": torch.tensor([1.0, -0.5, 0.25, -1.0, 0.5][:rows]),
-        "num_items_in_batch": torch.tensor(float(sum(map(len, ids)))),
-        "turn_ids": torch.tensor([0, 1, 2, 1, 0][:rows]),
-        "_epo_prepared": True,  # already a micro-batch: skip generation
-    }
-
-
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.5])
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "luspo", "sapo", "bnpo", "dapo", "cispo"])
 def test_row_chunked_backward_gives_the_same_gradient(tiny_model, tmp_path, loss_type, entropy_coef):
@@ -242,7 +223,7 @@ def test_row_chunked_backward_gives_the_same_gradient(tiny_model, tmp_path, loss
         trainer.entropy_history.update({0: 1.0, 1: 9.0, 2: 1.0})  # turns 0 and 2 above the band, turn 1 inside
         trainer.current_gradient_accumulation_steps = 1
         trainer.model.train()
-        losses[limit] = trainer.training_step(trainer.model, _step_mode_batch(trainer.processing_class), None).item()
+        losses[limit] = trainer.training_step(trainer.model, step_mode_batch(trainer.processing_class), None).item()
         grads[limit] = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
         history = trainer.entropy_history.state_dict()
         assert history["num_steps"] == 2  # the chunks of one micro-batch update the history once
@@ -265,7 +246,7 @@ def _adaptive_step_loss(tiny_model, out, smoothing, world_entropy, delta):
     trainer._last_world_entropy = world_entropy  # the entropy TRL's controller measured at the previous step
     trainer.current_gradient_accumulation_steps = 1
     trainer.model.train()
-    loss = trainer.training_step(trainer.model, _step_mode_batch(trainer.processing_class), None).item()
+    loss = trainer.training_step(trainer.model, step_mode_batch(trainer.processing_class), None).item()
     return loss, trainer.entropy_coef
 
 

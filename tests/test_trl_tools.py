@@ -239,8 +239,8 @@ def _replay(factory, task_key, completion, max_turns):
             turns += 1
             command = env.project_action(call["function"]["arguments"]["action"])
             if command is not None:
-                _, _, done, info = env.step(command)
-                if done:
+                _, _, terminated, truncated, info = env.step(command)
+                if terminated or truncated:
                     return bool(info["won"])
             if turns >= max_turns:
                 return won
@@ -340,3 +340,27 @@ def test_adapter_errors_and_crash_recovery(caplog):
     assert any("crashed (engine died)" in r.message for r in caplog.records)
     env.reset(task=task)
     assert env._env is not None and env._env is not live and env.get_reward() == 0.0
+
+
+def test_adapter_reports_terminated_and_truncated():
+    """Through TRL's adapter: the task ending an episode (terminated), the env's own step limit and the adapter's
+    `max_turns` cutting one off (truncated), and the env's rewards summed in `env_return`."""
+    from envs_for_tests import ScriptedFactory, task
+
+    from epo_trl.envs.trl_env import trl_environment
+
+    env = trl_environment(ScriptedFactory(), max_turns=3)()
+    outcomes = {}
+    for kind, steps in (("count", 2), ("limit", 2), ("count", 5)):
+        env.reset(task=task(kind, steps).key())
+        while not env.done:
+            last = env.act("go")
+        outcomes[kind, steps] = (env.terminated, env.truncated, env.won, env.turns, env.env_return, env.get_reward())
+        assert "The episode is over" in last
+    assert outcomes == {
+        ("count", 2): (True, False, True, 2, 1.0, 1.0),
+        ("limit", 2): (False, True, False, 2, 1.0, 0.0),  # the env's limit: 0.5 a step, no outcome
+        ("count", 5): (False, True, False, 3, 0.0, 0.0),  # the adapter's max_turns
+    }
+    env.reset(task=task("old_shape", 1).key())
+    assert "(observation, reward, terminated, truncated, info)" in env.act("go") and env.get_reward() is None

@@ -60,8 +60,8 @@ def test_noisy_plans_mix_random_admissible_moves_with_the_replanned_expert():
         for i, action in enumerate(plan):
             assert action in env.admissible_actions()
             detours += action != factory.solve(task, plan[:i])[0]
-            _, _, done, info = env.step(action)
-            assert done == (i == len(plan) - 1 and info["won"])  # a plan stops when it wins ...
+            _, _, done, truncated, info = env.step(action)
+            assert not truncated and done == (i == len(plan) - 1 and info["won"])  # a plan stops when it wins ...
         wins += info["won"]
         assert info["won"] or len(plan) == 6  # ... or at max_turns
     assert detours > 0 and 0 < wins < len(tasks)

@@ -11,7 +11,7 @@ import pytest
 from envs_for_tests import WORDS, ScriptedFactory, admissible_picker, task
 
 from epo_trl.envs.maze import MazeFactory
-from epo_trl.envs.pool import EnvPool, ProcessEnvPool, ThreadEnvPool, resolve_kind, worker_main
+from epo_trl.envs.pool import EnvPool, ProcessEnvPool, ThreadEnvPool, create_pool, resolve_kind, worker_main
 from epo_trl.models.tiny import build_tokenizer
 from epo_trl.rollout import CallableBackend, RolloutConfig, RolloutEngine, run_episodes
 
@@ -101,7 +101,15 @@ def test_a_replay_that_diverges_fails_the_rebuilt_episode(tokenizer, monkeypatch
         handles[1].obs = "something the env never said"  # as if the env were not deterministic
         pool.workers[0].kill()
         first, second = pool.act([(h, "go") for h in handles])
-        assert first == (True, {"action": "go", "obs": "count 1", "done": False, "won": False, "admissible": ["go"]})
+        value = {
+            "action": "go",
+            "obs": "count 1",
+            "reward": 0.0,
+            "terminated": False,
+            "truncated": False,
+            "won": False,
+        }
+        assert first == (True, {**value, "admissible": ["go"]})
         assert not second[0] and "could not be rebuilt" in str(second[1])
     finally:
         engine.close()
@@ -187,10 +195,8 @@ def test_worker_processes_import_no_torch():
 
     from env_import_probe import ProbeFactory
 
-    from epo_trl.envs.pool import EnvPool, ProcessEnvPool
-
     assert "torch" in sys.modules  # the parent has it: the worker must not inherit or re-import it
-    pool = EnvPool.create(ProbeFactory(), num_workers=1, timeout=120.0, kind="processes")
+    pool = create_pool(ProbeFactory(), num_workers=1, timeout=120.0, kind="processes")
     try:
         assert isinstance(pool, ProcessEnvPool)
         handle = pool.acquire()
@@ -199,3 +205,65 @@ def test_worker_processes_import_no_torch():
         assert value["obs"] == "none", f"the worker process loaded: {value['obs']}"
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("kind", ["threads", "processes"])
+def test_an_env_that_truncates_and_one_that_terminates_report_the_right_flag(tokenizer, kind):
+    """`limit` runs into its own step limit (truncated, no outcome); `count` ends by the task's rules (terminated,
+    won). Both flags cross the pool as they were returned, and the episodes record them with the env's rewards."""
+    pool = create_pool(ScriptedFactory(), num_workers=2, timeout=60.0, kind=kind)
+    try:
+        handles = [pool.acquire(), pool.acquire()]
+        assert all(ok for ok, _ in pool.reset(list(zip(handles, [task("count", 2), task("limit", 2)]))))
+        first = [value for _, value in pool.act([(h, "go") for h in handles])]
+        assert [(v["terminated"], v["truncated"], v["admissible"]) for v in first] == [(False, False, ["go"])] * 2
+        last = [value for _, value in pool.act([(h, "go") for h in handles])]
+        assert last[0] == {"action": "go", "obs": "won", "reward": 1.0, "terminated": True, "truncated": False,
+                           "won": True, "admissible": None}  # fmt: skip
+        assert last[1] == {"action": "go", "obs": "out of moves", "reward": 0.5, "terminated": False,
+                           "truncated": True, "won": False, "admissible": None}  # fmt: skip
+    finally:
+        pool.close()
+
+    config = RolloutConfig(max_turns=5, num_workers=2, env_workers=kind)
+    records = run_episodes(always_go(tokenizer), ScriptedFactory(), [task("count", 2), task("limit", 3)], tokenizer,
+                           config, "step")  # fmt: skip
+    count, limit = records
+    assert (count["won"], count["terminated"], count["truncated"], count["length"]) == (True, True, None, 2)
+    assert (limit["won"], limit["terminated"], limit["truncated"], limit["length"]) == (False, False, "env_limit", 3)
+    assert (count["env_return"], limit["env_return"]) == (1.0, 1.5)  # the env's own rewards, summed
+    assert (count["return"], limit["return"]) == (10.0, 0.0)  # the training return is still the rollout's
+    # the rollout's own turn limit is a truncation too, of another kind
+    [cut] = run_episodes(always_go(tokenizer), ScriptedFactory(), [task("count", 9)], tokenizer, config, "step")
+    assert (cut["won"], cut["terminated"], cut["truncated"], cut["length"]) == (False, False, "turn_limit", 5)
+
+
+@pytest.mark.parametrize("mode", ["step", "trajectory"])
+def test_the_same_scripted_actions_give_identical_records_through_both_pools(tokenizer, mode):
+    """Terminating, truncating (the env's limit and the rollout's) and failing episodes, one batch, both pools."""
+    tasks = [task("count", 3, 0), task("limit", 2, 1), task("count", 9, 2), task("limit", 5, 3)]
+    tasks += [task("old_shape", 1, 4), task("count", 1, 5), task("bad_reward", 1, 6), task("limit", 1, 7)]
+    records = {}
+    for kind in ("threads", "processes"):
+        config = RolloutConfig(max_turns=4, num_workers=2, env_workers=kind)
+        records[kind] = run_episodes(always_go(tokenizer), ScriptedFactory(), tasks, tokenizer, config, mode)
+    assert records["threads"] == records["processes"]
+    summary = [(r["won"], r["terminated"], r["truncated"], r["failed"], r["length"]) for r in records["threads"]]
+    assert summary == [
+        (True, True, None, False, 3),
+        (False, False, "env_limit", False, 2),
+        (False, False, "turn_limit", False, 4),
+        (False, False, "turn_limit", False, 4),  # the rollout's limit (4 turns) comes before the env's (5 steps)
+        (False, False, None, True, 1),
+        (True, True, None, False, 1),
+        (False, False, None, True, 1),
+        (False, False, "env_limit", False, 1),
+    ]
+
+
+def test_the_old_four_tuple_step_fails_with_the_fix_named(tokenizer):
+    [record] = run_episodes(always_go(tokenizer), ScriptedFactory(), [task("old_shape", 2)], tokenizer,
+                            RolloutConfig(max_turns=3, env_workers="threads"), "step")  # fmt: skip
+    assert record["failed"] and "EnvProtocolError" in record["failure"]
+    assert "(observation, reward, done, info)" in record["failure"]
+    assert "(observation, reward, terminated, truncated, info)" in record["failure"]

@@ -85,7 +85,7 @@ def _pool_steps_per_s(pool, tasks, total_steps: int, choose, warmup: int) -> tup
             if not ok:
                 raise RuntimeError(f"env step failed: {value}")
             admissible[i] = value.get("admissible")
-            if value.get("done"):
+            if value["terminated"] or value["truncated"]:
                 finished.append(i)
         if finished:  # in a rollout every reset happens at once, before the first turn: not part of stepping
             restart(finished)

@@ -101,7 +101,7 @@ def held_out_success(trainer, rollout, mode: str, tasks: int, temperature: float
     from ..rollout.evaluation import HELD_OUT_SPLITS, evaluate, held_out
 
     factory, tokenizer = trainer.rollout_func.factory, trainer.processing_class
-    if not getattr(trainer, "use_vllm", False):
+    if not trainer.use_vllm:
         return held_out(trainer.model, tokenizer, factory, rollout, tasks, temperature, seed, mode)
     trainer.vllm_generation.sync_weights()
     backend = backend_for_trainer(trainer)
@@ -224,14 +224,14 @@ def _main(argv: list[str] | None) -> int:
     train_logs = [h for h in history if "rollout/success_rate" in h]
     quarter = max(len(train_logs) // 4, 1)
     turn_entropy = {k.rsplit("/", 1)[-1]: v for k, v in _last(history, "epo/turn_entropy/").items()}
-    band = getattr(args, "smoothing_kappa_low", None), getattr(args, "smoothing_kappa_high", None)
+    band = getattr(args, "smoothing_kappa_low", None), getattr(args, "smoothing_kappa_high", None)  # EPOConfig only
     plots = write_run_plots(history, str(out / "plots"), *band)
     metrics = {
         "seed": opts.seed,
         "algo": script.algo,
         "recipe": str(recipe.name),
         "model": f"tiny Qwen2 (hidden {script.tiny_hidden_size})" if tiny else script.model_name_or_path,
-        "generation": "vLLM" if getattr(trainer, "use_vllm", False) else "HF generate",
+        "generation": "vLLM" if trainer.use_vllm else "HF generate",
         "max_steps": args.max_steps,
         "setting": {
             "rollout_mode": script.rollout_mode,
@@ -241,8 +241,8 @@ def _main(argv: list[str] | None) -> int:
             "scale_rewards": args.scale_rewards,
             "learning_rate": args.learning_rate,
             "bf16": args.bf16,
-            "entropy_coef": getattr(args, "entropy_coef", None),  # GRPO has none
-            "smoothing_coef": getattr(args, "smoothing_coef", None),
+            "entropy_coef": args.entropy_coef,  # TRL's GRPOConfig field (0.0 for --algo grpo)
+            "smoothing_coef": getattr(args, "smoothing_coef", None),  # EPOConfig's fields: other methods lack them
             "smoothing_kappa_low": getattr(args, "smoothing_kappa_low", None),
             "smoothing_kappa_high": getattr(args, "smoothing_kappa_high", None),
             "episodes_per_step": args.per_device_train_batch_size,

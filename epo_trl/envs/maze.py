@@ -238,7 +238,9 @@ class MazeEnv(TextEnv):
         found = [(text.find(word), command) for word, command in _KEYWORDS.items() if word in text]
         return min(found)[1] if found else None
 
-    def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
+    def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
+        """Gymnasium's (observation, reward, terminated, truncated, info): reaching the goal terminates the episode
+        (won); the maze has no step limit of its own (the rollout's `max_turns` cuts it off)."""
         layout = self._require_reset()
         if self.done:
             raise RuntimeError("MazeEnv.step() called after the episode ended; call reset(task) to start a new one.")
@@ -272,8 +274,8 @@ class MazeEnv(TextEnv):
             prefix = "you have the key ." if self.has_key else ""
         if self.pos == layout.goal:
             self.done = True
-            return "you reach the goal room . you won !", 1.0, True, {"won": True}
-        return self._describe(prefix), 0.0, False, {"won": False}
+            return "you reach the goal room . you won !", 1.0, True, False, {"won": True}
+        return self._describe(prefix), 0.0, False, False, {"won": False}
 
 
 def solve(task: TaskSpec, distractors: int = 0, prefix: Sequence[str] = ()) -> list[str]:

@@ -5,14 +5,18 @@ rollout engine:
 
     env = factory.make()                      # one live environment (may hold a JVM, a game engine ...)
     obs, info = env.reset(task)               # start the episode of a TaskSpec
-    obs, reward, done, info = env.step(text)  # one projected action
+    obs, reward, terminated, truncated, info = env.step(text)  # one projected action (Gymnasium's shape)
     env.admissible_actions()                  # optional list of valid commands (None = not offered)
     env.close()                               # release resources, exactly once
 
-`info` carries at least `won` (bool) once the episode is over, and `goal` (the task description) on
-reset. The rollout checks the types (observation str, reward a finite number, done/won real bools, goal str,
-admissible actions a list of str) and fails an episode whose env returns anything else. Rewards returned by `step` are the environment's own; the rollout turns episodes into the
-training return (default 10 x won, plus invalid-action penalties).
+`terminated`: the episode ended by the task's own rules (won, or lost, e.g. a wrong answer). `truncated`: it was cut
+off without an outcome (the env's own step limit); the rollout's `max_turns` truncates too, on the rollout's side.
+Either ends the episode. `info` carries `won` (bool; True only on a terminating step) and, on reset, `goal` (the
+task description). The rollout checks the types (observation str, reward a finite number, terminated / truncated /
+won real bools, goal str, admissible actions a list of str) and fails an episode whose env returns anything else.
+The reward returned by `step` is the environment's own: the episode records it (`Turn.env_reward`, the record's
+`env_return`, the trajectory rollout's `env_return` column for reward functions); the training return stays the
+rollout's (default 10 x won, plus invalid-action penalties).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 # What counts as one word of an env's text (for word-level tokenizers covering an env: `EnvFactory.vocabulary`).
 _WORD_RE = r"</?think>|</?action>|[A-Za-z]+|\d|[^\sA-Za-z\d]"
@@ -95,8 +99,11 @@ class TextEnv(ABC):
         """Start `task`; return (first observation, info with at least 'goal')."""
 
     @abstractmethod
-    def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
-        """Apply one action; return (observation, reward, done, info with 'won' once done)."""
+    def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
+        """Apply one action; return (observation, reward, terminated, truncated, info with 'won').
+
+        terminated: the task's own rules ended the episode (won or lost); truncated: cut off without an outcome (the
+        env's own step limit). info['won'] may be True only when terminated."""
 
     def admissible_actions(self) -> list[str] | None:
         """Valid commands in the current state, or None when the env does not offer them."""
@@ -195,20 +202,39 @@ def check_reset(env: str, out: Any) -> tuple[str, str]:
     return obs, goal
 
 
-def check_step(env: str, out: Any) -> tuple[str, bool, bool]:
-    """(observation, done, won) of `env.step(action)`; the reward must be a finite number."""
-    if not isinstance(out, tuple) or len(out) != 4:
-        raise _bad(env, "step()", out, "a tuple (observation, reward, done, info)")
-    obs, reward, done, info = out
+class StepResult(NamedTuple):
+    """What the rollout keeps of one checked `env.step`."""
+
+    obs: str
+    reward: float
+    terminated: bool
+    truncated: bool
+    won: bool
+
+
+def check_step(env: str, out: Any) -> StepResult:
+    """The checked result of `env.step(action)`: (observation, reward, terminated, truncated, info['won'])."""
+    if isinstance(out, tuple) and len(out) == 4:
+        raise EnvProtocolError(
+            f"env {env!r} returned step() = (observation, reward, done, info), the old 4-tuple; return Gymnasium's "
+            "(observation, reward, terminated, truncated, info): terminated = the task ended (won or lost), "
+            "truncated = cut off by the env's own step limit (docs/rollouts.md, 'The environment protocol')"
+        )
+    if not isinstance(out, tuple) or len(out) != 5:
+        raise _bad(env, "step()", out, "a tuple (observation, reward, terminated, truncated, info)")
+    obs, reward, terminated, truncated, info = out
     if not isinstance(obs, str):
         raise _bad(env, "step() observation", obs, "a str")
     if isinstance(reward, (bool, str)) or not isinstance(reward, numbers.Real) or not math.isfinite(reward):
         raise _bad(env, "step() reward", reward, "a finite number")
-    done = _as_bool(env, "step() done", done)
+    terminated = _as_bool(env, "step() terminated", terminated)
+    truncated = _as_bool(env, "step() truncated", truncated)
     if not isinstance(info, dict):
         raise _bad(env, "step() info", info, "a dict")
     won = _as_bool(env, "step() info['won']", info.get("won", False))
-    return obs, done, won
+    if won and not terminated:
+        raise _bad(env, "step() info['won']", won, "False on a step that does not terminate the episode")
+    return StepResult(obs, float(reward), terminated, truncated, won)
 
 
 def check_projection(env: str, value: Any) -> str | None:

@@ -281,7 +281,8 @@ class ScienceWorldTextEnv(TextEnv):
         info = {"goal": goal, "won": False, "score": 0, "moves": 0, "task": task.task, "variation": task.variation}
         return obs, info
 
-    def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
+    def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
+        """Terminated: completed (won) or failed (lost); truncated: the simulator's move limit passed first."""
         if self._task is None or self._done:
             raise RuntimeError("step() called on a finished (or never started) ScienceWorld episode; call reset().")
         server = self._sw.server
@@ -302,10 +303,11 @@ class ScienceWorldTextEnv(TextEnv):
         self._valid_cache = None
         failed = score < 0  # e.g. a wrong "focus on": the simulator scores -100 and the task is lost
         won = completed and not failed
-        done = won or failed or completed or moves > self.env_step_limit
-        self._done = done
+        terminated = won or failed or completed
+        truncated = not terminated and moves > self.env_step_limit
+        self._done = terminated or truncated
         info = {"won": won, "score": score, "moves": moves, "failed": failed}
-        return obs, (10.0 if won else 0.0), done, info
+        return obs, (10.0 if won else 0.0), terminated, truncated, info
 
     def admissible_actions(self) -> list[str] | None:
         """Valid action-object combinations in the current state (built on demand, cached until the next step)."""
@@ -471,8 +473,9 @@ class ScienceWorldFactory(EnvFactory):
             gold, won = [], False
             for action in expert.gold_actions():
                 gold.append(action)
-                _, _, done, info = expert.step(action)
-                if done:  # the sim's list can go on after the win (e.g. a trailing 'wait1'): a plan ends with its game
+                _, _, terminated, truncated, info = expert.step(action)
+                # the sim's list can go on after the win (e.g. a trailing 'wait1'): a plan ends with its game
+                if terminated or truncated:
                     won = info["won"]
                     break
             if not won:

@@ -174,7 +174,8 @@ class TextWorldExpressTextEnv(TextEnv):
         self._valid, self._done = list(infos["validActions"]), False
         return self._text(obs), {"goal": infos["taskDescription"]}
 
-    def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
+    def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
+        """Terminated: the game's success or failure (or full score); truncated: its move limit passed first."""
         if self._done:
             raise RuntimeError("step() after the episode ended; call reset(task) first.")
         try:
@@ -182,10 +183,13 @@ class TextWorldExpressTextEnv(TextEnv):
         except Exception as e:
             self._drop_server()
             raise TextWorldExpressCrashedError(f"TextWorldExpress failed on {action!r}: {e}") from e
-        won = bool(infos["tasksuccess"])
-        self._done = bool(done or won or infos["taskfailure"])
+        won, lost = bool(infos["tasksuccess"]), bool(infos["taskfailure"])
+        self._done = bool(done or won or lost)
+        # the game's `done` also covers its move limit (numMoves > envStepLimit): ending that way alone is a truncation
+        truncated = self._done and not won and not lost and float(infos["score"]) < 1.0
         self._valid = list(infos["validActions"])
-        return self._text(obs), float(reward), self._done, {"won": won, "score": float(infos["score"])}
+        info = {"won": won, "score": float(infos["score"])}
+        return self._text(obs), float(reward), self._done and not truncated, truncated, info
 
     def admissible_actions(self) -> list[str] | None:
         return list(self._valid)
@@ -361,9 +365,9 @@ class TextWorldExpressFactory(EnvFactory):
                     obs, info = env.reset(task)
                     texts += [obs, info["goal"], *env.admissible_actions()]
                     for action in env.gold_actions():
-                        obs, _, done, _ = env.step(action)
+                        obs, _, terminated, truncated, _ = env.step(action)
                         texts += [obs, *env.admissible_actions()]
-                        if done:
+                        if terminated or truncated:
                             break
         finally:
             env.close()

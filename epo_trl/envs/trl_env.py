@@ -11,7 +11,9 @@
 TRL builds one instance per rollout and calls `reset(**row)` with the dataset row: the row's `task` column (a
 `TaskSpec.key()`) picks the task instance, so the `num_generations` copies of a row (a GRPO group) play the same
 one. The instance exposes one tool, `act(action)`, and `get_reward()` (1.0 when the episode was won, else 0.0).
-The env's outputs go through the same type checks as in our rollouts.
+The env's outputs go through the same type checks as in our rollouts. After each call the instance holds the episode
+so far: `done`, `terminated` (the task ended it), `truncated` (the env's step limit or `max_turns` cut it off), `won`
+and `env_return` (the sum of the env's own step rewards).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def trl_environment(factory: EnvFactory, max_turns: int | None = None, task_colu
                 )
             self._task = TaskSpec.parse(row[task_column])
             self.turns, self.done, self.won, self.crashed = 0, False, False, False
+            self.terminated, self.truncated, self.env_return = False, False, 0.0
             try:
                 if self._env is None:
                     self._env = factory.make()
@@ -90,13 +93,16 @@ def trl_environment(factory: EnvFactory, max_turns: int | None = None, task_colu
                         check_admissible(name, env.admissible_actions()),
                     )
                 else:
-                    obs, self.done, self.won = check_step(name, env.step(command))
+                    step = check_step(name, env.step(command))
+                    obs, self.won, self.env_return = step.obs, step.won, self.env_return + step.reward
+                    self.terminated, self.truncated = step.terminated, step.truncated
+                    self.done = step.terminated or step.truncated
                     actions = None if self.done else check_admissible(name, env.admissible_actions())
             except Exception as e:
                 self._crash(e)
                 return f"The environment failed: {e}. The episode is over."
             if not self.done and max_turns is not None and self.turns >= max_turns:
-                self.done = True
+                self.done = self.truncated = True  # cut off by this adapter's own action limit
             if self.done:
                 return f"{obs}\nThe episode is over ({'won' if self.won else 'not won'})."
             return obs + _actions_line(actions)

@@ -76,7 +76,8 @@ def noisy_plans(
                 actions = env.admissible_actions()
                 action = rng.choice(actions) if actions and rng.random() < noise else factory.solve(task, plan)[0]
                 plan.append(action)
-                _, _, done, _ = env.step(action)
+                _, _, terminated, truncated, _ = env.step(action)
+                done = terminated or truncated
             plans.append(plan)
     finally:
         env.close()

@@ -6,17 +6,18 @@
 - `run_episodes`: play tasks without a trainer (evaluation, benchmarks).
 """
 
+from ..envs.pool import EnvPool
 from .backends.base import Generation, GenerationBackend, RankSync
 from .backends.hf import HFBackend
 from .backends.hf_kv_cache import KVCacheHFBackend
 from .backends.scripted import CallableBackend
 from .backends.vllm import VLLMBackend
 from .config import RolloutConfig
-from .engine import EnvPool, RolloutEngine, run_episodes, success_rate
+from .engine import RolloutEngine, run_episodes, success_rate
 from .episode import Episode, RolloutResult
 from .parsing import ActionParser, ParsedAction
 from .prompts import PromptBuilder
-from .rewards import episode_return_reward, won_reward
+from .rewards import env_return_reward, episode_return_reward, won_reward
 from .step import StepRollout
 from .trajectory import TrajectoryRollout
 
@@ -38,6 +39,7 @@ __all__ = [
     "StepRollout",
     "TrajectoryRollout",
     "VLLMBackend",
+    "env_return_reward",
     "episode_return_reward",
     "run_episodes",
     "success_rate",

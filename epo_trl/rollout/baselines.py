@@ -82,8 +82,9 @@ def _episode(factory, env, task: TaskSpec, policy: str, max_turns: int, rng: ran
         if len(words) >= 2 and words[0] in _MOVE_WORDS:
             came_from = _REVERSE.get(words[-1])
         played.append(action)
-        _, _, done, info = env.step(action)
-        if done:
+        _, _, terminated, truncated, info = env.step(action)
+        done = terminated or truncated
+        if terminated:
             record["won"] = bool(info.get("won", False))
     record["length"] = len(played)
     record["return"] = win_reward * record["won"]

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from contextlib import closing, nullcontext
 from typing import Any
 
-from ..envs.pool import EnvPool
+from ..envs.pool import create_pool
 from ..envs.protocol import EnvFactory, TaskSpec
 from .backends.base import GenerationBackend, RankSync
 from .config import MODES, RolloutConfig
@@ -38,7 +38,7 @@ class RolloutEngine:
         c = self.config
         self.parser = ActionParser(c.action_tags, c.think_tags, c.require_think, c.require_tags)
         self.prompts = PromptBuilder(tokenizer, factory.prompt_header, self.parser, c.prompt_history_pairs)
-        self.pool = EnvPool.create(factory, c.num_workers, c.step_timeout_s, c.env_workers)
+        self.pool = create_pool(factory, c.num_workers, c.step_timeout_s, c.env_workers)
         # Fallback for backends that declare no EOS ids; trainer backends carry the trainer's `eos_token_ids`.
         eos = tokenizer.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
@@ -81,11 +81,13 @@ class RolloutEngine:
                 turn.error = "the env did not accept the action"
                 self._invalid_turn(e)
                 continue
-            turn.action = value["action"]
+            turn.action, turn.env_reward = value["action"], value["reward"]
             e.history.append((e.observation, turn.action))
             e.observation, e.admissible = value["obs"], value["admissible"]
-            if value["done"]:
-                e.done, e.won = True, value["won"]
+            if value["terminated"]:
+                e.terminated, e.won = True, value["won"]
+            elif value["truncated"]:
+                e.truncated = "env_limit"
 
     @staticmethod
     def _invalid_turn(e: Episode) -> None:
@@ -299,7 +301,8 @@ def run_episodes(
     """Play `tasks` without a trainer (evaluation, benchmarks); one record per episode. `temperature`: None = the
     backend's. `engine`: an open engine to play on (its envs are reused; the caller closes it); None = a new one.
 
-    Records: task, won, return, length, invalid, failed, failure, truncated, turns (text/action/observation).
+    Records: task, won, return, length, invalid, failed, failure, terminated, truncated, env_return, turns
+    (text/action/observation/context_tokens).
     """
     with engine_for(factory, tokenizer, config, engine) as engine:
         return engine.run(tasks, backend, mode, temperature=temperature).records(engine.config)
@@ -322,11 +325,20 @@ class EnvRollout:
         config: budgets and scoring (`RolloutConfig`).
         backend: a fixed generation backend; None = the trainer's (vLLM when `use_vllm`, else HF generate).
         tokenizer: None = the trainer's `processing_class`.
+
+    A subclass must set `mode` ("step": one training row per turn, `StepRollout`; "trajectory": one per episode,
+    `TrajectoryRollout`): there is no default.
     """
 
-    mode = "step"
+    mode: str  # set by every subclass; checked in __init__
 
     def __init__(self, factory: EnvFactory, config: RolloutConfig | None = None, backend=None, tokenizer=None):
+        mode = getattr(self, "mode", None)
+        if mode not in MODES:
+            raise TypeError(
+                f"{type(self).__name__}.mode = {mode!r}: a rollout must set its sample mode, one of {MODES} "
+                "(use StepRollout or TrajectoryRollout, or set `mode` on your EnvRollout subclass)."
+            )
         self.factory, self.config = factory, config or RolloutConfig()
         self.backend, self.tokenizer = backend, tokenizer
         self.engine: RolloutEngine | None = None

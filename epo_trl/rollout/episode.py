@@ -23,6 +23,7 @@ class Turn:
     hit_token_limit: bool
     observation: str = ""  # what the env answered (or the invalid-action note)
     context_tokens: int = 0  # tokens the model read to write this turn (step prompt or trajectory so far)
+    env_reward: float = 0.0  # the reward the env's step returned (0.0 when no step was taken)
 
 
 @dataclass
@@ -33,11 +34,13 @@ class Episode:
     admissible: list[str] | None = None
     history: list[tuple[str, str]] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)
-    done: bool = False  # the env ended the episode
+    terminated: bool = False  # the env ended the episode by the task's own rules (won or lost)
     won: bool = False
     failed: bool = False
     failure: str | None = None
-    truncated: str | None = None  # "turn_limit" | "context" when a budget ended it
+    # cut off without an outcome: "env_limit" (the env's own step limit: `step` returned truncated=True), or a
+    # budget of the rollout: "turn_limit" (max_turns), "context" (prompt / trajectory tokens)
+    truncated: str | None = None
     env: EnvHandle | None = None  # its live env, in the pool's threads or worker processes
     # trajectory mode: the single row being built
     prompt_ids: list[int] = field(default_factory=list)
@@ -47,11 +50,16 @@ class Episode:
 
     @property
     def finished(self) -> bool:
-        return self.done or self.failed or self.truncated is not None
+        return self.terminated or self.failed or self.truncated is not None
 
     @property
     def invalid_turns(self) -> int:
         return sum(t.action is None for t in self.turns)
+
+    @property
+    def env_return(self) -> float:
+        """The sum of the rewards the env's steps returned (the env's own scale; not the training return)."""
+        return sum(t.env_reward for t in self.turns)
 
     def episode_return(self, config: RolloutConfig) -> float:
         if self.failed:
@@ -68,7 +76,9 @@ class Episode:
             "invalid": self.invalid_turns,
             "failed": self.failed,
             "failure": self.failure,
+            "terminated": self.terminated,
             "truncated": self.truncated,
+            "env_return": self.env_return,
             "turns": [
                 {"text": t.text, "action": t.action, "observation": t.observation, "context_tokens": t.context_tokens}
                 for t in self.turns

@@ -18,6 +18,17 @@ def episode_return_reward(completions, episode_return=None, failed=None, **kwarg
     return [None if f else float(r) for r, f in zip(episode_return, failed)]
 
 
+def env_return_reward(completions, env_return=None, failed=None, **kwargs) -> list[float | None]:
+    """The sum of the rewards the env's own `step` returned over the episode (the env's scale, e.g. ScienceWorld's
+    10 on a win; a shaped env's partial rewards): for envs whose own reward is the objective."""
+    if env_return is None:
+        raise ValueError(
+            "env_return_reward needs the `env_return` column; use it with TrajectoryRollout as rollout_func."
+        )
+    failed = failed or [False] * len(env_return)
+    return [None if f else float(r) for r, f in zip(env_return, failed)]
+
+
 def won_reward(completions, won=None, failed=None, **kwargs) -> list[float | None]:
     """1.0 for a won episode, 0.0 otherwise (a success-rate reward)."""
     if won is None:

@@ -20,7 +20,8 @@ class TrajectoryRollout(EnvRollout):
     """`rollout_func(prompts, trainer) -> dict` for a plain `trl.GRPOTrainer` (or EPOTrainer).
 
     Pass `reward_funcs=[episode_return_reward]` (from `epo_trl.rollout`): the dict carries `episode_return`,
-    `won` and `failed` per row for reward functions.
+    `env_return` (the env's own step rewards, summed; `env_return_reward`), `won`, `failed` and `num_turns` per row
+    for reward functions.
     """
 
     mode = "trajectory"
@@ -38,6 +39,7 @@ class TrajectoryRollout(EnvRollout):
             out["env_mask"].append(e.env_mask)
             out["logprobs"].append(e.logprobs)
         out["episode_return"] = [e.episode_return(self.config) for e in result.episodes]
+        out["env_return"] = [e.env_return for e in result.episodes]
         out["won"] = [bool(e.won) for e in result.episodes]
         out["failed"] = [bool(e.failed) for e in result.episodes]
         out["num_turns"] = [len(e.turns) for e in result.episodes]

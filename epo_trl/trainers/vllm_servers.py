@@ -98,8 +98,8 @@ def attach_server_pool(trainer) -> None:
     """Replace the trainer's single vLLM client by a `ServerPool` over `args.vllm_server_base_urls` (main process;
     TRL already connected the first URL). A no-op unless server mode with several URLs."""
     args = trainer.args
-    urls = getattr(args, "vllm_server_base_urls", None)
-    if not (getattr(trainer, "use_vllm", False) and args.vllm_mode == "server" and urls):
+    urls = args.vllm_server_base_urls
+    if not (trainer.use_vllm and args.vllm_mode == "server" and urls):
         return
     if not trainer.accelerator.is_main_process:
         return  # TRL's other ranks only gather/broadcast: they never talk to a server

@@ -47,6 +47,7 @@ def push_cpu_colocate(vllm_generation) -> None:
     # One iterator over ALL tensors: the layer-wise reload re-packs a layer once all its tensors arrived.
     runner.reload_weights(weights_iterator=vllm_generation._iter_named_params(), is_checkpoint_format=True)
     model = runner.get_model()
+    # vLLM model classes differ: an LM head and its weight are optional (e.g. a parallel head holds no `weight`).
     head, embed = getattr(model, "lm_head", None), _input_embeddings(model)
     if head is not None and embed is not None and getattr(head, "weight", None) is not None:
         if head.weight.data_ptr() == embed.weight.data_ptr():  # tied: the reload never re-packed the head
@@ -55,6 +56,7 @@ def push_cpu_colocate(vllm_generation) -> None:
 
 
 def _input_embeddings(model):
+    """The input embedding of a vLLM model, if it has one it names (model classes differ: every look-up may miss)."""
     getter = getattr(model, "get_input_embeddings", None)
     try:
         module = getter() if getter is not None else None
@@ -114,7 +116,7 @@ class SyncCheck:
         payload = [None]
         if trainer.accelerator.is_main_process:
             client = vllm.vllm_client
-            copies = len(client) if hasattr(client, "__len__") else 1
+            copies = len(client) if hasattr(client, "__len__") else 1  # our ServerPool has one, TRL's client not
             out = client.generate(
                 prompts=[self.probe] * copies, n=1, temperature=temperature, max_tokens=PROBE_TOKENS, logprobs=0,
                 generation_kwargs={"ignore_eos": True, "min_tokens": PROBE_TOKENS},
@@ -158,7 +160,7 @@ def _tensor(values) -> torch.Tensor:
 def install(trainer) -> SyncCheck | None:
     """Route the trainer's vLLM weight push through the right path for its engine, and check it after each push
     (`vllm_sync_check`). A no-op without vLLM. Returns the check (None when off)."""
-    if not getattr(trainer, "use_vllm", False):
+    if not trainer.use_vllm:
         return None
     vllm = trainer.vllm_generation
     trl_sync = vllm.sync_weights

@@ -160,7 +160,9 @@ class ALFWorldTextEnv(TextEnv):
             info["expert_plan"] = list(state.get("extra.expert_plan") or [])
         return obs, info
 
-    def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
+    def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
+        """Terminated: the game is won or lost; never truncated (the engine here has no move limit: the rollout's
+        `max_turns` cuts episodes off)."""
         if self._state is None or self._done:
             raise RuntimeError("step() called on a finished (or never started) ALFWorld episode; call reset().")
         state, _score, done = self._env.step(action)
@@ -171,7 +173,7 @@ class ALFWorldTextEnv(TextEnv):
         if self.expert is not None:
             info["expert_plan"] = list(state.get("extra.expert_plan") or [])
         # An invalid command leaves the game unchanged and answers "Nothing happens.": a normal observation.
-        return state.feedback.strip(), (10.0 if won else 0.0), self._done, info
+        return state.feedback.strip(), (10.0 if won else 0.0), self._done, False, info
 
     def admissible_actions(self) -> list[str] | None:
         if self._state is None:
@@ -299,8 +301,8 @@ class ALFWorldFactory(EnvFactory):
         env = self._expert()
         env.reset(task)
         for command in prefix:
-            _, _, done, _ = env.step(command)
-            if done:
+            _, _, terminated, truncated, _ = env.step(command)
+            if terminated or truncated:
                 return []
         plan, won = _play_expert(env, max_moves)
         if not won:
@@ -345,6 +347,6 @@ def _play_expert(env: ALFWorldTextEnv, max_moves: int) -> tuple[list[str], bool]
         if not next_commands:
             break
         plan.append(next_commands[0])
-        _, _, done, info = env.step(plan[-1])
-        won = info["won"]
+        _, _, terminated, truncated, info = env.step(plan[-1])
+        done, won = terminated or truncated, info["won"]
     return plan, won

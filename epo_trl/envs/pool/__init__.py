@@ -1,6 +1,7 @@
 """Environment workers: who owns the live envs and runs their calls with a timeout, in threads or in processes.
 
-Two pools behind one interface (`EnvPool`), picked by `RolloutConfig.env_workers`:
+Two pools behind one interface (`EnvPool`, base.py), picked by `RolloutConfig.env_workers` and built by
+`create_pool` (factory.py):
 
 - `ThreadEnvPool`: envs live in the trainer process, called from daemon threads. Cheapest; only for envs whose
   separate instances can run concurrently in one interpreter (`EnvFactory.thread_safe = True`, e.g. the maze).
@@ -31,7 +32,8 @@ multiprocessing Pipes, which pickle: fine inside one process tree, but never put
                       {"ok": True, "value": {...}}  |  {"ok": False, "error": "TypeName", "message": str}
         reset/replay value = {"obs": str, "goal": str, "admissible": [str] | None}
         act value = {"action": None} (rejected by project_action, no step) |
-                    {"action": str, "obs": str, "done": bool, "won": bool, "admissible": [str] | None}
+                    {"action": str, "obs": str, "reward": float, "terminated": bool, "truncated": bool, "won": bool,
+                     "admissible": [str] | None}          admissible: None once the episode ended
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from ..protocol import (
     check_reset,
     check_step,
 )
-from .base import WORKER_KINDS, EnvHandle, EnvPool, Result, resolve_kind
+from .base import EnvHandle, EnvPool, Result
+from .factory import WORKER_KINDS, create_pool, resolve_kind
 from .processes import DEFAULT_START_METHOD, READY_TIMEOUT_S, ProcessEnvPool
 from .threads import ThreadEnvPool
 from .wire import EnvWorkerError, WorkerDiedError, op_act, op_replay, op_reset, worker_main
@@ -64,6 +67,7 @@ __all__ = [
     "check_projection",
     "check_reset",
     "check_step",
+    "create_pool",
     "op_act",
     "op_replay",
     "op_reset",

@@ -1,4 +1,5 @@
-"""The pool interface: handles to live envs and the batched calls every pool answers."""
+"""The pool interface: handles to live envs and the batched calls every pool answers (`create_pool` in factory.py
+picks and builds a pool; this module imports neither)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..protocol import EnvFactory, TaskSpec, TextEnv
-
-WORKER_KINDS = ("auto", "threads", "processes")
 
 Result = tuple[bool, Any]  # (ok, value dict | exception)
 
@@ -41,16 +40,6 @@ class EnvPool(ABC):
         self.name = getattr(factory, "name", type(factory).__name__)
         self.idle: list[EnvHandle] = []
 
-    @staticmethod
-    def create(factory: EnvFactory, num_workers: int = 8, timeout: float = 60.0, kind: str = "auto", **kwargs):
-        """`kind`: "threads", "processes" or "auto" (the factory's `thread_safe`: True -> threads)."""
-        from .processes import ProcessEnvPool
-        from .threads import ThreadEnvPool
-
-        kind = resolve_kind(factory, kind)
-        cls = ThreadEnvPool if kind == "threads" else ProcessEnvPool
-        return cls(factory, num_workers, timeout, **kwargs)
-
     @abstractmethod
     def acquire(self) -> EnvHandle: ...
 
@@ -69,11 +58,3 @@ class EnvPool(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
-
-
-def resolve_kind(factory: EnvFactory, kind: str) -> str:
-    if kind not in WORKER_KINDS:
-        raise ValueError(f"env_workers={kind!r}: use one of {WORKER_KINDS}.")
-    if kind == "auto":
-        return "threads" if getattr(factory, "thread_safe", True) else "processes"
-    return kind

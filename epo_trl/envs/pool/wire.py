@@ -32,17 +32,17 @@ def op_act(env: TextEnv, name: str, text: str) -> dict:
     action = check_projection(name, env.project_action(text))
     if action is None:
         return {"action": None}
-    obs, done, won = check_step(name, env.step(action))
-    admissible = None if done else check_admissible(name, env.admissible_actions())
-    return {"action": action, "obs": obs, "done": done, "won": won, "admissible": admissible}
+    step = check_step(name, env.step(action))
+    ended = step.terminated or step.truncated
+    admissible = None if ended else check_admissible(name, env.admissible_actions())
+    return {"action": action, **step._asdict(), "admissible": admissible}
 
 
 def op_replay(env: TextEnv, name: str, task: TaskSpec, commands: Sequence[str]) -> dict:
     """Rebuild an episode's state on a fresh env: reset + the commands it had taken."""
     out = op_reset(env, name, task)
     for command in commands:
-        obs, _done, _won = check_step(name, env.step(command))
-        out = {"obs": obs, "goal": out["goal"], "admissible": None}
+        out = {"obs": check_step(name, env.step(command)).obs, "goal": out["goal"], "admissible": None}
     out["admissible"] = check_admissible(name, env.admissible_actions())
     return out
 

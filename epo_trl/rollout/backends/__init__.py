@@ -26,6 +26,6 @@ __all__ = [
 def backend_for_trainer(trainer) -> GenerationBackend:
     """vLLM when the trainer uses it, HF generate otherwise (reusing each episode's KV cache across turns: same
     samples as `HFBackend`, see hf_kv_cache.py)."""
-    if getattr(trainer, "use_vllm", False):
+    if trainer.use_vllm:
         return VLLMBackend.from_trainer(trainer)
     return KVCacheHFBackend.from_trainer(trainer)

@@ -79,7 +79,7 @@ class HFBackend:
 
     @classmethod
     def from_trainer(cls, trainer, **overrides) -> HFBackend:
-        kwargs = getattr(trainer, "generation_kwargs", None) or {}
+        kwargs = trainer.generation_kwargs  # TRL's HF-generate kwargs (set when the trainer does not use vLLM)
         options = dict(
             model=trainer.model_wrapped,
             tokenizer=trainer.processing_class,

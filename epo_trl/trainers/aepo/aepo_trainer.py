@@ -21,6 +21,7 @@ from trl.trainer.utils import pad
 
 from ..grpo.grpo_trainer import ActionTokens, MultiTurnGRPOTrainer, arxiv_paper, float_or_none
 from ..grpo.step_batch import episode_returns
+from ..trl_surface import TOOL_BATCH_STATE
 from .aepo_config import AEPOConfig
 from .aepo_math import (
     choose_temperature,
@@ -112,7 +113,7 @@ class AEPOTrainer(MultiTurnGRPOTrainer):
         rows = [copy.copy(inputs[firsts[i]]) for i in chosen for _ in range(n)]
         prompts = [x.get("prompt", [{"role": "user", "content": ""}]) for x in rows]  # TRL's default with envs
         with self._aepo_sampling(temperature, n), self._aepo_environments(rows, prompts):
-            if getattr(self.rollout_func, "mode", None) == "step":
+            if getattr(self.rollout_func, "mode", None) == "step":  # a user's rollout_func may have no `mode`
                 rewards, samples, unit = self._aepo_step_samples(prompts)
             else:
                 rewards, samples, unit = self._aepo_row_samples(rows, prompts)
@@ -197,8 +198,9 @@ class AEPOTrainer(MultiTurnGRPOTrainer):
         if not self.tools:
             yield
             return
-        names = ("environments", "_batch_environments", "_sync_tool_dicts", "_async_tool_dicts")
-        saved = {k: getattr(self, k, None) for k in names}
+        # TRL sets the per-batch ones in each generation batch, so a step-mode rollout may run before they exist:
+        # restore exactly what was there, absence included (their names: trl_surface.TOOL_BATCH_STATE).
+        saved = {k: vars(self)[k] for k in TOOL_BATCH_STATE if k in vars(self)}
         environments = []
         if self.environment_factories is not None:
             self._batch_environments = [x.get("environment") if self._multi_environment else None for x in rows]
@@ -231,21 +233,25 @@ class AEPOTrainer(MultiTurnGRPOTrainer):
         try:
             yield
         finally:
-            for k, v in saved.items():
-                setattr(self, k, v)
+            for k in TOOL_BATCH_STATE:
+                if k in saved:
+                    setattr(self, k, saved[k])
+                else:
+                    vars(self).pop(k, None)
 
     @contextmanager
     def _aepo_sampling(self, temperature: float, num_generations: int):
         """Sample at `temperature`, n per prompt, through TRL's path; keep the re-samples out of TRL's metrics."""
-        gen_config = getattr(self, "generation_config", None)
-        gen_kwargs = getattr(self, "generation_kwargs", None)
-        vllm = getattr(self, "vllm_generation", None) if self.use_vllm else None
+        hf = not self.use_vllm  # TRL builds a GenerationConfig and kwargs for HF generate, a VLLMGeneration for vLLM
+        gen_config = self.generation_config if hf else None
+        gen_kwargs = self.generation_kwargs if hf else None
+        vllm = None if hf else self.vllm_generation
         saved = (
             self.temperature,
             self.num_generations,
-            getattr(gen_config, "temperature", None),
+            gen_config.temperature if hf else None,
             dict(gen_kwargs) if isinstance(gen_kwargs, dict) else None,
-            getattr(vllm, "temperature", None),
+            None if hf else vllm.temperature,
             self._pending_metrics,
             self._pending_extra_logs,
         )

@@ -39,8 +39,14 @@ from .grpo_config import MultiTurnGRPOConfig
 from .turn_math import masked_token_mean, per_turn_sums, turn_ids_from_mask
 
 _PREPARED = "_epo_prepared"  # marks a micro-batch that `_prepare_inputs` already built
-# Loss types whose policy term averages over sequences (weight row chunks by rows, not tokens).
-_SEQUENCE_MEAN_LOSSES = ("grpo", "sapo", "dr_grpo", "luspo")
+# What TRL's `_compute_loss` divides each loss type's policy term by, which sets a row chunk's share of it: "rows"
+# (grpo, sapo: mean of per-sequence means; dr_grpo: rows * max_completion_length; luspo: mean of per-sequence sums)
+# or "tokens" (bnpo: the micro-batch's tokens; dapo, cispo, vespo: `num_items_in_batch`). TRL exposes no such table:
+# tests/test_trl_surface.py checks this one against TRL's own loss for every `loss_type` GRPOConfig allows.
+LOSS_NORMALISATION = {
+    "grpo": "rows", "sapo": "rows", "dr_grpo": "rows", "luspo": "rows",
+    "bnpo": "tokens", "dapo": "tokens", "cispo": "tokens", "vespo": "tokens",
+}  # fmt: skip
 
 
 def arxiv_paper(key: str, title: str, arxiv_id: str, year: int) -> dict:
@@ -99,12 +105,12 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
         # Global token-mean action entropy of the last optimizer step (all ranks, all micro-batches).
         self.last_step_entropy: float | None = None
         # While a micro-batch runs as several row chunks: this chunk's share of the policy term (rows for
-        # sequence-mean loss types, tokens otherwise) and of the token-mean entropy terms.
+        # loss types TRL normalises by rows, tokens otherwise) and of the token-mean entropy terms.
         self._chunk_weights: tuple[float, float] | None = None
 
     # --- rows -----------------------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
-        if getattr(self.rollout_func, "mode", None) == "step":
+        if getattr(self.rollout_func, "mode", None) == "step":  # a user's rollout_func may have no `mode`
             # Step mode bypasses GRPOTrainer._generate, the only place TRL syncs vLLM: sync here, exactly as TRL does.
             self.sync_generation_weights()
             return step_batch.build_training_batch(self.rollout_func, inputs, self)
@@ -128,8 +134,8 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
         """Step-mode micro-batches hold a varying number of rows: run them in row chunks to bound memory.
 
         Every chunk is its own forward/backward; gradients are synchronised (DDP) / stepped (DeepSpeed) only on the
-        last one. Each chunk's loss is weighted by its share of the micro-batch (tokens, or rows for sequence-mean
-        loss types) and its `num_items_in_batch` by the same share, so the summed gradient equals one full pass.
+        last one. Each chunk's loss is weighted by its share of the micro-batch (tokens, or rows for the loss types
+        TRL normalises by rows: LOSS_NORMALISATION) and its `num_items_in_batch` by the same share, so the summed gradient equals one full pass.
         Ranks hold equal row counts (the step rollout pads them), so they run the same number of passes.
         """
         model.train()  # as Trainer.training_step does before preparing: TRL's buffering depends on the mode
@@ -165,12 +171,13 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
             return [(batch, None)]
         mask = batch["completion_mask"] * batch.get("tool_mask", 1)
         tokens = mask.sum(1).double()
+        by_rows = self._loss_normalised_by_rows()
         chunks = []
         for start in range(0, rows, limit):
             part = slice(start, start + limit)
             token_weight = (tokens[part].sum() / tokens.sum().clamp(min=1.0)).item()
             row_weight = (min(start + limit, rows) - start) / rows
-            policy_weight = row_weight if self.loss_type in _SEQUENCE_MEAN_LOSSES else token_weight
+            policy_weight = row_weight if by_rows else token_weight
             chunk = {
                 k: v[part] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.size(0) == rows else v
                 for k, v in batch.items()
@@ -179,6 +186,15 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
                 chunk["num_items_in_batch"] = batch["num_items_in_batch"] * max(token_weight, 1e-12)
             chunks.append((chunk, (policy_weight, token_weight)))
         return chunks
+
+    def _loss_normalised_by_rows(self) -> bool:
+        if self.loss_type not in LOSS_NORMALISATION:
+            raise ValueError(
+                f"loss_type={self.loss_type!r} is not in LOSS_NORMALISATION (epo_trl/trainers/grpo/grpo_trainer.py): "
+                "row chunks need to know whether TRL normalises its policy term by rows or by tokens. Add it (the "
+                "test in tests/test_trl_surface.py tells which), or set max_rows_per_backward=0 to run no row chunks."
+            )
+        return LOSS_NORMALISATION[self.loss_type] == "rows"
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
         logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
@@ -286,7 +302,7 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
     def state_for_checkpoint(self) -> dict:
         # RUN: what the run is, so a resume under another method or seed is refused before anything runs
         # (epo_trl.cli.run_checks); the model's shape is in the checkpoint's config.json.
-        algo = run_algo(self._name, bool(getattr(self.args, "smoothing", False)))
+        algo = run_algo(self._name, bool(getattr(self.args, "smoothing", False)))  # EPOConfig's field; others lack it
         return {"last_step_entropy": self.last_step_entropy, RUN: {"algo": algo, "seed": self.args.seed}}
 
     def load_checkpoint_state(self, state: dict) -> None:

@@ -50,7 +50,7 @@ def episode_advantages(rollout, episodes: list, trainer) -> tuple[torch.Tensor, 
     grouped = returns.view(-1, group)
     mean = torch.nanmean(grouped, dim=1, keepdim=True)
     centered = grouped - mean
-    scale = getattr(trainer, "scale_rewards", "group")
+    scale = trainer.scale_rewards
     if scale == "group" and group > 1:
         centered = centered / (_nanstd(grouped, dim=1).unsqueeze(1) + 1e-4)
     elif scale == "batch" and returns.numel() > 1:
@@ -116,8 +116,8 @@ def _tensorize(rows: list[tuple], num_real: int, trainer) -> dict[str, Any]:
 
     device = trainer.accelerator.device
     pad_id = trainer.processing_class.pad_token_id
-    multiple = getattr(trainer, "pad_to_multiple_of", None)
-    eos_ids = set(getattr(trainer, "eos_token_ids", None) or [trainer.processing_class.eos_token_id])
+    multiple = trainer.pad_to_multiple_of
+    eos_ids = set(trainer.eos_token_ids)  # TRL's: the tokenizer's EOS and every one the model declares
     prompts = [torch.tensor(r[0], dtype=torch.long) for r in rows]
     # A row needs at least one completion position (a dummy row may have none).
     completions = [torch.tensor(r[1] or [pad_id], dtype=torch.long) for r in rows]
@@ -125,7 +125,7 @@ def _tensorize(rows: list[tuple], num_real: int, trainer) -> dict[str, Any]:
     for i, (r, ids) in enumerate(zip(rows, completions)):
         mask = torch.ones_like(ids) if i < num_real and r[1] else torch.zeros_like(ids)
         truncated = not r[1] or r[1][-1] not in eos_ids
-        if getattr(trainer, "mask_truncated_completions", False) and truncated:
+        if trainer.mask_truncated_completions and truncated:
             mask = torch.zeros_like(ids)
         masks.append(mask)
     batch: dict[str, Any] = {
@@ -136,7 +136,7 @@ def _tensorize(rows: list[tuple], num_real: int, trainer) -> dict[str, Any]:
         "advantages": torch.tensor([r[3] for r in rows], dtype=torch.float32, device=device),
         "turn_ids": torch.tensor([r[4] for r in rows], dtype=torch.long, device=device),
     }
-    if getattr(trainer, "use_vllm", False):
+    if trainer.use_vllm:
         logps = [
             torch.tensor((r[2] + [0.0] * len(c))[: len(c)], dtype=torch.float32) for r, c in zip(rows, completions)
         ]
@@ -148,7 +148,7 @@ def _add_old_logps(batch: dict[str, Any], trainer) -> None:
     """old_per_token_logps when samples are reused or off-policy (TRL's condition), and vLLM IS ratios."""
     args = trainer.args
     generate_every = args.steps_per_generation * trainer.num_iterations
-    use_is = getattr(trainer, "use_vllm", False) and getattr(trainer, "vllm_importance_sampling_correction", False)
+    use_is = trainer.use_vllm and trainer.vllm_importance_sampling_correction
     if args.gradient_accumulation_steps % generate_every == 0 and not use_is and trainer.beta == 0.0:
         return
     from trl.models.utils import disable_gradient_checkpointing

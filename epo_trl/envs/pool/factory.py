@@ -1,0 +1,31 @@
+"""`create_pool`: which pool runs a factory's envs (threads or worker processes), and building it.
+
+Apart from base.py so that the interface imports neither pool and each pool imports only the interface.
+"""
+
+from __future__ import annotations
+
+from ..protocol import EnvFactory
+from .base import EnvPool
+from .processes import ProcessEnvPool
+from .threads import ThreadEnvPool
+
+WORKER_KINDS = ("auto", "threads", "processes")
+
+
+def resolve_kind(factory: EnvFactory, kind: str) -> str:
+    """ "threads" or "processes" for `kind` ("auto" = the factory's `thread_safe`: True -> threads)."""
+    if kind not in WORKER_KINDS:
+        raise ValueError(f"env_workers={kind!r}: use one of {WORKER_KINDS}.")
+    if kind == "auto":
+        return "threads" if getattr(factory, "thread_safe", True) else "processes"
+    return kind
+
+
+def create_pool(
+    factory: EnvFactory, num_workers: int = 8, timeout: float = 60.0, kind: str = "auto", **kwargs
+) -> EnvPool:
+    """A pool of `kind` ("threads", "processes" or "auto") running `factory`'s envs; `kwargs` go to the pool class
+    (e.g. `start_method=` for processes)."""
+    cls = ThreadEnvPool if resolve_kind(factory, kind) == "threads" else ProcessEnvPool
+    return cls(factory, num_workers, timeout, **kwargs)

@@ -1,0 +1,371 @@
+"""The names epo_trl reads, writes or overrides in TRL, transformers, accelerate and vLLM beyond their public APIs.
+
+One place for the version-fragile surface: private attributes and methods, the instance attributes TRL's
+`GRPOTrainer.__init__` sets from its config, module internals, and the shapes we unpack. `tests/test_trl_surface.py`
+checks every entry against the installed libraries (the failure names the library, the owner and the name) and that
+the code uses no TRL name missing from this list; the pinned versions are in pyproject.toml.
+
+Rules for the code that uses them:
+- read them directly (`trainer.scale_rewards`), never `getattr(obj, "name", default)`: a rename upstream must raise
+  an AttributeError naming the attribute, not silently turn a feature off;
+- a new private or TRL-internal name goes here first, with the files that use it (the test checks both ways).
+
+This module imports none of those libraries: `problems()` imports what it checks, when called.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import inspect
+import re
+
+# Owners (module:qualname). Instance attributes of a trainer are checked on a real GRPOTrainer-derived trainer.
+GRPO_TRAINER = "trl.trainer.grpo_trainer:GRPOTrainer"
+GRPO_CONFIG = "trl.trainer.grpo_config:GRPOConfig"
+VLLM_GENERATION = "trl.generation.vllm_generation:VLLMGeneration"
+HF_TRAINER = "transformers.trainer:Trainer"
+TRAINING_ARGS = "transformers.training_args:TrainingArguments"
+TRAINER_STATE = "transformers.trainer_callback:TrainerState"
+PRETRAINED_CONFIG = "transformers.configuration_utils:PretrainedConfig"
+DYNAMIC_CACHE = "transformers.cache_utils:DynamicCache"
+GRADIENT_STATE = "accelerate.state:GradientState"
+ACCELERATOR = "accelerate.accelerator:Accelerator"
+LLM = "vllm.entrypoints.llm:LLM"
+LLM_ENGINE = "vllm.v1.engine.llm_engine:LLMEngine"
+UNIPROC_EXECUTOR = "vllm.v1.executor.uniproc_executor:UniProcExecutor"
+CPU_WORKER = "vllm.v1.worker.cpu_worker:CPUWorker"
+CPU_MODEL_RUNNER = "vllm.v1.worker.cpu_model_runner:CPUModelRunner"
+UNQUANTIZED_LINEAR = "vllm.model_executor.layers.linear:UnquantizedLinearMethod"
+CURRENT_PLATFORM = "vllm.platforms:current_platform"
+
+# How a name is checked.
+INSTANCE = "instance attribute"  # present on a built trainer (or on `instance` handed to `problems`)
+ASSIGNED = "attribute assigned in source"  # `self.<name> =` in the owner's source: set only in some modes
+CLASS = "class attribute"  # methods, properties, constants: getattr(owner class, name)
+FIELD = "config field"  # a dataclass field of the owner
+MODULE = "module attribute"  # getattr(module, name)
+CACHED = "cached_property"  # a functools.cached_property on the owner class (we write its instance slot)
+PARAMETER = "parameter"  # `name` is a parameter of the owner callable
+RETURNS = "return tuple"  # every `return` of owner.name returns exactly `returns`, in that order
+
+
+@dataclasses.dataclass(frozen=True)
+class Name:
+    library: str  # "trl", "transformers", "accelerate" or "vllm"
+    owner: str  # "module:qualname", or "module" for module attributes
+    name: str
+    kind: str
+    used_in: tuple[str, ...]  # files under epo_trl/ that use it
+    returns: tuple[str, ...] = ()  # RETURNS only: the unpacked names, in order
+    requires: str = ""  # another library the name only exists with (TRL's vLLM re-exports need vllm)
+
+
+def _names(library: str, owner: str, kind: str, uses: dict[str, str], requires: str = "") -> list[Name]:
+    """Entries from `{name: "file, file"}` (paths relative to epo_trl/)."""
+    return [
+        Name(library, owner, name, kind, tuple(f"epo_trl/{p.strip()}" for p in files.split(",")), requires=requires)
+        for name, files in uses.items()
+    ]
+
+
+GRPO = "trainers/grpo/grpo_trainer.py"
+STEP = "trainers/grpo/step_batch.py"
+AEPO = "trainers/aepo/aepo_trainer.py"
+EPO = "trainers/epo/epo_trainer.py"
+SYNC = "trainers/vllm_sync.py"
+SERVERS = "trainers/vllm_servers.py"
+HF = "rollout/backends/hf.py"
+VLLM_BACKEND = "rollout/backends/vllm.py"
+
+SURFACE: tuple[Name, ...] = (
+    # --- TRL GRPOTrainer: instance attributes set in __init__ (from GRPOConfig) -----------------------------
+    *_names(
+        "trl",
+        GRPO_TRAINER,
+        INSTANCE,
+        {
+            "_metrics": f"{GRPO}, {STEP}, {AEPO}, {EPO}, {SYNC}, rollout/engine.py",
+            "_last_world_entropy": GRPO,  # TRL's adaptive entropy controller's last measured entropy
+            "_tokenizer": AEPO,
+            "_pending_metrics": AEPO,  # swapped out while AEPO re-samples
+            "_pending_extra_logs": AEPO,
+            "_standalone_tools": AEPO,
+            "_multi_environment": AEPO,
+            "environments": AEPO,  # swapped while AEPO re-samples
+            "environment_factories": AEPO,
+            "tools": AEPO,
+            "rollout_func": f"{GRPO}, {AEPO}, cli/train.py, cli/demo.py",
+            "use_vllm": f"{GRPO}, {STEP}, {AEPO}, {SYNC}, {SERVERS}, rollout/backends/__init__.py, cli/demo.py",
+            "loss_type": GRPO,
+            "beta": STEP,
+            "num_iterations": STEP,
+            "num_generations": f"{STEP}, {AEPO}",  # AEPO swaps it while re-sampling
+            "num_generations_eval": STEP,
+            "temperature": f"{AEPO}, {SYNC}, {HF}, rollout/engine.py",  # AEPO swaps it while re-sampling
+            "top_p": HF,
+            "top_k": HF,
+            "eos_token_ids": f"{STEP}, {AEPO}, {HF}, {VLLM_BACKEND}",
+            "pad_to_multiple_of": STEP,
+            "scale_rewards": STEP,
+            "mask_truncated_completions": f"{STEP}, {AEPO}",
+            "vllm_importance_sampling_correction": STEP,
+            "vllm_importance_sampling_mode": STEP,
+            "vllm_importance_sampling_clip_min": STEP,
+            "vllm_importance_sampling_clip_max": STEP,
+            "entropy_coef": GRPO,
+            "use_adaptive_entropy": GRPO,
+            "top_entropy_quantile": GRPO,
+            "ref_model": STEP,
+            "reward_weights": AEPO,
+        },
+    ),
+    # Set only in some modes (checked in TRL's source): vLLM on / off, after a generation with tools / envs.
+    *_names(
+        "trl",
+        GRPO_TRAINER,
+        ASSIGNED,
+        {
+            "vllm_generation": f"{GRPO}, {SYNC}, {SERVERS}, {VLLM_BACKEND}, cli/demo.py",  # use_vllm only
+            "_last_loaded_step": GRPO,  # use_vllm only: the step whose weights vLLM holds
+            "generation_config": AEPO,  # HF generate only; AEPO swaps its temperature
+            "generation_kwargs": f"{AEPO}, {HF}",  # HF generate only
+            "_batch_environments": AEPO,  # environment_factory: set per generation batch, swapped by AEPO
+            "_sync_tool_dicts": AEPO,  # tools: set per generation batch, swapped by AEPO
+            "_async_tool_dicts": AEPO,
+        },
+    ),
+    # --- TRL GRPOTrainer: methods epo_trl overrides or calls ---------------------------------------------------
+    *_names(
+        "trl",
+        GRPO_TRAINER,
+        CLASS,
+        {
+            "_generate_and_score_completions": f"{GRPO}, {AEPO}, bench/tool_race.py",  # overridden: step rows, AEPO
+            "_prepare_inputs": GRPO,  # overridden: prepared micro-batches pass through
+            "training_step": GRPO,  # overridden: row chunks
+            "_compute_loss": f"{GRPO}, bench/loss_overhead.py",  # overridden: the method's terms; timed
+            "_get_per_token_logps_and_entropies": f"{GRPO}, {STEP}, {AEPO}, {SYNC}",  # overridden and called
+            "_load_optimizer_and_scheduler": GRPO,  # overridden: the method's state
+            "_save_checkpoint": GRPO,  # overridden: crash-safe order
+            "_calculate_rewards": AEPO,
+            "_generate_single_turn": "bench/tool_race.py",  # replaced by a scripted generator in the benchmark
+            "get_high_entropy_mask": GRPO,
+        },
+    ),
+    Name(
+        "trl",
+        GRPO_TRAINER,
+        "_generate",
+        RETURNS,
+        (f"epo_trl/{AEPO}",),
+        returns=(
+            "prompt_ids",
+            "completion_ids",
+            "tool_mask",
+            "completions",
+            "logprobs",
+            "extra_fields",
+            "images",
+            "tool_images",
+        ),
+    ),
+    # --- TRL GRPOConfig fields read through trainer.args ------------------------------------------------------
+    *_names(
+        "trl",
+        GRPO_CONFIG,
+        FIELD,
+        {
+            "steps_per_generation": STEP,
+            "entropy_target": GRPO,
+            "ds3_gather_for_generation": HF,
+            "vllm_enable_sleep_mode": VLLM_BACKEND,
+            "vllm_mode": f"{GRPO}, {SERVERS}",
+            "vllm_group_port": SERVERS,
+            "vllm_server_timeout": SERVERS,
+            "loss_type": GRPO,  # its allowed values: tests/test_trl_surface.py reads them from the field's help
+        },
+    ),
+    # --- TRL VLLMGeneration (trainer.vllm_generation): built only with vLLM, checked in its source ------------
+    *_names(
+        "trl",
+        VLLM_GENERATION,
+        ASSIGNED,
+        {
+            "llm": f"{SYNC}",  # colocate mode
+            "vllm_client": f"{SYNC}, {SERVERS}",  # server mode; replaced by a ServerPool
+            "mode": SYNC,
+            "enable_sleep_mode": SYNC,
+            "temperature": f"{AEPO}, {VLLM_BACKEND}",  # swapped for a call
+            "max_completion_length": VLLM_BACKEND,  # swapped for a call
+        },
+    ),
+    *_names(
+        "trl",
+        VLLM_GENERATION,
+        CLASS,
+        {
+            "sync_weights": f"{GRPO}, {SYNC}, cli/demo.py",  # wrapped by vllm_sync.install
+            "generate": VLLM_BACKEND,
+            "_iter_named_params": SYNC,  # every tensor, in vLLM's names, for the CPU reload
+        },
+    ),
+    *_names(
+        "trl",
+        "trl.generation.vllm_generation",
+        MODULE,
+        {
+            "LLM": VLLM_BACKEND,  # replaced around GRPOTrainer.__init__ (CPU dtype, one-process group)
+            "SamplingParams": SYNC,
+        },
+        requires="vllm",
+    ),
+    *_names("trl", "trl.generation.vllm_generation", MODULE, {"VLLMClient": SERVERS}),
+    *_names(
+        "trl",
+        "trl.trainer.utils",
+        MODULE,
+        {"pad": f"{STEP}, {AEPO}", "nanstd": STEP, "nanmax": STEP, "nanmin": STEP, "use_adapter": STEP},
+    ),
+    *_names("trl", "trl.models.utils", MODULE, {"disable_gradient_checkpointing": STEP}),
+    *_names("trl", "trl.models", MODULE, {"unwrap_model_for_generation": HF}),
+    *_names("trl", "trl.extras.profiling", MODULE, {"profiling_context": GRPO}),
+    # --- transformers -------------------------------------------------------------------------------------------
+    *_names("transformers", HF_TRAINER, CLASS, {"_get_output_dir": GRPO}),
+    *_names(
+        "transformers",
+        HF_TRAINER,
+        ASSIGNED,
+        {
+            "current_gradient_accumulation_steps": f"{GRPO}, {AEPO}",  # set by train()
+            "model_wrapped": HF,
+        },
+    ),
+    # A cached_property: its instance slot (`args.__dict__["_setup_devices"]`) is replaced while the optimizer loads.
+    *_names("transformers", TRAINING_ARGS, CACHED, {"_setup_devices": GRPO}),
+    *_names("transformers", TRAINER_STATE, CLASS, {"save_to_json": GRPO}),  # shadowed on the instance: atomic
+    *_names("transformers", "transformers.trainer_utils", MODULE, {"PREFIX_CHECKPOINT_DIR": GRPO}),
+    *_names(
+        "transformers",
+        "transformers.integrations.deepspeed",
+        MODULE,
+        {
+            "_hf_deepspeed_config_weak_ref": "distributed.py",  # the ZeRO-3 config every from_pretrained consults
+            "set_hf_deepspeed_config": "distributed.py",
+            "unset_hf_deepspeed_config": "distributed.py",
+        },
+    ),
+    *_names("transformers", PRETRAINED_CONFIG, ASSIGNED, {"_name_or_path": GRPO}),
+    *_names("transformers", DYNAMIC_CACHE, PARAMETER, {"ddp_cache_data": "rollout/backends/hf_kv_cache.py"}),
+    # --- accelerate ----------------------------------------------------------------------------------------------
+    *_names("accelerate", GRADIENT_STATE, CLASS, {"_set_sync_gradients": GRPO}),  # per row chunk
+    *_names("accelerate", ACCELERATOR, ASSIGNED, {"gradient_state": GRPO}),
+    # --- vLLM (colocated CPU engine: the RL weight reload) ------------------------------------------------------
+    *_names("vllm", LLM, ASSIGNED, {"llm_engine": SYNC}),
+    *_names("vllm", LLM, CLASS, {"reset_prefix_cache": SYNC, "generate": SYNC}),
+    *_names("vllm", LLM_ENGINE, ASSIGNED, {"model_executor": SYNC}),
+    *_names("vllm", UNIPROC_EXECUTOR, ASSIGNED, {"driver_worker": SYNC}),
+    *_names("vllm", CPU_WORKER, ASSIGNED, {"model_runner": SYNC}),
+    *_names("vllm", CPU_MODEL_RUNNER, CLASS, {"reload_weights": SYNC, "get_model": SYNC}),
+    *_names("vllm", UNQUANTIZED_LINEAR, CLASS, {"process_weights_after_loading": SYNC}),  # the tied LM head
+    *_names("vllm", CURRENT_PLATFORM, CLASS, {"is_cpu": SYNC, "dist_backend": VLLM_BACKEND}),
+)
+
+
+# TRL's per-batch tool state that AEPO's re-samples replace and restore (GRPOTrainer._generate_and_score_completions).
+TOOL_BATCH_STATE = ("environments", "_batch_environments", "_sync_tool_dicts", "_async_tool_dicts")
+
+
+# --- checking -------------------------------------------------------------------------------------------------------
+def resolve(owner: str):
+    """The object `owner` ("module:qualname" or "module") names; raises ImportError / AttributeError."""
+    module_name, _, qualname = owner.partition(":")
+    obj = importlib.import_module(module_name)
+    for part in qualname.split(".") if qualname else ():
+        obj = getattr(obj, part)
+    return obj
+
+
+@functools.cache
+def _class_source(cls) -> str:
+    """The source of `cls` and its bases (those with source), concatenated."""
+    parts = []
+    for klass in inspect.getmro(cls if inspect.isclass(cls) else type(cls)):
+        try:
+            parts.append(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+    return "\n".join(parts)
+
+
+def assigned_in_source(cls, name: str) -> bool:
+    return re.search(rf"\bself\.{re.escape(name)}\s*(:[^=\n]*)?=(?!=)", _class_source(cls)) is not None
+
+
+def returned_tuples(func) -> list[tuple[str, ...]]:
+    """The names of every `return a, b, ...` in `func`'s own body (nested functions excluded)."""
+    import ast
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(func)))
+    out = []
+
+    def visit(node, top):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) and not top:
+                continue
+            if isinstance(child, ast.Return) and child.value is not None:
+                elts = child.value.elts if isinstance(child.value, ast.Tuple) else [child.value]
+                out.append(tuple(ast.unparse(e) for e in elts))
+            visit(child, False)
+
+    visit(tree.body[0], False)
+    return out
+
+
+def missing(entry: Name, instance=None) -> str | None:
+    """Why `entry` does not hold in the installed library, or None when it does."""
+    where = ", ".join(entry.used_in)
+    lead = f"{entry.library}: {entry.owner} has no {entry.kind} `{entry.name}` (epo_trl uses it in {where})"
+    try:
+        owner = resolve(entry.owner)
+    except (ImportError, AttributeError) as e:
+        return f"{entry.library}: cannot resolve {entry.owner} ({e}); epo_trl uses its `{entry.name}` in {where}"
+    if entry.kind == INSTANCE:
+        ok = hasattr(instance, entry.name) if instance is not None else assigned_in_source(owner, entry.name)
+    elif entry.kind == ASSIGNED:
+        ok = assigned_in_source(owner, entry.name)
+    elif entry.kind == CLASS:
+        ok = hasattr(owner, entry.name)
+    elif entry.kind == FIELD:
+        ok = entry.name in {f.name for f in dataclasses.fields(owner)}
+    elif entry.kind == MODULE:
+        ok = hasattr(owner, entry.name)
+    elif entry.kind == CACHED:
+        ok = isinstance(inspect.getattr_static(owner, entry.name, None), functools.cached_property)
+    elif entry.kind == PARAMETER:
+        ok = entry.name in inspect.signature(owner).parameters
+    elif entry.kind == RETURNS:
+        func = getattr(owner, entry.name, None)
+        if func is None:
+            return lead
+        shapes = returned_tuples(func)
+        ok = bool(shapes) and all(s == entry.returns for s in shapes)
+        if not ok:
+            return f"{entry.library}: {entry.owner}.{entry.name} returns {shapes}, epo_trl unpacks {entry.returns} ({where})"
+    else:
+        raise ValueError(f"unknown kind {entry.kind!r} for {entry.name}")
+    return None if ok else lead
+
+
+def problems(surface=SURFACE, instance=None, libraries=("trl", "transformers", "accelerate", "vllm")) -> list[str]:
+    """Every entry of `surface` from `libraries` that the installed versions lack; instance attributes of the
+    trainer are checked on `instance` (a built GRPOTrainer-derived trainer) when given, else on the class."""
+    out = []
+    for entry in surface:
+        if entry.library in libraries and (not entry.requires or entry.requires in libraries):
+            problem = missing(entry, instance if entry.owner == GRPO_TRAINER else None)
+            if problem:
+                out.append(problem)
+    return out
