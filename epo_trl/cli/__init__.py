@@ -17,6 +17,7 @@ COMMANDS = {
     "train": "epo_trl.cli.train:main",
     "eval": "epo_trl.cli.evaluate:main",
     "demo": "epo_trl.cli.demo:main",
+    "vllm-serve": "epo_trl.cli.vllm_serve:main",  # issue 37: a vLLM server on GPU or CPU (gloo weight transfer)
 }
 
 

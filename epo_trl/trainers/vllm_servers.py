@@ -11,14 +11,138 @@ one server as its ceiling. `ServerPool` has the client's interface and fans out 
 - `reset_prefix_cache`, `init_communicator`: every server (each on its own NCCL group port).
 
 Enable it with `EPOConfig.vllm_server_base_urls` (EPOTrainer / AEPOTrainer call `attach_server_pool`).
+
+Every client (one server or several) is a `ServerClient`, TRL's `VLLMClient` with two additions, installed as
+`trl.generation.vllm_generation.VLLMClient` when this module is imported (so TRL's own construction of the first
+client builds one too):
+
+- the weight-transfer backend follows the server: a server started by `epo-trl vllm-serve` on CPU reports
+  `{"backend": "gloo"}` (epo_trl.trainers.vllm_gloo) and gets the weights over gloo; a GPU server reports `nccl` and
+  gets TRL's NCCL broadcast, unchanged. No trainer setting: the same `vllm_mode: server` config runs on both.
+- a server that stops answering raises `VLLMServerError` naming its URL, after one retry (TRL retries a refused
+  connection for about a minute, and re-posting a weight update to a server that died in it cannot succeed).
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+from . import vllm_gloo
+
+
+class VLLMServerError(ConnectionError):
+    """A vLLM server of the run stopped answering (or broke off a weight transfer)."""
+
+
+def server_backend(server_info: dict) -> str | None:
+    """The weight-transfer backend a server reports in `/server_info` (None: it has none)."""
+    config = server_info.get("weight_transfer_config")
+    return config.get("backend") if isinstance(config, dict) else None
+
+
+@functools.cache
+def server_client_class():
+    """`ServerClient`: TRL's `VLLMClient` with the gloo backend and errors that name the server (module docstring).
+    Built on first use: TRL's client module imports requests and vLLM helpers."""
+    import requests
+    from requests.adapters import HTTPAdapter
+    from trl.generation.vllm_client import VLLMClient
+    from urllib3.util.retry import Retry
+
+    class ServerClient(VLLMClient):
+        def __init__(self, *args, **kwargs):
+            self._gloo = None  # (group, store) once a gloo server joined
+            super().__init__(*args, **kwargs)
+            # TRL's session retries a refused or dropped connection 5 times with exponential backoff (about a
+            # minute); a run whose server died should say so at once. Server errors (5xx) keep TRL's retries.
+            retry = Retry(total=4, connect=1, read=0, status=3, backoff_factor=2, status_forcelist=[500, 502, 503],
+                          allowed_methods=["POST", "GET"])  # fmt: skip
+            adapter = HTTPAdapter(max_retries=retry, pool_maxsize=64)
+            self.session.mount("http://", adapter)
+            self.session.mount("https://", adapter)
+
+        def _unreachable(self, what: str, error: Exception) -> VLLMServerError:
+            return VLLMServerError(
+                f"The vLLM server at {self.base_url} stopped answering ({what}: {type(error).__name__}): it has "
+                "exited or its node is unreachable. Check its log; restart it (and the run) to continue."
+            )
+
+        def _get(self, url: str, **kwargs) -> dict:
+            try:
+                return super()._get(url, **kwargs)
+            except requests.RequestException as e:
+                raise self._unreachable(url.removeprefix(self.base_url), e) from e
+
+        def _post(self, url: str, **kwargs) -> dict:
+            try:
+                return super()._post(url, **kwargs)
+            except requests.RequestException as e:
+                raise self._unreachable(url.removeprefix(self.base_url), e) from e
+
+        def get_server_info(self) -> dict:
+            try:
+                return super().get_server_info()
+            except requests.RequestException as e:
+                raise self._unreachable("/server_info", e) from e
+
+        def init_communicator(self, device=0):
+            if server_backend(self.get_server_info()) != vllm_gloo.BACKEND:
+                return super().init_communicator(device=device)  # NCCL (or TRL's message for a server without one)
+            from vllm.utils.network_utils import get_ip
+
+            # The trainer is rank 0 and hosts the rendezvous; the server's workers join as ranks 1.. (as with NCCL).
+            init_info = {"master_address": get_ip(), "master_port": self.group_port, "rank_offset": 1,
+                         "world_size": self.get_world_size() + 1}  # fmt: skip
+            with ThreadPoolExecutor(max_workers=1) as executor:  # the server blocks in the rendezvous meanwhile
+                future = executor.submit(
+                    self._post, f"{self.base_url}/init_weight_transfer_engine", json={"init_info": init_info}
+                )
+                self._gloo = vllm_gloo.open_group(init_info["master_address"], self.group_port, 0,
+                                                  init_info["world_size"])  # fmt: skip
+                future.result()
+            atexit.register(self.close_communicator)
+
+        def update_named_params(self, metadata: list, named_params: Iterator[tuple[str, torch.Tensor]]) -> None:
+            if self._gloo is None:
+                return super().update_named_params(metadata, named_params)
+            names, dtypes, shapes = (list(field) for field in zip(*metadata, strict=True))
+            update_info = {"names": names, "dtype_names": dtypes, "shapes": shapes}
+            if not self._updating_weights:
+                self._start_weight_update()
+            with ThreadPoolExecutor(max_workers=1) as executor:  # the server receives inside this request
+                future = executor.submit(
+                    self._post, f"{self.base_url}/update_weights", json={"update_info": update_info}
+                )
+                try:
+                    vllm_gloo.send(self._gloo[0], named_params, metadata)
+                except RuntimeError as e:  # gloo: the peer closed the connection
+                    raise self._unreachable("weight transfer", e) from e
+                future.result()
+            if not self._updating_weights:
+                self._finish_weight_update()
+
+        def close_communicator(self):
+            self._gloo = None
+            super().close_communicator()
+
+    return ServerClient
+
+
+def install_server_client() -> None:
+    """Make TRL's `VLLMGeneration` build a `ServerClient` for its server (module docstring). Idempotent."""
+    from trl.generation import vllm_client, vllm_generation
+
+    # only over TRL's own class: a test's stand-in client (tests/vllm_standin.py) stays as it is
+    if vllm_generation.VLLMClient is vllm_client.VLLMClient:
+        vllm_generation.VLLMClient = server_client_class()
+
+
+install_server_client()
 
 
 def split_evenly(n: int, parts: int) -> list[slice]:

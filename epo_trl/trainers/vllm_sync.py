@@ -46,13 +46,20 @@ def push_cpu_colocate(vllm_generation) -> None:
     runner = vllm_generation.llm.llm_engine.model_executor.driver_worker.model_runner
     # One iterator over ALL tensors: the layer-wise reload re-packs a layer once all its tensors arrived.
     runner.reload_weights(weights_iterator=vllm_generation._iter_named_params(), is_checkpoint_format=True)
-    model = runner.get_model()
+    repack_tied_head(runner.get_model())
+    vllm_generation.llm.reset_prefix_cache()
+
+
+def repack_tied_head(model) -> bool:
+    """Re-pack a tied LM head after vLLM's layer-wise reload, which re-packs every layer it loads but not a head that
+    shares the embedding's weight (CPU vLLM keeps a packed GEMM copy of it). Returns whether it re-packed."""
     # vLLM model classes differ: an LM head and its weight are optional (e.g. a parallel head holds no `weight`).
     head, embed = getattr(model, "lm_head", None), _input_embeddings(model)
     if head is not None and embed is not None and getattr(head, "weight", None) is not None:
         if head.weight.data_ptr() == embed.weight.data_ptr():  # tied: the reload never re-packed the head
             head.quant_method.process_weights_after_loading(head)
-    vllm_generation.llm.reset_prefix_cache()
+            return True
+    return False
 
 
 def _input_embeddings(model):
