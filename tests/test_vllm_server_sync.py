@@ -124,8 +124,8 @@ def test_aepo_syncs_two_real_servers(servers, tmp_path):
 @pytest.mark.parametrize("fault", ["drop", "garble"])
 def test_a_server_that_drops_or_garbles_the_update_is_caught(servers, tmp_path, monkeypatch, fault):
     """The second server misses the update (drop) or receives wrong bytes (garble): the probe, which samples from
-    every server, stops the run at the first push that differs (step 1 for a drop: step 0 pushes the initial
-    weights the servers already hold; step 0 for a garble)."""
+    every server, stops the run within one step (a drop at step 1: step 0 pushes the initial weights the servers
+    already hold)."""
     client_cls = vllm_servers.server_client_class()
     push = client_cls.update_named_params
     faulty = servers.urls[1]
@@ -138,8 +138,9 @@ def test_a_server_that_drops_or_garbles_the_update_is_caught(servers, tmp_path, 
         return push(self, metadata, ((name, tensor.flip(0)) for name, tensor in named_params))
 
     monkeypatch.setattr(client_cls, "update_named_params", update_named_params)
-    step = 1 if fault == "drop" else 0
-    with pytest.raises(vllm_sync.StaleEngineError, match=f"not the trainer's after the weight sync at step {step}"):
+    # within one step: a garbled copy of the random initial weights is another random model, about as uniform as the
+    # trainer's (CPU-measured probe gap 0.06 at step 0); one step of training later the gap is > 1 nat
+    with pytest.raises(vllm_sync.StaleEngineError, match="not the trainer's after the weight sync at step [01]:"):
         train(servers, tmp_path, 2, learning_rate=0.2)
 
 
