@@ -58,7 +58,7 @@ def run_sbatch(tmp_path, heads: int, kv_heads: int, mlp: int, **env) -> tuple[su
 def test_server_parallelism_fits_the_model_and_trainers_wait_for_health(tmp_path, heads, kv_heads, mlp, tp, dp):
     proc, log = run_sbatch(tmp_path, heads, kv_heads, mlp)
     assert proc.returncode == 0, proc.stderr
-    (server,) = [line for line in log if "trl vllm-serve" in line]  # logged in the background: order varies
+    (server,) = [line for line in log if "epo_trl vllm-serve" in line]  # logged in the background: order varies
     assert "--nodelist=vllm0" in server and f"--tensor_parallel_size {tp} --data_parallel_size {dp}" in server
     assert heads % tp == 0 and tp * dp == 8
     # trainers start only after /health answered (the third poll here)
@@ -87,14 +87,14 @@ def test_server_binds_to_the_nodes_cluster_address_not_all_interfaces(tmp_path):
     not 0.0.0.0; VLLM_HOST overrides it; a node that resolves to loopback stops the job before anything starts."""
     proc, log = run_sbatch(tmp_path, 16, 2, 11008)
     assert proc.returncode == 0, proc.stderr
-    (server,) = [line for line in log if "trl vllm-serve" in line]
+    (server,) = [line for line in log if "epo_trl vllm-serve" in line]
     assert "--host 10.0.0.9 --port 8000" in server and "0.0.0.0" not in " ".join(log)
     assert "no API key" in proc.stdout
 
     (tmp_path / "override").mkdir()
     proc, log = run_sbatch(tmp_path / "override", 16, 2, 11008, VLLM_HOST="192.168.7.7")
     assert proc.returncode == 0, proc.stderr
-    (server,) = [line for line in log if "trl vllm-serve" in line]
+    (server,) = [line for line in log if "epo_trl vllm-serve" in line]
     assert "--host 192.168.7.7 --port 8000" in server
     assert all("http://192.168.7.7:8000/health" in line for line in log if line.startswith("curl"))
     (train,) = [line for line in log if "accelerate launch" in line]

