@@ -39,6 +39,8 @@ CPU_WORKER = "vllm.v1.worker.cpu_worker:CPUWorker"
 CPU_MODEL_RUNNER = "vllm.v1.worker.cpu_model_runner:CPUModelRunner"
 UNQUANTIZED_LINEAR = "vllm.model_executor.layers.linear:UnquantizedLinearMethod"
 CURRENT_PLATFORM = "vllm.platforms:current_platform"
+VLLM_CLIENT = "trl.generation.vllm_client:VLLMClient"
+WEIGHT_TRANSFER_ENGINE = "vllm.distributed.weight_transfer.base:WeightTransferEngine"
 
 # How a name is checked.
 INSTANCE = "instance attribute"  # present on a built trainer (or on `instance` handed to `problems`)
@@ -76,6 +78,8 @@ AEPO = "trainers/aepo/aepo_trainer.py"
 EPO = "trainers/epo/epo_trainer.py"
 SYNC = "trainers/vllm_sync.py"
 SERVERS = "trainers/vllm_servers.py"
+GLOO = "trainers/vllm_gloo.py"
+CLI_SERVE = "cli/vllm_serve.py"
 HF = "rollout/backends/hf.py"
 VLLM_BACKEND = "rollout/backends/vllm.py"
 
@@ -221,7 +225,32 @@ SURFACE: tuple[Name, ...] = (
         },
         requires="vllm",
     ),
-    *_names("trl", "trl.generation.vllm_generation", MODULE, {"VLLMClient": SERVERS}),
+    *_names("trl", "trl.generation.vllm_generation", MODULE, {"VLLMClient": SERVERS}),  # replaced by ServerClient
+    # --- TRL VLLMClient: ServerClient subclasses it (the gloo backend, errors that name the server) -------------
+    *_names("trl", "trl.generation.vllm_client", MODULE, {"VLLMClient": SERVERS}),
+    *_names(
+        "trl",
+        VLLM_CLIENT,
+        CLASS,
+        {
+            "_get": SERVERS,
+            "_post": SERVERS,
+            "_start_weight_update": SERVERS,
+            "_finish_weight_update": SERVERS,
+            "get_server_info": SERVERS,
+            "get_world_size": SERVERS,
+            "init_communicator": SERVERS,
+            "update_named_params": SERVERS,
+            "close_communicator": SERVERS,
+        },
+    ),
+    *_names(
+        "trl",
+        VLLM_CLIENT,
+        ASSIGNED,
+        {"session": SERVERS, "base_url": SERVERS, "group_port": SERVERS, "_updating_weights": SERVERS},
+    ),
+    *_names("trl", "trl.scripts.vllm_serve", MODULE, {"build_command": CLI_SERVE, "make_parser": CLI_SERVE}),
     *_names(
         "trl",
         "trl.trainer.utils",
@@ -270,6 +299,30 @@ SURFACE: tuple[Name, ...] = (
     *_names("vllm", CPU_MODEL_RUNNER, CLASS, {"reload_weights": SYNC, "get_model": SYNC}),
     *_names("vllm", UNQUANTIZED_LINEAR, CLASS, {"process_weights_after_loading": SYNC}),  # the tied LM head
     *_names("vllm", CURRENT_PLATFORM, CLASS, {"is_cpu": SYNC, "dist_backend": VLLM_BACKEND}),
+    # --- vLLM (servers: the gloo weight-transfer engine, a `vllm.general_plugins` entry point) ------------------
+    *_names(
+        "vllm",
+        "vllm.distributed.weight_transfer.factory:WeightTransferEngineFactory",
+        CLASS,
+        {"register_engine": GLOO},
+    ),  # fmt: skip
+    *_names(
+        "vllm",
+        WEIGHT_TRANSFER_ENGINE,
+        CLASS,
+        {"parse_update_info": GLOO, "update_weights": GLOO},
+    ),  # fmt: skip
+    *_names("vllm", WEIGHT_TRANSFER_ENGINE, ASSIGNED, {"parallel_config": GLOO, "model_config": GLOO, "model": GLOO}),
+    *_names(
+        "vllm",
+        "vllm.model_executor.model_loader.reload",
+        MODULE,
+        {"initialize_layerwise_reload": GLOO, "finalize_layerwise_reload": GLOO},
+    ),  # fmt: skip
+    *_names(
+        "vllm", "vllm.model_executor.model_loader.mtp_validation", MODULE, {"disable_mtp_completeness_check": GLOO}
+    ),  # fmt: skip
+    *_names("vllm", "vllm.utils.network_utils", MODULE, {"get_ip": SERVERS}),
 )
 
 
