@@ -101,21 +101,26 @@ def child_env(**extra: str) -> dict[str, str]:
 
 # --- real CPU `vllm serve` servers, shared by the session (tests/test_vllm_real.py, tests/test_vllm_server_sync.py) --
 def free_port(pair: bool = False) -> int:
-    """A free TCP port on 127.0.0.1 (`pair`: the next one is free too: ServerPool's group ports are port, port+1)."""
+    """A free TCP port (`pair`: the next one is free too: ServerPool's group ports are port, port+1), below the
+    kernel's ephemeral range, so an outgoing connection cannot take it between this check and the bind (a weight
+    transfer's TCPStore binds every interface)."""
+    import random
     import socket
 
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except OSError:
+        low = 32768
     while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not pair or port >= 65535:
+        port = random.randrange(max(1024, low - 12000), low - 2)
+        try:
+            for p in (port, port + 1) if pair else (port,):
+                with socket.socket() as s:
+                    s.bind(("", p))
             return port
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
+        except OSError:
+            continue
 
 
 class CPUServers:
@@ -146,7 +151,10 @@ class CPUServers:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         env = child_env(VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=path)
-        self.procs[i] = subprocess.Popen(cmd, env=env, stdout=self.logs[i], stderr=subprocess.STDOUT)
+        # its own process group: the server's engine-core child goes with it (a SIGKILL would orphan it)
+        self.procs[i] = subprocess.Popen(
+            cmd, env=env, stdout=self.logs[i], stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def _wait(self, indices) -> None:
         import time
@@ -178,15 +186,19 @@ class CPUServers:
         self._wait(dead)
 
     def kill(self, i: int) -> None:
-        self.procs[i].kill()
+        """SIGKILL server i: the API server and its engine core at once, as a crashed node would lose them."""
+        import signal
+
+        os.killpg(self.procs[i].pid, signal.SIGKILL)
         self.procs[i].wait()
 
     def stop(self) -> None:
+        import signal
         import subprocess
 
         for proc in self.procs:
             if proc is not None and proc.poll() is None:
-                proc.terminate()
+                os.killpg(proc.pid, signal.SIGTERM)
         for proc in self.procs:
             if proc is None:
                 continue
@@ -195,6 +207,10 @@ class CPUServers:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            try:  # whatever of its group is left (an engine core that outlived its API server)
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for log in self.logs:
             if log is not None:
                 log.close()

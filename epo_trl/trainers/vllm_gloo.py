@@ -67,7 +67,7 @@ def write_plugin_metadata(folder: str) -> str:
     return folder
 
 
-def open_group(host: str, port: int, rank: int, world_size: int, timeout_s: float = 600.0):
+def open_group(host: str, port: int, rank: int, world_size: int, timeout_s: float = 300.0):
     """A gloo group of its own (not torch.distributed's default group, which a vLLM worker already uses), on a TCPStore
     that rank 0 hosts. Returns (group, store): the group needs the store alive."""
     import torch.distributed as dist

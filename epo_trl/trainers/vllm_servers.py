@@ -97,15 +97,26 @@ def server_client_class():
             from vllm.utils.network_utils import get_ip
 
             # The trainer is rank 0 and hosts the rendezvous; the server's workers join as ranks 1.. (as with NCCL).
-            init_info = {"master_address": get_ip(), "master_port": self.group_port, "rank_offset": 1,
+            # A server on this machine's loopback reaches the trainer there, whatever the network interfaces do.
+            address = "127.0.0.1" if self.host in ("127.0.0.1", "localhost", "::1") else get_ip()
+            init_info = {"master_address": address, "master_port": self.group_port, "rank_offset": 1,
                          "world_size": self.get_world_size() + 1}  # fmt: skip
-            with ThreadPoolExecutor(max_workers=1) as executor:  # the server blocks in the rendezvous meanwhile
-                future = executor.submit(
-                    self._post, f"{self.base_url}/init_weight_transfer_engine", json={"init_info": init_info}
-                )
-                self._gloo = vllm_gloo.open_group(init_info["master_address"], self.group_port, 0,
-                                                  init_info["world_size"])  # fmt: skip
-                future.result()
+            executor = ThreadPoolExecutor(max_workers=1)  # the server blocks in the rendezvous meanwhile
+            future = executor.submit(
+                self._post, f"{self.base_url}/init_weight_transfer_engine", json={"init_info": init_info}
+            )
+            try:
+                self._gloo = vllm_gloo.open_group(address, self.group_port, 0, init_info["world_size"])
+            except Exception as e:
+                # e.g. the group port is taken: the server waits for a rendezvous that will not come, so do not
+                # wait for its answer (it gives up after the rendezvous timeout)
+                executor.shutdown(wait=False)
+                raise RuntimeError(
+                    f"Could not open the weight-transfer group for the vLLM server at {self.base_url} on port "
+                    f"{self.group_port} (vllm_group_port; server i of several uses vllm_group_port + i): {e}"
+                ) from e
+            future.result()
+            executor.shutdown()
             atexit.register(self.close_communicator)
 
         def update_named_params(self, metadata: list, named_params: Iterator[tuple[str, torch.Tensor]]) -> None:
