@@ -325,19 +325,26 @@ class AEPOTrainer(MultiTurnGRPOTrainer):
         self._aepo_reg_sum = self._aepo_reg_sum + total.detach()
         return self.args.aepo_coef * total * self.accelerator.num_processes / batch["num_tokens"]
 
-    def step_sums(self) -> torch.Tensor:
+    def step_sums(self) -> dict[str, torch.Tensor]:
         """This rank's L_reg sum and sampled-entropy (sum, count) of the step, reduced with the base's."""
         sampled = self._aepo_sampled_sums
         device = self.accelerator.device
         sampled = torch.zeros(2, dtype=torch.float64) if sampled is None else sampled.detach().double()
-        reg = torch.as_tensor(self._aepo_reg_sum, dtype=torch.float64).reshape(1)
+        reg = torch.as_tensor(self._aepo_reg_sum, dtype=torch.float64)
         sampled, reg = sampled.to(device), reg.to(device)
         self._aepo_micro, self._aepo_reg_sum, self._aepo_sampled_sums = 0, 0.0, None
-        return torch.cat([super().step_sums(), reg, sampled])
+        return {
+            **super().step_sums(),
+            "aepo/reg_sum": reg,
+            "aepo/sampled_entropy_sum": sampled[0],
+            "aepo/sampled_tokens": sampled[1],
+        }
 
-    def on_step_end(self, turn_means: dict[int, float], sums: torch.Tensor) -> None:
-        super().on_step_end(turn_means, sums[:-3])
-        reg_total, h_sum, h_count = sums[-3:].tolist()
+    def on_step_end(self, turn_means: dict[int, float], sums: dict[str, torch.Tensor]) -> None:
+        super().on_step_end(turn_means, sums)
+        reg_total, h_sum, h_count = (
+            float(sums[key]) for key in ("aepo/reg_sum", "aepo/sampled_entropy_sum", "aepo/sampled_tokens")
+        )
         batch = self._aepo_active
         if batch is not None and self.args.aepo_coef > 0:
             self._metrics["train"]["aepo/reg_loss"].append(reg_total / batch["num_tokens"] if batch["rows"] else 0.0)

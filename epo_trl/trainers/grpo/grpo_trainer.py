@@ -261,13 +261,18 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
         sums, counts = self._turn_stats or [torch.zeros(0, dtype=torch.float64)] * 2
         self._turn_stats = None
         device = self.accelerator.device
-        scalars = self.step_sums().double().to(device)
+        named = self.step_sums()
+        keys = sorted(named)  # every rank builds the same keys: one agreed order for the collective
+        parts = [torch.as_tensor(named[key], dtype=torch.float64).reshape(-1).to(device) for key in keys]
         # Ranks may have seen different numbers of turns: agree on the largest, then sum padded vectors.
         n = int(self.accelerator.gather(torch.tensor([sums.numel()], device=device)).max().item())
-        packed = torch.cat([scalars, _pad(sums.double().to(device), n), _pad(counts.double().to(device), n)])
+        packed = torch.cat([*parts, _pad(sums.double().to(device), n), _pad(counts.double().to(device), n)])
         packed = self.accelerator.reduce(packed, reduction="sum").cpu()
-        k = scalars.numel()
-        scalars, sums, counts = packed[:k], packed[k : k + n], packed[k + n :]
+        reduced, k = {}, 0
+        for key, part in zip(keys, parts):
+            reduced[key] = packed[k : k + part.numel()].reshape(torch.as_tensor(named[key]).shape)
+            k += part.numel()
+        sums, counts = packed[k : k + n], packed[k + n :]
         seen = counts > 0
         turn_means = {t: (sums[t] / counts[t]).item() for t in range(n) if seen[t]}  # (E2) h_k[t]
         if seen.any():
@@ -281,7 +286,7 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
             metrics["epo/entropy_turn_var"].append(values.var(unbiased=False).item())
             for t, v in turn_means.items():
                 metrics[f"epo/turn_entropy/{t}"].append(v)
-        self.on_step_end(turn_means, scalars)
+        self.on_step_end(turn_means, reduced)
 
     # --- method hooks (cooperative: call super) -------------------------------------------------------------
     def method_loss(self, model, inputs, tokens: ActionTokens):
@@ -289,14 +294,15 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
         chunk's token share). Plain GRPO adds nothing."""
         return 0.0
 
-    def step_sums(self) -> torch.Tensor:
-        """This rank's sums over the current optimizer step that the method needs reduced over ranks; return
-        `torch.cat([super().step_sums(), mine])` and take them back in `on_step_end` from the end."""
-        return torch.zeros(0, dtype=torch.float64, device=self.accelerator.device)
+    def step_sums(self) -> dict[str, torch.Tensor]:
+        """This rank's sums over the current optimizer step that the method needs summed over ranks, by name (a
+        scalar or a fixed-size tensor each; prefix the names with the method's): return
+        `{**super().step_sums(), "mine/...": value}`. Reduced in the base's one collective."""
+        return {}
 
-    def on_step_end(self, turn_means: dict[int, float], sums: torch.Tensor) -> None:
-        """After every optimizer step, on every rank: the step's per-turn mean entropies (E2) and the global
-        `step_sums`, in the same order."""
+    def on_step_end(self, turn_means: dict[int, float], sums: dict[str, torch.Tensor]) -> None:
+        """After every optimizer step, on every rank: the step's per-turn mean entropies (E2) and `step_sums`'
+        values summed over ranks, under the same names."""
 
     # --- checkpointing --------------------------------------------------------------------------------
     def state_for_checkpoint(self) -> dict:
