@@ -69,12 +69,12 @@ $(LINT_VENV)/bin/ruff:
 	$(LINT_VENV)/bin/python -m pip install -q ruff==$(RUFF_VERSION)
 
 lint: $(LINT_VENV)/bin/ruff
-	$(LINT_VENV)/bin/ruff check epo_trl tests
-	$(LINT_VENV)/bin/ruff format --check epo_trl tests
+	$(LINT_VENV)/bin/ruff check epo_trl tests research
+	$(LINT_VENV)/bin/ruff format --check epo_trl tests research
 
 format: $(LINT_VENV)/bin/ruff
-	$(LINT_VENV)/bin/ruff format epo_trl tests
-	$(LINT_VENV)/bin/ruff check --fix epo_trl tests
+	$(LINT_VENV)/bin/ruff format epo_trl tests research
+	$(LINT_VENV)/bin/ruff check --fix epo_trl tests research
 
 demo: install
 	$(PY) -m epo_trl demo
@@ -84,14 +84,14 @@ demo-llm: install
 	$(PY) -m epo_trl demo --llm
 
 bench: install
-	$(PY) -m epo_trl.bench
+	$(PY) -m research.bench
 
 study: install
-	$(PY) -m epo_trl.study
+	$(PY) -m research.study
 
 # the long-horizon study: 30-turn Coin Collector games (TextWorldExpress), GRPO / EPO-Base / EPO, 5 seeds, under 1 h on 2 cores
 study-long-horizon: install
-	$(PY) -m epo_trl.study --setting coin
+	$(PY) -m research.study --setting coin
 
 clean:
 	rm -rf $(VENV) $(LINT_VENV) runs outputs .pytest_cache

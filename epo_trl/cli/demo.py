@@ -9,13 +9,13 @@ ceiling; `epo_trl.rollout.baselines`). It writes `final_metrics.json`, TensorBoa
 return, per-turn entropy, EPO's band) to the run folder. Rollouts are in trajectory mode (one row per episode, turns
 told apart by the env mask; EPO's per-turn entropy is taken per turn inside the row); `--rollout-mode step` trains
 one row per turn instead. Its settings are one recipe, `recipes/cpu/demo.yaml`, trained through `epo-trl train`'s
-own path; the study (`python -m epo_trl.study`) trains the same file for every method and seed, so docs/study.md
+own path; the study (`python -m research.study`) trains the same file for every method and seed, so docs/study.md
 holds its spread.
 
 `--llm` runs the same on a real pretrained model (recipes/cpu/demo_llm.yaml, `make demo-llm`): SmolLM2-135M-Instruct,
 warm-started with TRL's SFTTrainer (epo_trl.models.sft), rollouts and all three held-out evaluations (zero-shot,
 after the warm start, after RL) on the trainer's vLLM engine when vLLM is installed. Its choices:
-docs/quickstart.md, section 4; its spread over seeds against GRPO: `python -m epo_trl.study_llm`.
+docs/quickstart.md, section 4; its spread over seeds against GRPO: `python -m research.study_llm`.
 
 Why the setting is what it is (measured, with the settings it replaced: docs/study/setting.md):
 - the maze's `trail` task, 4x4: signs point the way, so an agent that reads the observation can win mazes it never
