@@ -57,7 +57,7 @@ class Name:
     owner: str  # "module:qualname", or "module" for module attributes
     name: str
     kind: str
-    used_in: tuple[str, ...]  # files under epo_trl/ that use it
+    used_in: tuple[str, ...]  # files that use it, relative to epo_trl/ (research/ is ../research)
     returns: tuple[str, ...] = ()  # RETURNS only: the unpacked names, in order
     requires: str = ""  # another library the name only exists with (TRL's vLLM re-exports need vllm)
 
@@ -142,15 +142,15 @@ SURFACE: tuple[Name, ...] = (
         GRPO_TRAINER,
         CLASS,
         {
-            "_generate_and_score_completions": f"{GRPO}, {AEPO}, bench/tool_race.py",  # overridden: step rows, AEPO
+            "_generate_and_score_completions": f"{GRPO}, {AEPO}, ../research/bench/tool_race.py",  # overridden: step rows, AEPO
             "_prepare_inputs": GRPO,  # overridden: prepared micro-batches pass through
             "training_step": GRPO,  # overridden: row chunks
-            "_compute_loss": f"{GRPO}, bench/loss_overhead.py",  # overridden: the method's terms; timed
+            "_compute_loss": f"{GRPO}, ../research/bench/loss_overhead.py",  # overridden: the method's terms; timed
             "_get_per_token_logps_and_entropies": f"{GRPO}, {STEP}, {AEPO}, {SYNC}",  # overridden and called
             "_load_optimizer_and_scheduler": GRPO,  # overridden: the method's state
             "_save_checkpoint": GRPO,  # overridden: crash-safe order
             "_calculate_rewards": AEPO,
-            "_generate_single_turn": "bench/tool_race.py",  # replaced by a scripted generator in the benchmark
+            "_generate_single_turn": "../research/bench/tool_race.py",  # replaced by a scripted generator in the benchmark
             "get_high_entropy_mask": GRPO,
         },
     ),
