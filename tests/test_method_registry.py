@@ -97,3 +97,21 @@ def test_switching_a_recipes_method_drops_the_recipes_fields_of_the_other_method
     assert any("dropped the recipe's epo field(s) smoothing_coef, smoothing_kappa_low" in n for n in notes)
     assert any("--algo grpo sets entropy_coef=0.0 (the config file had 0.01)" in n for n in notes)
     assert not Path(tmp_path / "g").exists()
+
+
+def test_the_method_folders_touch_no_private_trl_state_but_the_tokenizer():
+    """EPO and AEPO use the base's services (sample_more, policy_logps, log_metric), not TRL's private state: the
+    only private TRL attribute left in their folders is `_tokenizer` (declared in trl_surface.py)."""
+    import re
+
+    from trl import GRPOTrainer
+
+    trainers = Path(ROOT) / "epo_trl" / "trainers"
+    ours = set(re.findall(r"self\.(_\w+)\s*[:=]", (trainers / "grpo" / "grpo_trainer.py").read_text()))
+    for folder in ("epo", "aepo"):
+        text = "\n".join(p.read_text() for p in (trainers / folder).glob("*.py"))
+        ours |= set(re.findall(r"self\.(_\w+)\s*[:=]", text))
+        used = set(re.findall(r"self\.(_\w+)", text)) - ours
+        trl_private = {name for name in used if hasattr(GRPOTrainer, name) or name in ("_tokenizer", "_metrics")}
+        assert trl_private <= {"_tokenizer"}, (folder, trl_private)
+        assert "_generate_and_score_completions" not in text, folder

@@ -89,12 +89,11 @@ class EPOTrainer(MultiTurnGRPOTrainer):
         super().on_step_end(turn_means, sums)
         pen_sum, oob, tokens = (float(sums[key]) for key in EPO_SUMS)
         reference, has_reference = self.entropy_history.reference()
-        metrics = self._metrics["train"]
-        metrics["epo/beta"].append(self.schedule_weight())
-        metrics["epo/smooth_penalty"].append(pen_sum / max(tokens, 1.0))
-        metrics["epo/out_of_band_frac"].append(oob / max(tokens, 1.0))
+        self.log_metric("epo/beta", self.schedule_weight())
+        self.log_metric("epo/smooth_penalty", pen_sum / max(tokens, 1.0))
+        self.log_metric("epo/out_of_band_frac", oob / max(tokens, 1.0))
         if has_reference.any():
-            metrics["epo/ref_entropy_mean"].append(reference[has_reference].mean().item())
+            self.log_metric("epo/ref_entropy_mean", reference[has_reference].mean().item())
         self.entropy_history.update(turn_means)  # (E3): used from the next step on
 
     # --- checkpointing --------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from ..checkpoints import (
     run_algo,
 )
 from ..vllm_servers import attach_server_pool
-from . import step_batch
+from . import resampling, step_batch
 from .grpo_config import MultiTurnGRPOConfig
 from .turn_math import masked_token_mean, per_turn_sums, turn_ids_from_mask
 
@@ -107,14 +107,19 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
         # While a micro-batch runs as several row chunks: this chunk's share of the policy term (rows for
         # loss types TRL normalises by rows, tokens otherwise) and of the token-mean entropy terms.
         self._chunk_weights: tuple[float, float] | None = None
+        self._extra_sample_environments: dict = {}  # environment name -> instances `sample_more` reuses
 
     # --- rows -----------------------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
         if getattr(self.rollout_func, "mode", None) == "step":  # a user's rollout_func may have no `mode`
             # Step mode bypasses GRPOTrainer._generate, the only place TRL syncs vLLM: sync here, exactly as TRL does.
             self.sync_generation_weights()
-            return step_batch.build_training_batch(self.rollout_func, inputs, self)
-        return super()._generate_and_score_completions(inputs)
+            batch = step_batch.build_training_batch(self.rollout_func, inputs, self)
+        else:
+            batch = super()._generate_and_score_completions(inputs)
+        if self.model.training:
+            self.on_generation(inputs)
+        return batch
 
     def sync_generation_weights(self) -> None:
         """Push the current weights to vLLM once per optimizer step, before that step's first generate (TRL 1.16
@@ -289,6 +294,10 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
         self.on_step_end(turn_means, reduced)
 
     # --- method hooks (cooperative: call super) -------------------------------------------------------------
+    def on_generation(self, inputs: list[dict]) -> None:
+        """After each training generation step (the batch built from `inputs`, this rank's dataset rows), on every
+        rank: a method that needs more samples takes them here with `sample_more`."""
+
     def method_loss(self, model, inputs, tokens: ActionTokens):
         """The method's terms added to TRL's loss for this micro-batch (a token-mean term, weighted by the row
         chunk's token share). Plain GRPO adds nothing."""
@@ -303,6 +312,28 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
     def on_step_end(self, turn_means: dict[int, float], sums: dict[str, torch.Tensor]) -> None:
         """After every optimizer step, on every rank: the step's per-turn mean entropies (E2) and `step_sums`'
         values summed over ranks, under the same names."""
+
+    # --- services for methods ------------------------------------------------------------------------
+    def sample_more(self, rows: list[dict], temperature: float, num_generations: int) -> resampling.ExtraSamples:
+        """Sample `rows` once each at `temperature` through TRL's generation path (or the rollout), scored by the
+        reward functions; `rows` come in groups of `num_generations` copies of a dataset row. TRL's state and
+        metrics are as before the call. Collective: every rank calls it with the same number of rows."""
+        return resampling.sample_more(self, rows, temperature, num_generations)
+
+    def policy_logps(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+        """(B, T) log pi_theta of `completion_ids` after the prompts, differentiable (TRL's forward and
+        temperature scaling), for a method's own rows."""
+        return self._get_per_token_logps_and_entropies(
+            model,
+            torch.cat([prompt_ids, completion_ids], dim=1),
+            torch.cat([prompt_mask, completion_mask], dim=1),
+            completion_ids.size(1),
+            batch_size=self.args.per_device_train_batch_size,
+        )[0]
+
+    def log_metric(self, name: str, value: float) -> None:
+        """Log `value` under `name` with this step's TRL metrics (averaged over the logging interval, as TRL's)."""
+        self._metrics["train" if self.model.training else "eval"][name].append(value)
 
     # --- checkpointing --------------------------------------------------------------------------------
     def state_for_checkpoint(self) -> dict:

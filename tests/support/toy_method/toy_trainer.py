@@ -32,9 +32,8 @@ class ToyTrainer(MultiTurnGRPOTrainer):
         super().on_step_end(turn_means, sums)
         self.toy_steps += 1
         self._toy_tokens = 0.0
-        mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["toy/steps"].append(float(self.toy_steps))
-        self._metrics[mode]["toy/tokens"].append(float(sums["toy/tokens"]))
+        self.log_metric("toy/steps", float(self.toy_steps))
+        self.log_metric("toy/tokens", float(sums["toy/tokens"]))
 
     def state_for_checkpoint(self) -> dict:
         return {**super().state_for_checkpoint(), "toy_steps": self.toy_steps}
