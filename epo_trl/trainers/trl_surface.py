@@ -100,7 +100,7 @@ SURFACE: tuple[Name, ...] = (
             "use_vllm": f"{GRPO}, {STEP}, {AEPO}, {SYNC}, {SERVERS}, rollout/backends/__init__.py, cli/demo.py",
             "loss_type": GRPO,
             "beta": STEP,
-            "num_iterations": STEP,
+            "num_iterations": f"{GRPO}, {STEP}",
             "num_generations": f"{STEP}, {AEPO}",  # AEPO swaps it while re-sampling
             "num_generations_eval": STEP,
             "temperature": f"{AEPO}, {SYNC}, {HF}, rollout/engine.py",  # AEPO swaps it while re-sampling
@@ -110,7 +110,7 @@ SURFACE: tuple[Name, ...] = (
             "pad_to_multiple_of": STEP,
             "scale_rewards": STEP,
             "mask_truncated_completions": f"{STEP}, {AEPO}",
-            "vllm_importance_sampling_correction": STEP,
+            "vllm_importance_sampling_correction": f"{GRPO}, {STEP}",
             "vllm_importance_sampling_mode": STEP,
             "vllm_importance_sampling_clip_min": STEP,
             "vllm_importance_sampling_clip_max": STEP,
@@ -159,7 +159,7 @@ SURFACE: tuple[Name, ...] = (
         GRPO_TRAINER,
         "_generate",
         RETURNS,
-        (f"epo_trl/{AEPO}",),
+        (f"epo_trl/{AEPO}", f"epo_trl/{GRPO}"),  # GRPO overrides it: TRL's old-logp pass follows it
         returns=(
             "prompt_ids",
             "completion_ids",
@@ -177,7 +177,7 @@ SURFACE: tuple[Name, ...] = (
         GRPO_CONFIG,
         FIELD,
         {
-            "steps_per_generation": STEP,
+            "steps_per_generation": f"{GRPO}, {STEP}",
             "entropy_target": GRPO,
             "ds3_gather_for_generation": HF,
             "vllm_enable_sleep_mode": VLLM_BACKEND,
