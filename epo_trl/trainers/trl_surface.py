@@ -96,7 +96,7 @@ SURFACE: tuple[Name, ...] = (
             "environments": AEPO,  # swapped while AEPO re-samples
             "environment_factories": AEPO,
             "tools": AEPO,
-            "rollout_func": f"{GRPO}, {AEPO}, cli/train.py, cli/demo.py",
+            "rollout_func": f"{GRPO}, {AEPO}, cli/train.py, cli/demo.py, bench/trainer_floor.py",
             "use_vllm": f"{GRPO}, {STEP}, {AEPO}, {SYNC}, {SERVERS}, rollout/backends/__init__.py, cli/demo.py",
             "loss_type": GRPO,
             "beta": STEP,
@@ -146,7 +146,8 @@ SURFACE: tuple[Name, ...] = (
             "_prepare_inputs": GRPO,  # overridden: prepared micro-batches pass through
             "training_step": GRPO,  # overridden: row chunks
             "_compute_loss": f"{GRPO}, bench/loss_overhead.py",  # overridden: the method's terms; timed
-            "_get_per_token_logps_and_entropies": f"{GRPO}, {STEP}, {AEPO}, {SYNC}",  # overridden and called
+            # overridden and called; timed by the trainer_floor benchmark
+            "_get_per_token_logps_and_entropies": f"{GRPO}, {STEP}, {AEPO}, {SYNC}, bench/trainer_floor.py",
             "_load_optimizer_and_scheduler": GRPO,  # overridden: the method's state
             "_save_checkpoint": GRPO,  # overridden: crash-safe order
             "_calculate_rewards": AEPO,
