@@ -145,3 +145,11 @@ def test_off_policy_batches_still_run_the_pass(maze_model, tmp_path):
     trainer, losses, _ = _train(maze_model, tmp_path, "trajectory", passes, num_iterations=2)
     assert len(passes) >= 2 and all(math.isfinite(x) for x in losses)
     assert any(h.get("sampling/importance_sampling_ratio/max", 1.0) != 1.0 for h in trainer.state.log_history)
+
+
+def test_the_benchmarks_unique_tokens_count_shared_prefixes_once():
+    from epo_trl.bench.trainer_floor import unique_prefix_tokens
+
+    # a group's copies of one prompt, two turns of an episode sharing their opening, and an unrelated row
+    assert unique_prefix_tokens([(1, 2, 3), (1, 2, 4), (1, 2, 3), (5,)]) == 5
+    assert unique_prefix_tokens([(7, 8), (7, 8, 9, 10)]) == 4 and unique_prefix_tokens([]) == 0
