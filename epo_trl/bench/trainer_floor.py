@@ -30,10 +30,12 @@ import time
 
 from .common import md_table
 
-SETTINGS = {  # name -> (rounds of the four variants; the first is dropped, maze turns per episode)
-    "full": (3, 4),
-    "quick": (2, 3),
-    "smoke": (2, 2),
+# name -> model -> (rounds of the four variants, the first dropped; maze turns per episode; episodes per step = one
+# GRPO group). SmolLM2's forward + backward take tens of seconds per step on a shared 2-core CPU: fewer, shorter rows.
+SETTINGS = {
+    "full": {"tiny": (5, 4, 4), "smollm2": (3, 2, 2)},
+    "quick": {"tiny": (3, 3, 4), "smollm2": (2, 2, 2)},
+    "smoke": {"tiny": (2, 2, 2)},
 }
 VARIANTS = (("step", True), ("step", False), ("trajectory", True), ("trajectory", False))
 PASSES = ("old_logp", "reference", "forward", "backward")
@@ -58,7 +60,7 @@ def unique_prefix_tokens(rows: list[tuple[int, ...]]) -> int:
     return total
 
 
-def child(model: str, rounds: int, turns: int, output_dir: str) -> list[dict]:
+def child(model: str, rounds: int, turns: int, generations: int, output_dir: str) -> list[dict]:
     """Train one model through the four variants; per optimizer step: variant, tokens and seconds per pass."""
     import torch
     from transformers import PrinterCallback, TrainerCallback
@@ -74,7 +76,7 @@ def child(model: str, rounds: int, turns: int, output_dir: str) -> list[dict]:
         "max_turns": turns,
         "max_turn_tokens": 8,
         "tasks_per_step": 1,
-        "num_generations": 4,
+        "num_generations": generations,
         "max_completion_length": 1024,  # trajectory rows hold every turn and observation
         "max_steps": rounds * len(VARIANTS),
         "learning_rate": 1e-6,
@@ -216,9 +218,9 @@ def _summary(records: list[dict]) -> dict:
 def run(quick: bool = False, smoke: bool = False) -> dict:
     from ..hardware import cpu_native_bf16
 
-    rounds, turns = SETTINGS["smoke" if smoke else "quick" if quick else "full"]
+    settings = SETTINGS["smoke" if smoke else "quick" if quick else "full"]
     models = {"tiny": "tiny (hidden 64, fp32)"}
-    if not smoke:
+    if "smollm2" in settings:
         try:
             from ..models.smollm2 import smollm2_gguf
 
@@ -226,16 +228,24 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
             models["smollm2"] = f"SmolLM2-135M-Instruct ({'bf16 autocast' if cpu_native_bf16() else 'fp32'})"
         except (ImportError, FileNotFoundError):
             pass
-    results = {"rounds": rounds, "turns": turns, "models": {}}
+    results = {"models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, label in models.items():
+            rounds, turns, generations = settings[name]
             # a fresh process per model: one colocated vLLM engine per process, freed with it
-            cmd = [sys.executable, "-m", "epo_trl.bench.trainer_floor", name, str(rounds), str(turns), f"{tmp}/{name}"]
+            cmd = [sys.executable, "-m", "epo_trl.bench.trainer_floor", name, str(rounds), str(turns),
+                   str(generations), f"{tmp}/{name}"]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 raise RuntimeError(f"trainer_floor {name} failed:\n{proc.stderr[-4000:]}")
             records = json.loads(proc.stdout.strip().splitlines()[-1])
-            results["models"][label] = {"records": records, "summary": _summary(records[len(VARIANTS) :] or records)}
+            summary = _summary(records[len(VARIANTS) :] or records)
+            results["models"][label] = {
+                "turns": turns,
+                "episodes": generations,
+                "records": records,
+                "summary": summary,
+            }
     return results
 
 
@@ -263,16 +273,16 @@ def to_markdown(results: dict) -> str:
                     f"(target <= -15%: {'met' if change <= -0.15 else 'NOT met'}); redundancy "
                     f"{r['redundancy_rows']:.2f} per row, {r['redundancy_prefixes']:.2f} over shared prefixes"
                 )
-    steps = {r["steps"] for res in results["models"].values() for r in res["summary"].values()}
-    note = (
-        f"{results['turns']} turns per episode, 4 episodes per step; means over {', '.join(map(str, sorted(steps)))} "
-        "steps per variant after the first round."
-    )
-    return "\n".join([note, "", md_table(header, table), "", *verdicts])
+    notes = [
+        f"- {model}: {res['turns']} turns per episode, {res['episodes']} episodes (one GRPO group) per step; means over "
+        f"{min(r['steps'] for r in res['summary'].values())} steps per variant after the first round."
+        for model, res in results["models"].items()
+    ]
+    return "\n".join([*notes, "", md_table(header, table), "", *verdicts])
 
 
 if __name__ == "__main__":
     from .common import setup_offline
 
     setup_offline()
-    print(json.dumps(child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])))
+    print(json.dumps(child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])))
