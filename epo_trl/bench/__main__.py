@@ -95,8 +95,11 @@ so machine drift hits all four alike. **tokens** = positions each pass runs (pad
 the rows' non-padding tokens, or the distinct prefixes of all rows (what a shared-prefix forward would run: a GRPO
 group's copies of a prompt and an episode's turns share their opening); **redundancy** = all passes' tokens ÷ one
 forward + backward over the unique tokens (beta = 0: no reference pass). **trainer s/step** = old-logp + reference +
-forward + backward + optimizer; steps of different variants hold different rows, so **vs TRL's path** compares
-trainer time per 1k unique row tokens. **rollout s** (generation + env) is outside the trainer's time.""",
+forward + backward + optimizer, timed as CPU seconds of the training thread (one torch thread; on CPU autograd runs
+the backward in that thread), robust to other load on a shared machine (wall seconds in the .json), and
+**trainer s / turn** that ÷ the step's turns (every episode lasts the maximum);
+steps of different variants hold different rows, so **vs TRL's path** compares trainer time per 1k unique row
+tokens. **rollout s** (generation + env) is outside the trainer's time.""",
 }
 
 GPU_SECTION = """## GPU (device)

@@ -4,7 +4,9 @@ With vLLM's importance-sampling correction (TRL's default) TRL scores every row 
 the old log-probs; on an on-policy batch those are the training forward's detached ones, and the trainer skips the
 pass (`skip_on_policy_old_logps`, tests/test_old_logp_skip.py). This section counts, per optimizer step, the tokens
 each trainer pass runs through the model (old-logp forward, reference forward, policy forward, backward; padded
-positions included, as the model computes them) against the step's unique tokens, and times each pass.
+positions included, as the model computes them) against the step's unique tokens, and times each pass: CPU
+seconds of the training thread (torch runs one thread here, and on CPU autograd runs the backward in the calling
+thread), which other load on a shared machine barely moves; wall seconds are in the raw records.
 
 One EPO trainer per model (the CPU vLLM recipe, `recipes/cpu/maze_epo_vllm.yaml`, on a `key` maze the models cannot
 finish, so every episode lasts `max_turns`), in a fresh process, with a real colocated CPU vLLM engine. Its optimizer
@@ -33,7 +35,7 @@ from .common import md_table
 # name -> model -> (rounds of the four variants, the first dropped; maze turns per episode; episodes per step = one
 # GRPO group). SmolLM2's forward + backward take tens of seconds per step on a shared 2-core CPU: fewer, shorter rows.
 SETTINGS = {
-    "full": {"tiny": (5, 4, 4), "smollm2": (3, 2, 2)},
+    "full": {"tiny": (5, 4, 4), "smollm2": (4, 2, 2)},
     "quick": {"tiny": (3, 3, 4), "smollm2": (2, 2, 2)},
     "smoke": {"tiny": (2, 2, 2)},
 }
@@ -100,9 +102,9 @@ def child(model: str, rounds: int, turns: int, generations: int, output_dir: str
     forward = trainer._get_per_token_logps_and_entropies
 
     def timed_forward(model_, input_ids, attention_mask, *rest, **kwargs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         out = forward(model_, input_ids, attention_mask, *rest, **kwargs)
-        seconds = time.perf_counter() - t0
+        seconds, wall = time.thread_time() - c0, time.perf_counter() - t0
         if torch.is_grad_enabled() and kwargs.get("compute_entropy"):
             name = "forward"
             keep = attention_mask.bool()
@@ -115,15 +117,17 @@ def child(model: str, rounds: int, turns: int, generations: int, output_dir: str
             name = "old_logp" if model_ is trainer.model else "reference"
         current["tokens"][name] += input_ids.numel()
         current["seconds"][name] += seconds
+        current["wall"][name] += wall
         return out
 
     trainer._get_per_token_logps_and_entropies = timed_forward
     backward = trainer.accelerator.backward
 
     def timed_backward(loss, **kwargs):
-        t0 = time.perf_counter()
-        backward(loss, **kwargs)
-        current["seconds"]["backward"] += time.perf_counter() - t0
+        t0, c0 = time.perf_counter(), time.thread_time()
+        backward(loss, **kwargs)  # on CPU, autograd runs the backward in the calling thread
+        current["seconds"]["backward"] += time.thread_time() - c0
+        current["wall"]["backward"] += time.perf_counter() - t0
         current["tokens"]["backward"] += current.pop("pending_backward")
 
     trainer.accelerator.backward = timed_backward
@@ -149,14 +153,16 @@ def child(model: str, rounds: int, turns: int, generations: int, output_dir: str
             current.update(variant=_label(mode, skip), rows=[], row_tokens=0, step=state.global_step)
             current["tokens"] = dict.fromkeys(PASSES, 0)
             current["seconds"] = dict.fromkeys((*PASSES, "optimizer"), 0.0)
+            current["wall"] = dict.fromkeys((*PASSES, "optimizer"), 0.0)
             play_seconds[0] = 0.0
             self.t0 = time.perf_counter()
 
         def on_pre_optimizer_step(self, *_, **__):
-            self.opt0 = time.perf_counter()
+            self.opt0, self.opt_cpu0 = time.perf_counter(), time.thread_time()
 
         def on_optimizer_step(self, *_, **__):
-            current["seconds"]["optimizer"] += time.perf_counter() - self.opt0
+            current["seconds"]["optimizer"] += time.thread_time() - self.opt_cpu0
+            current["wall"]["optimizer"] += time.perf_counter() - self.opt0
 
         def on_step_end(self, *_, **__):
             rows = current.pop("rows")
@@ -198,6 +204,7 @@ def _summary(records: list[dict]) -> dict:
             "prefix_tokens": mean(lambda r: r["prefix_tokens"]),
             "tokens": {p: mean(lambda r, p=p: r["tokens"][p]) for p in PASSES},
             "seconds": {p: mean(lambda r, p=p: r["seconds"][p]) for p in (*PASSES, "optimizer")},
+            "wall": {p: mean(lambda r, p=p: r["wall"][p]) for p in (*PASSES, "optimizer")},
             "rollout_s": mean(lambda r: r["rollout_s"]),
             "step_s": mean(lambda r: r["step_s"]),
         }
@@ -252,9 +259,10 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
 def to_markdown(results: dict) -> str:
     header = ["model", "mode", "path", "rows", "unique tokens (rows / prefixes)", "old-logp / fwd / bwd tokens",
               "redundancy (rows)", "redundancy (prefixes)", "old-logp s", "forward s", "backward s", "optimizer s",
-              "trainer s/step", "trainer ms / 1k tokens", "vs TRL's path", "rollout s"]  # fmt: skip
+              "trainer s/step", "trainer s / turn", "trainer ms / 1k tokens", "vs TRL's path", "rollout s"]  # fmt: skip
     table, verdicts = [], []
     for model, result in results["models"].items():
+        turns = result["turns"] * result["episodes"]  # every episode lasts max_turns on this maze
         for r in result["summary"].values():
             t, s = r["tokens"], r["seconds"]
             change = r.get("trainer_time_change")
@@ -264,6 +272,7 @@ def to_markdown(results: dict) -> str:
                 f"{t['old_logp']:.0f} / {t['forward']:.0f} / {t['backward']:.0f}",
                 f"**{r['redundancy_rows']:.2f}**", f"{r['redundancy_prefixes']:.2f}", f"{s['old_logp']:.3f}",
                 f"{s['forward']:.3f}", f"{s['backward']:.3f}", f"{s['optimizer']:.3f}", f"{r['trainer_s']:.3f}",
+                f"{r['trainer_s'] / turns:.3f}",
                 f"{r['trainer_ms_per_1k_tokens']:.1f}", "" if change is None else f"**{100 * change:+.1f}%**",
                 f"{r['rollout_s']:.2f}",
             ])  # fmt: skip
