@@ -153,3 +153,29 @@ def test_the_benchmarks_unique_tokens_count_shared_prefixes_once():
     # a group's copies of one prompt, two turns of an episode sharing their opening, and an unrelated row
     assert unique_prefix_tokens([(1, 2, 3), (1, 2, 4), (1, 2, 3), (5,)]) == 5
     assert unique_prefix_tokens([(7, 8), (7, 8, 9, 10)]) == 4 and unique_prefix_tokens([]) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_skip_on_two_ddp_ranks_trains_as_trls_path(maze_model, tmp_path):
+    """The skipped pass's metrics are gathered once per generation batch, as TRL's are: same weights and logs on 2
+    ranks (step mode: rows padded to the same count on every rank, row chunks)."""
+    import json
+
+    from scripts.epo_steps import accelerate_launch
+
+    script = os.path.join(os.path.dirname(__file__), "scripts", "old_logp_skip_ddp.py")
+    proc = accelerate_launch("multi_gpu", [script, maze_model, str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 for r in ranks)
+    for rank in ranks:
+        skip, trl_path = rank["runs"]["True"], rank["runs"]["False"]
+        assert len(skip["logs"]) == 3 and skip["weights"].keys() == trl_path["weights"].keys()
+        for name, value in trl_path["weights"].items():
+            assert skip["weights"][name] == pytest.approx(value, rel=1e-5, abs=1e-4), name
+        for got, want in zip(skip["logs"], trl_path["logs"]):
+            assert got.keys() == want.keys() and set(SAMPLING_METRICS) <= want.keys()
+            assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
+        assert any(log["sampling/importance_sampling_ratio/max"] > 1.2 for log in skip["logs"])
+    assert ranks[0]["runs"] == ranks[1]["runs"]  # DDP: one model, metrics reduced over ranks
