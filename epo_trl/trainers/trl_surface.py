@@ -97,11 +97,11 @@ SURFACE: tuple[Name, ...] = (
             "environments": RESAMPLE,  # swapped while a method samples more
             "environment_factories": RESAMPLE,
             "tools": RESAMPLE,
-            "rollout_func": f"{GRPO}, {RESAMPLE}, cli/train.py, cli/demo.py",
+            "rollout_func": f"{GRPO}, {RESAMPLE}, cli/train.py, cli/demo.py, ../research/bench/trainer_floor.py",
             "use_vllm": f"{GRPO}, {STEP}, {RESAMPLE}, {SYNC}, {SERVERS}, rollout/backends/__init__.py, cli/demo.py",
             "loss_type": GRPO,
             "beta": STEP,
-            "num_iterations": STEP,
+            "num_iterations": f"{GRPO}, {STEP}",
             "num_generations": f"{STEP}, {RESAMPLE}",  # swapped while a method samples more
             "num_generations_eval": STEP,
             "temperature": f"{RESAMPLE}, {SYNC}, {HF}, rollout/engine.py",  # swapped while a method samples more
@@ -111,7 +111,7 @@ SURFACE: tuple[Name, ...] = (
             "pad_to_multiple_of": STEP,
             "scale_rewards": STEP,
             "mask_truncated_completions": f"{STEP}, {AEPO}",
-            "vllm_importance_sampling_correction": STEP,
+            "vllm_importance_sampling_correction": f"{GRPO}, {STEP}",
             "vllm_importance_sampling_mode": STEP,
             "vllm_importance_sampling_clip_min": STEP,
             "vllm_importance_sampling_clip_max": STEP,
@@ -147,7 +147,8 @@ SURFACE: tuple[Name, ...] = (
             "_prepare_inputs": GRPO,  # overridden: prepared micro-batches pass through
             "training_step": GRPO,  # overridden: row chunks
             "_compute_loss": f"{GRPO}, ../research/bench/loss_overhead.py",  # overridden: the method's terms; timed
-            "_get_per_token_logps_and_entropies": f"{GRPO}, {STEP}, {SYNC}",  # overridden and called (policy_logps)
+            # overridden and called (policy_logps); timed by the trainer_floor benchmark
+            "_get_per_token_logps_and_entropies": f"{GRPO}, {STEP}, {SYNC}, ../research/bench/trainer_floor.py",
             "_load_optimizer_and_scheduler": GRPO,  # overridden: the method's state
             "_save_checkpoint": GRPO,  # overridden: crash-safe order
             "_calculate_rewards": RESAMPLE,
@@ -160,7 +161,7 @@ SURFACE: tuple[Name, ...] = (
         GRPO_TRAINER,
         "_generate",
         RETURNS,
-        (f"epo_trl/{RESAMPLE}",),
+        (f"epo_trl/{RESAMPLE}", f"epo_trl/{GRPO}"),  # GRPO overrides it: TRL's old-logp pass follows it
         returns=(
             "prompt_ids",
             "completion_ids",
@@ -178,7 +179,7 @@ SURFACE: tuple[Name, ...] = (
         GRPO_CONFIG,
         FIELD,
         {
-            "steps_per_generation": STEP,
+            "steps_per_generation": f"{GRPO}, {STEP}",
             "entropy_target": GRPO,
             "ds3_gather_for_generation": HF,
             "vllm_enable_sleep_mode": VLLM_BACKEND,

@@ -31,6 +31,7 @@ SECTIONS = {
     "turn_scaling": "4. Cost vs number of turns",
     "vllm_cpu": "5. Real vLLM on CPU: rollout engine, vs HF generate, weight sync",
     "tool_race": "6. Our lockstep engine vs TRL's tool-calling loop (environment_factory)",
+    "trainer_floor": "7. Trainer compute per step vs its floor: TRL's old-logp pass vs skipping it",
 }
 
 HOW_TO_READ = {
@@ -85,6 +86,20 @@ TRL's loop needs one more generation per episode, in which the agent stops calli
 tokens run through the model over all generate calls; **vs TRL wall** = TRL's wall time per step ÷ this loop's.
 Every loop runs in a fresh process; median of the reps after a warm-up step. vLLM is not raced: the forcing is an HF
 logits processor, and no vLLM equivalent was built.""",
+    "trainer_floor": """What the trainer runs through the model per optimizer step, pass by pass, with vLLM's importance-sampling
+correction on (TRL's default): TRL's path (an extra no-grad **old-logp** forward over every row) vs skipping it on
+on-policy batches (`skip_on_policy_old_logps`, the default: the IS ratios come from the training forward, same
+numbers). One EPO trainer per model with a real colocated CPU vLLM engine, on a `key` maze the models cannot finish
+(every episode lasts the maximum turns); its steps go round-robin through step / trajectory mode x skip / TRL's path,
+so machine drift hits all four alike. **tokens** = positions each pass runs (padding included); **unique tokens** =
+the rows' non-padding tokens, or the distinct prefixes of all rows (what a shared-prefix forward would run: a GRPO
+group's copies of a prompt and an episode's turns share their opening); **redundancy** = all passes' tokens ÷ one
+forward + backward over the unique tokens (beta = 0: no reference pass). **trainer s/step** = old-logp + reference +
+forward + backward + optimizer, timed as CPU seconds of the training thread (one torch thread; on CPU autograd runs
+the backward in that thread), robust to other load on a shared machine (wall seconds in the .json), and
+**trainer s / turn** that ÷ the step's turns (every episode lasts the maximum);
+steps of different variants hold different rows, so **vs TRL's path** compares trainer time per 1k unique row
+tokens. **rollout s** (generation + env) is outside the trainer's time.""",
 }
 
 GPU_SECTION = """## GPU (device)
