@@ -17,6 +17,8 @@ COMMANDS = {
     "train": "epo_trl.cli.train:main",
     "eval": "epo_trl.cli.evaluate:main",
     "demo": "epo_trl.cli.demo:main",
+    # issue 39: an env as an OpenEnv server (epo_trl/cli/serve_env.py)
+    "serve-env": "epo_trl.cli.serve_env:main",
 }
 
 
