@@ -17,6 +17,7 @@ import warnings
 import pytest
 
 pytest.importorskip("openenv")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from envs_for_tests import WORDS, ScriptedFactory, admissible_picker, task  # noqa: E402
 
@@ -65,26 +66,29 @@ def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(10)
+            proc.wait(5)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    proc.stdout.close()
 
 
 @pytest.fixture(scope="session")
 def servers():
-    """Two maze servers (8 sessions each) and a scripted-faults server whose sessions' envs run in worker processes
-    (a crashing env kills its worker, not the server): started once, in parallel."""
+    """Two maze servers (8 sessions each), a scripted-faults server whose sessions' envs run in worker processes (a
+    crashing env kills its worker, not the server) and a scripted server holding 2 sessions: started once, together."""
     maze = json.dumps(MAZE_KWARGS)
+    scripted = "envs_for_tests:ScriptedFactory"
     started = [
         _start("maze", "--env_kwargs", maze, "--max_sessions", "8"),
         _start("maze", "--env_kwargs", maze, "--max_sessions", "8"),
-        _start("envs_for_tests:ScriptedFactory", "--env_workers", "processes", "--max_sessions", "16"),
+        _start(scripted, "--env_workers", "processes", "--max_sessions", "16", "--step_timeout_s", "5"),
+        _start(scripted, "--max_sessions", "2"),
     ]
     try:
         for proc, url in started:
             _wait(proc, url)
-        yield {"maze": [started[0][1], started[1][1]], "scripted": started[2][1]}
+        yield {"maze": [started[0][1], started[1][1]], "scripted": started[2][1], "small": started[3][1]}
     finally:
         for proc, _ in started:
             _stop(proc)
@@ -208,26 +212,24 @@ def test_a_server_killed_mid_episode_is_left_out_with_one_warning(servers, token
     assert all(e.won and not e.failed for e in again.episodes)
 
 
-def test_session_limit_fills_the_other_server_then_fails_the_rest(tokenizer):
-    """A server holding 2 sessions: the pool moves new sessions to the other server, and fails what neither can
-    take, with a message naming both limits."""
-    procs = [_start("envs_for_tests:ScriptedFactory", "--max_sessions", "2") for _ in range(2)]
+def test_session_limits_fail_what_no_server_can_take_and_move_the_rest(servers, tokenizer):
+    """Alone, a server holding 2 sessions takes 2 of 3 episodes and the third fails naming the limit; beside another
+    server, the sessions it refuses move there and every episode wins."""
+    config = RolloutConfig(max_turns=4, num_workers=8, env_server_urls=[servers["small"]])
+    result = run_episodes(
+        always_go(tokenizer), ScriptedFactory(), [task("count", 2, s) for s in range(3)], tokenizer, config
+    )
+    assert [r["won"] for r in result].count(True) == 2 and [r["failed"] for r in result].count(True) == 1
+    assert all("every env server is at its session limit" in r["failure"] for r in result if r["failed"])
+    config = RolloutConfig(max_turns=4, num_workers=8, env_server_urls=[servers["small"], servers["scripted"]])
+    engine = RolloutEngine(ScriptedFactory(), tokenizer, config)
     try:
-        for proc, url in procs:
-            _wait(proc, url)
-        config = RolloutConfig(max_turns=4, num_workers=8, env_server_urls=[url for _, url in procs])
-        tasks = [task("count", 2, seed) for seed in range(6)]
-        result = RolloutEngine(ScriptedFactory(), tokenizer, config)
-        try:
-            episodes = result.run(tasks, always_go(tokenizer)).episodes
-            assert sorted(s.sessions for s in result.pool.servers) == [2, 2]
-        finally:
-            result.close()
+        episodes = engine.run([task("count", 2, s) for s in range(6)], always_go(tokenizer)).episodes
+        small, other = (s.sessions for s in engine.pool.servers)
     finally:
-        for proc, _ in procs:
-            _stop(proc)
-    assert sum(e.won for e in episodes) == 4 and sum(e.failed for e in episodes) == 2
-    assert all("every env server is at its session limit" in e.failure for e in episodes if e.failed)
+        engine.close()
+    assert all(e.won and not e.failed for e in episodes)
+    assert small <= 2 and small + other == 6
 
 
 class _MisbehavingServer:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import sys
 
 from .errors import UsageError, require_module, user_errors
 from .parser import yaml_mapping_for
@@ -70,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError("--max_sessions must be >= 1, --port in 1..65535 and --step_timeout_s > 0.")
     with user_errors(f"env {args.env!r}"):
         factory = make_any_factory(args.env, args.env_kwargs)
+    if os.environ.get("ENABLE_WEB_INTERFACE", "").lower() not in ("1", "true", "yes"):
+        # OpenEnv's web UI is off: block its gradio import (most of the server's start-up time). openenv.core treats
+        # a gradio that is not installed as "no web UI" (env_server/__init__.py catches the ModuleNotFoundError).
+        sys.modules.setdefault("gradio", None)
     from ..envs.openenv_server import serve
 
     print(

@@ -339,8 +339,16 @@ class RemoteEnvPool(ThreadEnvPool):
         return {"action": action, **step._asdict(), "admissible": admissible}
 
     def close(self) -> None:
+        # closed before returning (each in a thread of its own, a dead server's close gives up after 2 s): a server's
+        # session count must be free again when this returns, e.g. for the next pool of the same run
+        closing = []
         for handle in self.idle:
-            self._drop(handle)
+            session, handle.env = handle.env, None
+            if session is not None:
+                closing.append(threading.Thread(target=session.close, daemon=True))
+                closing[-1].start()
+        for thread in closing:
+            thread.join(2.0)
         self.idle.clear()
         self.threads.shutdown()
 
