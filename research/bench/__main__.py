@@ -32,6 +32,7 @@ SECTIONS = {
     "vllm_cpu": "5. Real vLLM on CPU: rollout engine, vs HF generate, weight sync",
     "tool_race": "6. Our lockstep engine vs TRL's tool-calling loop (environment_factory)",
     "trainer_floor": "7. Trainer compute per step vs its floor: TRL's old-logp pass vs skipping it",
+    "remote_envs": "8. Environments on other machines: OpenEnv servers vs a local process pool",
 }
 
 HOW_TO_READ = {
@@ -100,6 +101,14 @@ the backward in that thread), robust to other load on a shared machine (wall sec
 **trainer s / turn** that ÷ the step's turns (every episode lasts the maximum);
 steps of different variants hold different rows, so **vs TRL's path** compares trainer time per 1k unique row
 tokens. **rollout s** (generation + env) is outside the trainer's time.""",
+    "remote_envs": """The maze (3x3 `trail`) with the same episodes and the same seeded random admissible actions through a
+local `ProcessEnvPool` (2 workers) and `RemoteEnvPool` (`env_server_urls`) over 1 and 2 `epo-trl serve-env` servers
+started on this machine (uvicorn, 127.0.0.1: no network in the path, so this is the protocol's own cost: JSON over a
+WebSocket, the server's event loop and its per-session env thread). One batched `pool.act` per turn is timed;
+resets are not. **ms per step** = median turn time ÷ episodes per turn (batch 1: the latency of one remote step);
+**vs local** = steps/s ÷ the local pool's at the same batch. The servers share the machine's cores with the client,
+so a second server adds no CPU here; on other machines it adds theirs. A maze step costs microseconds: for the
+JVM envs (milliseconds per step) the same overhead is a far smaller share.""",
 }
 
 GPU_SECTION = """## GPU (device)
