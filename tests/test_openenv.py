@@ -127,6 +127,34 @@ def test_remote_maze_episodes_equal_local_ones(servers, tokenizer, mode):
     assert sum(len(r["turns"]) for r in records) > 2 * len(tasks)  # the policy really walks around
 
 
+def test_remote_textworld_express_episodes_equal_local_ones(tmp_path):
+    """A JVM env: Coin Collector served (each session's env in a worker process with its own JVM) plays the same
+    episodes as a local process pool."""
+    import shutil
+
+    pytest.importorskip("textworld_express")
+    if shutil.which("java") is None:
+        pytest.skip("TextWorldExpress needs Java")
+    from epo_trl.envs import make_factory
+    from epo_trl.models.tiny import env_words
+
+    kwargs = {"game": "coin", "game_params": "numLocations=11,includeDoors=1", "num_train": 2, "num_valid": 2}
+    factory = make_factory("textworld_express", **kwargs)
+    tokenizer = build_tokenizer([*WORDS, *env_words(factory)])
+    tasks = factory.tasks("valid_seen")[:1]  # one JVM on each side: a JVM's start is most of this test's time
+    proc, url = _start("textworld_express", "--env_kwargs", json.dumps(kwargs), "--max_sessions", "1")
+    try:
+        local = RolloutConfig(max_turns=5, max_turn_tokens=24, num_workers=1, env_workers="processes")
+        expected = run_episodes(admissible_picker(tokenizer), factory, tasks, tokenizer, local)
+        _wait(proc, url)
+        remote = RolloutConfig(max_turns=5, max_turn_tokens=24, num_workers=1, env_server_urls=[url])
+        records = run_episodes(admissible_picker(tokenizer), factory, tasks, tokenizer, remote)
+    finally:
+        _stop(proc)
+    assert records == expected and not any(r["failed"] for r in records)
+    assert len(records[0]["turns"]) > 1  # it really played
+
+
 # --- faults --------------------------------------------------------------------------------------------------------
 FAULTS = [
     task("count", 2, 0),

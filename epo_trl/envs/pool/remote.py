@@ -3,7 +3,7 @@
 Each live env is one OpenEnv WebSocket session (`ws://HOST:PORT/ws`: the server gives every connection its own env);
 a handle keeps its session across episodes, like the local pools keep their envs. A new session goes to the live
 server holding the fewest of this pool's sessions. Calls run on daemon threads, one message and one reply per call,
-with `timeout` per call. The messages are OpenEnv's JSON (never pickle):
+with `timeout` per call (a new session's first reset: at least SESSION_START_S, as the server builds its env then). The messages are OpenEnv's JSON (never pickle):
 
     reset  {"type": "reset", "data": {"task": TaskSpec.key(), "seed": int}}   (a server drops what its reset lacks)
     step   {"type": "step", "data": {ACTION_FIELD: text}}     ACTION_FIELD: the action's one string field (/schema)
@@ -42,6 +42,9 @@ from .wire import WorkerDiedError, _rebuild_error
 #: Observation fields read as the text of another OpenEnv env's observation, in this order.
 TEXT_FIELDS = ("text", "observation", "message", "content", "prompt")
 CONNECT_TIMEOUT_S = 10.0
+#: The first reset of a new session may wait this long (at least): the server builds the session's env then (a worker
+#: process, a JVM), as the local process pool gives a new worker READY_TIMEOUT_S to start.
+SESSION_START_S = 120.0
 HEALTH_TIMEOUT_S = 3.0
 
 
@@ -148,9 +151,9 @@ class RemoteEnvPool(ThreadEnvPool):
     def __init__(self, factory: EnvFactory, num_workers: int = 8, timeout: float = 60.0, urls: Sequence[str] = ()):
         if not urls:
             raise ValueError("RemoteEnvPool needs at least one env server URL")
-        # ThreadEnvPool's watchdog abandons a call at `timeout`; the calls here end themselves at `timeout` (the reply
-        # wait), so the watchdog only catches a connect or send that hangs: it waits for the connect timeout on top.
-        super().__init__(factory, num_workers, timeout + CONNECT_TIMEOUT_S + 1.0)
+        # ThreadEnvPool's watchdog abandons a call at `timeout`; the calls here end themselves (the reply wait: `timeout`,
+        # a new session's first reset SESSION_START_S), so the watchdog only catches a connect or send that hangs.
+        super().__init__(factory, num_workers, max(timeout, SESSION_START_S) + CONNECT_TIMEOUT_S + 1.0)
         self.call_timeout = timeout
         self.servers = [_Server(i, url) for i, url in enumerate(urls)]
         self.lock = threading.Lock()
@@ -235,18 +238,19 @@ class RemoteEnvPool(ThreadEnvPool):
     def act(self, items):
         return self._run([lambda h=h, x=x: self._act_one(h, x) for h, x in items])
 
-    def _call(self, handle: EnvHandle, message: dict) -> tuple[dict, Any, Any]:
+    def _call(self, handle: EnvHandle, message: dict, timeout: float | None = None) -> tuple[dict, Any, Any]:
         """Send `message` on the handle's session; the reply's (observation, reward, done). Faults raise."""
         from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
         session: _Session = handle.env
         server = session.server
+        timeout = timeout or self.call_timeout
         try:
-            reply = session.call(message, self.call_timeout)
+            reply = session.call(message, timeout)
         except TimeoutError:
             if not self._healthy(server):
-                self._lose(server, f"no reply within {self.call_timeout:g}s and no answer to /health")
-            raise TimeoutError(f"env server {server.url}: no reply within {self.call_timeout:g}s") from None
+                self._lose(server, f"no reply within {timeout:g}s and no answer to /health")
+            raise TimeoutError(f"env server {server.url}: no reply within {timeout:g}s") from None
         except (ConnectionClosed, InvalidHandshake, OSError) as e:
             if not self._healthy(server):
                 self._lose(server, f"connection dropped ({type(e).__name__}) and no answer to /health")
@@ -287,7 +291,7 @@ class RemoteEnvPool(ThreadEnvPool):
                 server = None
                 continue
             try:
-                return self._call(handle, message)
+                return self._call(handle, message, max(self.call_timeout, SESSION_START_S))
             except _Full as e:
                 with self.lock:
                     server.capacity = server.sessions - 1
