@@ -42,9 +42,9 @@ def _start(env: str, *flags: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     path = os.pathsep.join([ROOT, TESTS, os.environ.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "epo_trl", "serve-env", env, "--port", str(port), *flags]
-    proc = subprocess.Popen(
-        cmd, env={**os.environ, "PYTHONPATH": path}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    # its own process group: stopping it also stops its forkserver and the env workers it started
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": path}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -63,13 +63,20 @@ def _wait(proc: subprocess.Popen, url: str, limit_s: float = 120.0) -> None:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
         try:
-            proc.wait(5)
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(grace)
+            break
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            continue
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # what is left of its group (workers of a server that exited)
+    except ProcessLookupError:
+        pass
     proc.stdout.close()
 
 

@@ -17,8 +17,10 @@
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,6 +48,24 @@ class TextEnvClient(EnvClient[TextAction, TextObservation, TextState]):
         return TextState(**payload)
 
 
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_sessions() -> None:
+    # Before the interpreter freezes daemon threads: a sync client's close runs on its event-loop thread, and a close
+    # left to a __del__ at shutdown (TRL's environment instances) would wait on a frozen thread forever.
+    for env in list(_LIVE):
+        env.close()
+
+
+def _close_client(client) -> None:
+    try:
+        client.close()
+    except Exception:  # noqa: BLE001 - a dead server's session need not close cleanly
+        pass
+
+
 class OpenEnvTextEnv(TextEnv):
     """A `TextEnv` whose env lives on a server: one OpenEnv session, opened at the first reset."""
 
@@ -59,6 +79,7 @@ class OpenEnvTextEnv(TextEnv):
             http, _ = server_urls(self.url)
             self.client = TextEnvClient(base_url=http, message_timeout_s=self.timeout).sync()
             self.client.connect()
+            _LIVE.add(self)
         self.last = self.client.reset(task=task.key()).observation
         return self.last.text, {"goal": self.last.goal}
 
@@ -71,12 +92,17 @@ class OpenEnvTextEnv(TextEnv):
         return obs.text, float(obs.reward or 0.0), obs.terminated, obs.truncated, {"won": obs.won}
 
     def close(self) -> None:
-        if self.client is not None:
-            client, self.client = self.client, None
-            try:
-                client.close()
-            except Exception:  # noqa: BLE001 - a dead server's session need not close cleanly
-                pass
+        client, self.client = self.client, None
+        if client is None:
+            return
+        _LIVE.discard(self)
+        # bounded: the client's close waits on its event-loop thread, which may be stuck or, at shutdown, frozen
+        try:
+            closer = threading.Thread(target=_close_client, args=(client,), daemon=True)
+            closer.start()
+            closer.join(5.0)
+        except RuntimeError:  # no new threads at interpreter shutdown: the session ends with the process
+            pass
 
 
 class OpenEnvFactory(EnvFactory):
