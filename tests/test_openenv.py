@@ -162,6 +162,29 @@ def test_remote_textworld_express_episodes_equal_local_ones(tmp_path):
     assert len(records[0]["turns"]) > 1  # it really played
 
 
+def picker(factory, tokenizer):
+    """`epo-trl eval --policy test_openenv:picker`: the deterministic admissible-action policy."""
+    return admissible_picker(tokenizer)
+
+
+def test_epo_trl_eval_on_served_envs_equals_local(servers, tmp_path):
+    from epo_trl.cli import main
+    from epo_trl.models.tiny import build_tiny_model, env_words
+
+    model = build_tiny_model(str(tmp_path / "model"), env_words(MazeFactory(**MAZE_KWARGS)))
+    out = {}
+    for name, extra in (("local", []), ("remote", ["--env_server_urls", json.dumps(servers["maze"])])):
+        path = tmp_path / f"{name}.json"
+        argv = ["eval", "--model", model, "--policy", "test_openenv:picker", "--env", "maze", "--env_kwargs",
+                json.dumps(MAZE_KWARGS), "--limit", "6", "--k", "2", "--max_turns", "6", "--output", str(path)]  # fmt: skip
+        assert main(argv + extra) == 0
+        out[name] = json.loads(path.read_text())
+    assert out["remote"]["episodes"] == out["local"]["episodes"] and len(out["local"]["episodes"]) == 12
+    assert out["remote"]["summary"] == out["local"]["summary"]
+    assert not any(r["failed"] for r in out["remote"]["episodes"])
+    assert sum(len(r["turns"]) for r in out["remote"]["episodes"]) > 12
+
+
 # --- faults --------------------------------------------------------------------------------------------------------
 FAULTS = [
     task("count", 2, 0),
