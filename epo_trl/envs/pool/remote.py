@@ -46,6 +46,7 @@ CONNECT_TIMEOUT_S = 10.0
 #: process, a JVM), as the local process pool gives a new worker READY_TIMEOUT_S to start.
 SESSION_START_S = 120.0
 HEALTH_TIMEOUT_S = 3.0
+MAX_IN_FLIGHT = 256  # calls waiting on replies at once (threads)
 
 
 class ServerLostError(WorkerDiedError):
@@ -155,6 +156,7 @@ class RemoteEnvPool(ThreadEnvPool):
         # a new session's first reset SESSION_START_S), so the watchdog only catches a connect or send that hangs.
         super().__init__(factory, num_workers, max(timeout, SESSION_START_S) + CONNECT_TIMEOUT_S + 1.0)
         self.call_timeout = timeout
+        self.in_flight = num_workers
         self.servers = [_Server(i, url) for i, url in enumerate(urls)]
         self.lock = threading.Lock()
         for server in self.servers:
@@ -221,6 +223,7 @@ class RemoteEnvPool(ThreadEnvPool):
 
     # -- calls --
     def reset(self, items):
+        self._grow(len(items))
         # Placement here, in order, not on the worker threads: the same batch lands on the same servers every time.
         placed: dict[int, _Server | BaseException] = {}
         for i, (h, _) in enumerate(items):
@@ -236,7 +239,15 @@ class RemoteEnvPool(ThreadEnvPool):
         )
 
     def act(self, items):
+        self._grow(len(items))
         return self._run([lambda h=h, x=x: self._act_one(h, x) for h, x in items])
+
+    def _grow(self, calls: int) -> None:
+        """As many threads as a turn has calls (up to MAX_IN_FLIGHT): each only waits on its server's reply, so a
+        remote turn takes one round trip, not `calls / num_workers` of them."""
+        for _ in range(min(calls, MAX_IN_FLIGHT) - self.in_flight):
+            self.threads.spawn()
+        self.in_flight = max(self.in_flight, min(calls, MAX_IN_FLIGHT))
 
     def _call(self, handle: EnvHandle, message: dict, timeout: float | None = None) -> tuple[dict, Any, Any]:
         """Send `message` on the handle's session; the reply's (observation, reward, done). Faults raise."""
