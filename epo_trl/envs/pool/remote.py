@@ -161,11 +161,11 @@ class RemoteEnvPool(ThreadEnvPool):
         self.lock = threading.Lock()
         for server in self.servers:
             try:
-                server.field = action_field(_get_json(f"{server.http}/schema", HEALTH_TIMEOUT_S), server.url)
-            except (OSError, ValueError) as e:
-                if isinstance(e, ValueError) and "action" in str(e):
-                    raise
+                schema = _get_json(f"{server.http}/schema", HEALTH_TIMEOUT_S)
+            except (OSError, ValueError) as e:  # down since the config's check, or not an OpenEnv server
                 self._lose(server, f"no /schema ({getattr(e, 'reason', None) or e})")
+                continue
+            server.field = action_field(schema, server.url)  # an env whose action cannot carry text: a config error
 
     # -- servers --
     def _lose(self, server: _Server, why: str) -> None:
