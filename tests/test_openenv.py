@@ -462,3 +462,20 @@ def test_epo_trainer_trains_three_steps_on_remote_mazes(servers, tmp_path):
     logs = [h for h in trainer.state.log_history if "rollout/success_rate" in h]
     assert trainer.state.global_step == 3 and len(logs) == 3
     assert all(h["rollout/env_failures"] == 0 for h in logs)
+
+
+def test_server_urls_and_the_action_field():
+    from epo_trl.envs.pool.remote import action_field, server_urls
+
+    assert server_urls("http://node1:8001") == ("http://node1:8001", "ws://node1:8001/ws")
+    assert server_urls("wss://env.example:443/sub/") == ("https://env.example:443/sub", "wss://env.example:443/sub/ws")
+    for bad in ("node1:8001", "http://node1", "ftp://node1:21", "http://:80"):
+        with pytest.raises(ValueError, match="http://HOST:PORT"):
+            server_urls(bad)
+    string = {"type": "string"}
+    assert action_field({"action": {"properties": {"text": string, "metadata": {"type": "object"}}}}, "u") == "text"
+    assert (
+        action_field({"action": {"properties": {"message": string, "metadata": {"type": "object"}}}}, "u") == "message"
+    )
+    with pytest.raises(ValueError, match="no single string field"):
+        action_field({"action": {"properties": {"a": string, "b": string}}}, "u")
