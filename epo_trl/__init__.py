@@ -2,8 +2,6 @@
 
 import importlib
 
-from ._moved import install_moved_modules
-
 __version__ = "0.1.0"
 
 # The trainers import torch + TRL (seconds); environment worker processes and the CLI's argument checks import
@@ -18,8 +16,6 @@ _LAZY = {
 }
 
 __all__ = [*sorted(_LAZY), "__version__"]
-
-install_moved_modules()
 
 
 def __getattr__(name: str):

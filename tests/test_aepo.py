@@ -170,9 +170,11 @@ def test_term_over_a_step_equals_alpha_times_l_reg(tiny_model, tmp_path):
 
 
 def test_sampling_context_sets_and_restores_the_temperature(tiny_model, tmp_path):
+    from epo_trl.trainers.grpo.resampling import _sampling
+
     trainer = AEPOTrainer(tiny_model, length_reward, args=_args(tmp_path), train_dataset=_dataset())
     trainer._metrics["train"]["reward"].append(1.0)
-    with trainer._aepo_sampling(1.7, 5):
+    with _sampling(trainer, 1.7, 5):  # what `sample_more` runs in
         assert trainer.temperature == 1.7 and trainer.num_generations == 5
         assert trainer.generation_config.temperature == 1.7 and trainer.generation_kwargs["temperature"] == 1.7
         trainer._metrics["train"]["reward"].append(9.0)  # re-sample metrics stay out of TRL's

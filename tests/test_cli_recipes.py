@@ -178,7 +178,10 @@ def test_algo_preset_vs_explicit_values(tmp_path):
     notes = []
     _, _, args = load_config([MAZE, "--algo", "grpo", *out], notes)  # the file's EPO values yield to --algo
     assert args.entropy_coef == 0.0 and type(args).__name__ == "MultiTurnGRPOConfig"
-    assert notes == ["--algo grpo sets entropy_coef=0.0 (the config file had 0.01)"]
+    assert notes == [  # the recipe's EPO-only keys go (grpo's config has none of them); the shared one yields
+        "--algo grpo: dropped the recipe's epo field(s) smoothing_coef, smoothing_kappa_low, smoothing_kappa_high",
+        "--algo grpo sets entropy_coef=0.0 (the config file had 0.01)",
+    ]
     same_file = tmp_path / "r.yaml"
     same_file.write_text("algo: epo-base\nsmoothing: true\nuse_cpu: true\nbf16: false\n")
     with pytest.raises(UsageError, match="algo=epo-base pins smoothing=False, but smoothing=True is set in the"):

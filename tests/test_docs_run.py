@@ -5,8 +5,9 @@ How (documented in docs/configuration.md, "Docs that run"):
 - Shell blocks run with `bash -e` in a fresh folder that links `recipes/`, with `epo-trl` on PATH.
 - Hub ids (`Qwen/...`, `HuggingFaceTB/...`, ...) are replaced by a tiny local model (Qwen2.5's chat template): no
   network here.
-- EPO_TRL_DOCS_FAST=1 caps CLI runs (`epo-trl train`: max_steps 2, warmstart_steps 10, max_turns 3; `epo-trl
-  eval`: 2 tasks, max_turns 3).
+- Shell blocks' `epo-trl` is tests/support/docs_cli.py: the real CLI with shorter runs asked for by appended flags
+  (`epo-trl train`: max_steps 2, warm-start steps 10, max_turns 3; `epo-trl eval`: 2 tasks, max_turns 3); the CLI
+  has no test switch. Python blocks keep their own runs short.
 - A block that cannot run here (GPU, vLLM, several nodes, network, installs) has `<!-- no-run: why -->` on the
   line before its fence; it is still syntax-checked. A block that installs, downloads or calls make/sbatch
   without the marker fails WITHOUT being run.
@@ -102,12 +103,18 @@ def test_block_runs_as_written(block, hub_standin, tmp_path, monkeypatch):
     unsafe = (UNSAFE if block.lang == "bash" else UNSAFE_PYTHON).search(block.code)
     assert unsafe is None, f"{block.id} runs `{unsafe.group(0)}`: mark it <!-- no-run: why --> (not executed)"
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("EPO_TRL_DOCS_FAST", "1")
     if block.lang == "python":
         exec(compiled, {"__name__": "__main__"})
         return
     os.symlink(os.path.join(ROOT, "recipes"), tmp_path / "recipes")
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    shim = tmp_path / ".bin" / "epo-trl"
+    shim.parent.mkdir()
+    shim.write_text(
+        f'#!/bin/sh\nexec "{sys.executable}" "{os.path.join(ROOT, "tests", "support", "docs_cli.py")}" "$@"\n'
+    )
+    shim.chmod(0o755)
+    path = os.pathsep.join([str(shim.parent), os.path.dirname(sys.executable), os.environ["PATH"]])
+    env = {**os.environ, "PATH": path}
     result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", code], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=900)  # fmt: skip
     assert result.returncode == 0, f"{block.id} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"

@@ -281,9 +281,9 @@ def test_brief_rooms_drops_the_furniture_and_keeps_the_game():
 
 @pytest.mark.slow
 def test_long_horizon_study_quick(tmp_path):
-    """`python -m epo_trl.study --setting coin --quick`: the long-horizon study's path on real games, its warm start
+    """`python -m research.study --setting coin --quick`: the long-horizon study's path on real games, its warm start
     (gold paths, no noisy phase), step-mode runs from it, and a report with the collapse columns."""
-    from epo_trl.study import main
+    from research.study import main
 
     report = tmp_path / "long.md"
     assert main(["--setting", "coin", "--quick", "--jobs", "1", "--output-dir", str(tmp_path), "--report",

@@ -96,19 +96,12 @@ def test_data_flows_one_way():
             assert not deps, (module, deps)
 
 
-def test_old_import_paths_still_work_with_a_deprecation_warning():
-    """Code written against the layout before docs/architecture.md keeps importing (epo_trl/_moved.py)."""
-    import importlib
-    import warnings
-
-    import epo_trl
-    from epo_trl.models.tiny import build_tiny_model
-    from epo_trl.trainers.epo import EPOConfig
-
-    assert epo_trl.EPOConfig is EPOConfig  # the public path never moved
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert importlib.import_module("epo_trl.testing").build_tiny_model is build_tiny_model
-        assert importlib.import_module("epo_trl.config").EPOConfig is EPOConfig
-    assert [w.category for w in caught] == [DeprecationWarning] * 2
-    assert "epo_trl.models.tiny.build_tiny_model" in str(caught[0].message)
+def test_the_package_never_imports_the_research_tooling_and_ships_without_it():
+    """research/ (studies, benchmarks) uses the package; the package, installed alone, must not need research/."""
+    mods = _modules()
+    for module, (path, _) in mods.items():
+        tree = ast.parse(Path(path).read_text())
+        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+        names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not {n for n in names if n.split(".")[0] == "research"}, module
+    assert not [m for m in mods if m.split(".")[1:2] in (["bench"], ["study"], ["study_llm"])]

@@ -47,7 +47,7 @@ def test_demo_is_the_studys_epo_run(tmp_path):
 
     from epo_trl.cli.demo import _parse, demo_overrides
     from epo_trl.cli.train import DEMO_RECIPE, load_config
-    from epo_trl.study import SHARED, _setup
+    from research.study import SHARED, _setup
 
     script, rollout, args = _setup(SHARED, "epo", 0, str(tmp_path))
     demo_script, config, demo_args = load_config(

@@ -27,12 +27,12 @@ def _reports() -> dict[str, Path]:
 
 
 def _render(results: dict, report: Path, results_json: Path) -> str:
-    """As `python -m epo_trl.study --report-only` (or `epo_trl.study_llm --report-only`) writes `report`."""
+    """As `python -m research.study --report-only` (or `research.study_llm --report-only`) writes `report`."""
     figures = os.path.relpath(results_json.parent, report.parent)
-    if "meta" in results:  # epo_trl.study: {"meta", "summary", "runs", ...}
-        from epo_trl.study import to_markdown
-    else:  # epo_trl.study_llm: {"model", "command", "runs", ...}
-        from epo_trl.study_llm import to_markdown
+    if "meta" in results:  # research.study: {"meta", "summary", "runs", ...}
+        from research.study import to_markdown
+    else:  # research.study_llm: {"model", "command", "runs", ...}
+        from research.study_llm import to_markdown
     return to_markdown(results, figures)
 
 

@@ -1,5 +1,5 @@
 """The study reports' statistics by hand: binomial intervals of shares of seeds, paired per-seed differences, the
-entropy-collapse test, and the reference policies' rows (`epo_trl.stats`, `epo_trl.study`)."""
+entropy-collapse test, and the reference policies' rows (`epo_trl.stats`, `research.study`)."""
 
 import json
 import math
@@ -38,7 +38,7 @@ def test_wilson_by_hand():
 
 def test_share_and_its_cell():
     from epo_trl.stats import share
-    from epo_trl.study import _share
+    from research.study import _share
 
     assert _share(share([1.0, 1.0, 0.0, 1.0, 1.0])) == "4/5 (0.28-0.99)"
     assert _share(share([0.0] * 5)) == "0/5 (0.00-0.52)" and _share(share([True] * 5)) == "5/5 (0.48-1.00)"
@@ -65,7 +65,7 @@ def test_paired_differences_by_hand():
     half-width t(0.975, 2) s / sqrt(3) = 4.303 * 0.1 / 1.7321 = 0.24843. The pairs: every algorithm vs the first,
     then EPO vs EPO-Base."""
     from epo_trl.stats import paired_differences
-    from epo_trl.study import comparisons, paired
+    from research.study import comparisons, paired
 
     d = paired_differences({0: 0.6, 1: 0.7, 2: 0.55, 3: 1.0}, {0: 0.5, 1: 0.5, 2: 0.25})
     assert d["seeds"] == [0, 1, 2] and d["differences"] == pytest.approx([0.1, 0.2, 0.3])
@@ -88,7 +88,7 @@ def test_paired_differences_by_hand():
 def test_entropy_collapse_needs_no_learning():
     """Collapse: entropy below 0.1 x step 1 while the train success, averaged over the quarter-run window ending
     there, is not above its first-quarter mean. Here 8 steps, quarter q = 2, first-quarter success 0.5."""
-    from epo_trl.study import COLLAPSE_FRACTION, collapse_step, run_stats
+    from research.study import COLLAPSE_FRACTION, collapse_step, run_stats
 
     assert COLLAPSE_FRACTION == 0.1
     sharpening = [1.0, 0.8, 0.5, 0.3, 0.2, 0.09, 0.05, 0.05]
@@ -111,7 +111,7 @@ def test_collapse_fires_on_no_committed_maze_run():
     """The former test (entropy below 0.5 x step 1) fires on most runs of docs/study/results.json (19 of 20 on the
     retired 2x2 setting, 18 of 20 on the trail maze), learning ones included; the new one fires on none of those that
     learned (held-out gain >= 0.2)."""
-    from epo_trl.study import run_stats
+    from research.study import run_stats
 
     runs = json.loads((ROOT / "docs/study/results.json").read_text())["runs"]
     assert len(runs) == 20
@@ -121,7 +121,7 @@ def test_collapse_fires_on_no_committed_maze_run():
 
 
 def _results(baselines=None) -> dict:
-    meta = {"command": "python -m epo_trl.study", "date": "d", "machine": "m", "jobs": 1, "runs": len(RUNS),
+    meta = {"command": "python -m research.study", "date": "d", "machine": "m", "jobs": 1, "runs": len(RUNS),
             "wall_s": 1.0, "seeds": [0, 1, 2, 3], "eval_tasks": 4, "overrides": {"disable_tqdm": True},
             "warm_start": {"steps": 1, "target_success": 0.9, "check_every": 1, "noisy_steps": 0, "noise": 0.5},
             "setting": {"max_steps": 4, "episodes_per_step": 8, "num_generations": 8}, "setting_name": "maze",
@@ -130,7 +130,7 @@ def _results(baselines=None) -> dict:
 
 
 def test_report_reference_rows_shares_and_pairs():
-    from epo_trl.study import to_markdown
+    from research.study import to_markdown
 
     baselines = {split: {"random": 0.1, "walker": 0.4, "expert": 1.0, "ceiling": 1.0}
                  for split in ("valid_seen", "valid_unseen")}  # fmt: skip
@@ -152,7 +152,7 @@ def test_report_reference_rows_shares_and_pairs():
 
 def test_reference_baselines_on_the_held_out_tasks():
     """The study records the reference policies on the first eval_tasks tasks of each held-out split."""
-    from epo_trl.study import reference_baselines
+    from research.study import reference_baselines
 
     script = SimpleNamespace(env="maze", env_kwargs={"size": 4, "task": "trail", "distractors": 0, "num_train": 16})
     result = reference_baselines(script, SimpleNamespace(max_turns=6), eval_tasks=8, k=2)

@@ -181,7 +181,7 @@ def test_aepo_resamples_run_the_tool_loop(tool_model, tmp_path, form):
     assert all(log["aepo/reg_loss"] > 0 for log in logs)
     assert len(trainer.state.log_history) == 4  # 3 steps + the summary: the re-samples' metrics were dropped
     if form == "environment_factory":
-        pool = trainer._aepo_environment_pool[None]
+        pool = trainer._extra_sample_environments[None]  # sample_more's instances
         assert len(pool) == 6 and not any(e is t for e in pool for t in trainer._environment_pool[None])
         assert any(e.count > 0 for e in pool)  # the re-samples called the tool on their own instances
     else:  # more calls than the training batches made: the re-samples called the tool too

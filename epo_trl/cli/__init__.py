@@ -17,7 +17,10 @@ COMMANDS = {
     "train": "epo_trl.cli.train:main",
     "eval": "epo_trl.cli.evaluate:main",
     "demo": "epo_trl.cli.demo:main",
-    "vllm-serve": "epo_trl.cli.vllm_serve:main",  # issue 37: a vLLM server on GPU or CPU (gloo weight transfer)
+    # issue 39: an env as an OpenEnv server (epo_trl/cli/serve_env.py)
+    "serve-env": "epo_trl.cli.serve_env:main",
+    # issue 37: a vLLM server on GPU or CPU (gloo weight transfer; epo_trl/cli/vllm_serve.py)
+    "vllm-serve": "epo_trl.cli.vllm_serve:main",
 }
 
 

@@ -9,13 +9,13 @@ ceiling; `epo_trl.rollout.baselines`). It writes `final_metrics.json`, TensorBoa
 return, per-turn entropy, EPO's band) to the run folder. Rollouts are in trajectory mode (one row per episode, turns
 told apart by the env mask; EPO's per-turn entropy is taken per turn inside the row); `--rollout-mode step` trains
 one row per turn instead. Its settings are one recipe, `recipes/cpu/demo.yaml`, trained through `epo-trl train`'s
-own path; the study (`python -m epo_trl.study`) trains the same file for every method and seed, so docs/study.md
+own path; the study (`python -m research.study`) trains the same file for every method and seed, so docs/study.md
 holds its spread.
 
 `--llm` runs the same on a real pretrained model (recipes/cpu/demo_llm.yaml, `make demo-llm`): SmolLM2-135M-Instruct,
 warm-started with TRL's SFTTrainer (epo_trl.models.sft), rollouts and all three held-out evaluations (zero-shot,
 after the warm start, after RL) on the trainer's vLLM engine when vLLM is installed. Its choices:
-docs/quickstart.md, section 4; its spread over seeds against GRPO: `python -m epo_trl.study_llm`.
+docs/quickstart.md, section 4; its spread over seeds against GRPO: `python -m research.study_llm`.
 
 Why the setting is what it is (measured, with the settings it replaced: docs/study/setting.md):
 - the maze's `trail` task, 4x4: signs point the way, so an agent that reads the observation can win mazes it never
@@ -172,6 +172,7 @@ def _main(argv: list[str] | None) -> int:
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "TRL_EXPERIMENTAL_SILENCE"):
         os.environ.setdefault(key, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ..trainers.registry import get_method
     from .console import use_console
     from .lifecycle import phase
     from .plots import write_run_plots
@@ -224,8 +225,8 @@ def _main(argv: list[str] | None) -> int:
     train_logs = [h for h in history if "rollout/success_rate" in h]
     quarter = max(len(train_logs) // 4, 1)
     turn_entropy = {k.rsplit("/", 1)[-1]: v for k, v in _last(history, "epo/turn_entropy/").items()}
-    band = getattr(args, "smoothing_kappa_low", None), getattr(args, "smoothing_kappa_high", None)  # EPOConfig only
-    plots = write_run_plots(history, str(out / "plots"), *band)
+    method = get_method(script.algo)
+    plots = write_run_plots(history, str(out / "plots"), *(method.entropy_band(args) or (None, None)))
     metrics = {
         "seed": opts.seed,
         "algo": script.algo,
@@ -242,9 +243,7 @@ def _main(argv: list[str] | None) -> int:
             "learning_rate": args.learning_rate,
             "bf16": args.bf16,
             "entropy_coef": args.entropy_coef,  # TRL's GRPOConfig field (0.0 for --algo grpo)
-            "smoothing_coef": getattr(args, "smoothing_coef", None),  # EPOConfig's fields: other methods lack them
-            "smoothing_kappa_low": getattr(args, "smoothing_kappa_low", None),
-            "smoothing_kappa_high": getattr(args, "smoothing_kappa_high", None),
+            "method": method.describe(args),  # the method's own settings (epo_trl.trainers.registry)
             "episodes_per_step": args.per_device_train_batch_size,
             "group": args.num_generations,
         },
@@ -281,14 +280,7 @@ def _main(argv: list[str] | None) -> int:
 
 def _report(m: dict, out: Path) -> None:
     s, w = m["setting"], m["warm_start"]
-    epo = (
-        ""
-        if s["entropy_coef"] is None
-        else (
-            f"EPO entropy_coef {s['entropy_coef']}, smoothing band [{s['smoothing_kappa_low']}, "
-            f"{s['smoothing_kappa_high']}] x its history; "
-        )
-    )
+    method = "".join(f"{line}; " for line in s["method"])
     how = "TRL SFTTrainer" if w.get("trainer") == "trl.SFTTrainer" else "behaviour-cloning"
     env = m["env"]
     parts = [
@@ -304,7 +296,7 @@ def _report(m: dict, out: Path) -> None:
         f"setting: warm start {w['steps']} {how} steps on the expert, then {w['noisy_steps']} on a demonstrator that "
         f"takes a random admissible action {s['warmstart_noise']:.0%} of the time (the start knows the format but "
         f"wanders); KL anchor beta={s['beta']}; scale_rewards={s['scale_rewards']!r} (the +10 win, not the -0.1 "
-        f"invalid-turn penalty, dominates advantages); {epo}"
+        f"invalid-turn penalty, dominates advantages); {method}"
         f"{s['episodes_per_step']} episodes/step in groups of {s['group']}, lr {s['learning_rate']}, "
         f"max {s['max_turns']} turns; seed {m['seed']}"
     )

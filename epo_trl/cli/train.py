@@ -16,11 +16,11 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from ..hardware import NO_BF16_NOTE, cpu_without_bf16
 from ..rollout import RolloutConfig
+from ..trainers.registry import get_method, methods
 from .console import use_console
 from .errors import (
     UsageError,
@@ -34,6 +34,7 @@ from .parser import (
     DEFAULT,
     FILE,
     FLAG,
+    RECIPES,
     ConfigParser,
     check_model_reference,
     flag_value,
@@ -43,23 +44,24 @@ from .parser import (
 from .run_checks import check_built_model, check_resume_matches, check_values, folder_to_build, record_build
 from .signals import StopOnSignal
 
-ALGOS = ("grpo", "epo", "epo-base", "aepo")
-# The CPU recipes of a source checkout (the demo's setting is one of them: demo.yaml).
-CPU_RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "cpu"
+# The CPU recipes, shipped in the package (the demo's setting is one of them: demo.yaml).
+CPU_RECIPES = RECIPES / "cpu"
 DEMO_RECIPE = CPU_RECIPES / "demo.yaml"
 DEMO_LLM_RECIPE = CPU_RECIPES / "demo_llm.yaml"  # `epo-trl demo --llm`: SmolLM2-135M-Instruct
 WARM_START_FILE = "warm_start.json"  # beside a warm-started builtin-tiny model: what the warm start did
 TINY_MODEL = "builtin-tiny"
-# Documented in docs/configuration.md: caps long runs so every command in the docs runs in CI.
-FAST_ENV = "EPO_TRL_DOCS_FAST"
-FAST_CAPS = {"max_steps": 2, "warmstart_steps": 10, "warmstart_noisy_steps": 10, "max_turns": 3}
 
 
 @dataclass
 class ScriptArguments:
     """Fields of the run that are neither rollout nor trainer settings."""
 
-    algo: str = field(default="epo", metadata={"help": "Method.", "choices": list(ALGOS)})
+    algo: str = field(
+        default="epo",
+        metadata={
+            "help": "Method: a registered name (epo_trl.trainers.registry; built in: grpo, epo, epo-base, aepo)."
+        },
+    )
     model_name_or_path: str = field(
         default=TINY_MODEL,
         metadata={
@@ -147,8 +149,8 @@ class ScriptArguments:
     )
 
     def __post_init__(self):
-        if self.algo not in ALGOS:
-            raise ValueError(f"Invalid algo={self.algo!r}: must be one of {ALGOS}.")
+        if self.algo not in methods():
+            raise ValueError(f"Invalid algo={self.algo!r}: must be one of {', '.join(methods())}.")
         if self.rollout_mode not in ("step", "trajectory"):
             raise ValueError(f"Invalid rollout_mode={self.rollout_mode!r}: must be 'step' or 'trajectory'.")
         if self.tiny_head_dim < 1 or self.tiny_hidden_size % self.tiny_head_dim:
@@ -176,64 +178,38 @@ class ScriptArguments:
         return bool(self.warmstart_steps or self.warmstart_noisy_steps)
 
 
-# What each algorithm pins. A pinned key set with equal or more precedence than `algo` itself (a flag, or
-# the same file as `algo`) is a conflict and an error; one inherited from a file under `--algo` yields.
-ALGO_OVERRIDES: dict[str, dict[str, Any]] = {
-    "grpo": {"entropy_coef": 0.0, "smoothing": False},  # MultiTurnGRPOTrainer == GRPOTrainer's loss (tested)
-    "epo-base": {"smoothing": False},
-    "epo": {},
-    "aepo": {},
-}
 _PRECEDENCE = {FLAG: 2, FILE: 1, DEFAULT: 0}
 
 
-def trainer_classes(algo: str):
-    """(config class, trainer class) of a method: GRPO is the multi-turn base; epo-base is EPO without smoothing."""
-    if algo == "aepo":
-        from ..trainers.aepo import AEPOConfig, AEPOTrainer
-
-        return AEPOConfig, AEPOTrainer
-    if algo == "grpo":
-        from ..trainers.grpo import MultiTurnGRPOConfig, MultiTurnGRPOTrainer
-
-        return MultiTurnGRPOConfig, MultiTurnGRPOTrainer
-    from ..trainers.epo import EPOConfig, EPOTrainer
-
-    return EPOConfig, EPOTrainer
-
-
 def config_parser(algo: str, prog: str = "epo-trl train") -> ConfigParser:
-    """The parser over (ScriptArguments, RolloutConfig, the method's config). GRPO and EPO-Base parse EPO's keys too,
-    so `--algo grpo` can run an EPO recipe (ALGO_OVERRIDES pins EPO's terms off and `build` drops EPO's fields); a
-    key of the other method (AEPO's under EPO, EPO's under AEPO) is named in the error."""
-    from ..trainers.aepo import AEPOConfig
-    from ..trainers.epo import EPOConfig
-
-    parse_cls, other, hint = (
-        (AEPOConfig, EPOConfig, "an EPO field: use --algo epo")
-        if algo == "aepo"
-        else (EPOConfig, AEPOConfig, "an AEPO field: use --algo aepo")
-    )
-    own = {f.name for f in fields(parse_cls)}
+    """The parser over (ScriptArguments, RolloutConfig, the method's config). A key of another registered method's
+    config is named in the error with the method that has it; under a switched `--algo`, `load_config` drops the
+    recipe's such keys with a note (so `--algo grpo` runs an EPO recipe)."""
+    config_cls = get_method(algo).config_class
+    own = {f.name for f in fields(config_cls)}
+    elsewhere: dict[str, list[str]] = {}
+    for name, method in methods().items():
+        for f in fields(method.config_class):
+            if f.name not in own:
+                elsewhere.setdefault(f.name, []).append(name)
     return ConfigParser(
-        [ScriptArguments, RolloutConfig, parse_cls],
+        [ScriptArguments, RolloutConfig, config_cls],
         prog,
-        extra_known={f.name: hint for f in fields(other) if f.name not in own},
+        extra_known={k: f"a field of {', '.join(v)}: use --algo {v[0]}" for k, v in elsewhere.items()},
     )
 
 
 def apply_algo_presets(values: dict[str, Any], sources: dict[str, str]) -> list[str]:
     """Pin the algorithm's fields in `values`; return notes for values it replaced (or raise on a conflict)."""
     algo, notes = values["algo"], []
-    for key, pinned in ALGO_OVERRIDES[algo].items():
+    for key, pinned in get_method(algo).pins.items():
         if values[key] == pinned:
             continue
         where = "on the command line" if sources[key] == FLAG else "in the config file"
         if _PRECEDENCE[sources[key]] >= _PRECEDENCE[sources["algo"]] and sources[key] != DEFAULT:
             raise UsageError(
                 f"algo={algo} pins {key}={pinned!r}, but {key}={values[key]!r} is set {where}.",
-                f"fix: drop {key}, or pick the algorithm that uses it (epo-base: entropy bonus only; epo: bonus + "
-                "smoothing).",
+                f"fix: drop {key}, or use a method that leaves it free (`epo-trl train --help` lists them).",
             )
         if sources[key] != DEFAULT:
             notes.append(f"--algo {algo} sets {key}={pinned!r} (the config file had {values[key]!r})")
@@ -356,20 +332,6 @@ def check_env_name(name: str) -> None:
         )
 
 
-def fast_mode() -> bool:
-    return os.environ.get(FAST_ENV, "").lower() in ("1", "true", "yes")
-
-
-def apply_fast_caps(values: dict[str, Any], caps: dict[str, int]) -> list[str]:
-    """EPO_TRL_DOCS_FAST=1: lower every capped value (None / -1 = unlimited counts as above the cap)."""
-    notes = []
-    for key, cap in caps.items():
-        if values[key] is None or values[key] < 0 or values[key] > cap:
-            notes.append(f"{FAST_ENV}=1: {key} {values[key]} -> {cap}")
-            values[key] = cap
-    return notes
-
-
 def load_config(argv: list[str], notes: list[str] | None = None, overrides: dict[str, Any] | None = None):
     """Parse `[CONFIG.yaml | --config CONFIG.yaml] [--field value ...]` into (ScriptArguments, RolloutConfig,
     trainer config). Every mistake raises `UsageError` before a model is built. `overrides`: Python values that
@@ -380,8 +342,11 @@ def load_config(argv: list[str], notes: list[str] | None = None, overrides: dict
     path, argv = split_config_path(argv)
     file_values = read_config_file(path)
     algo = overrides.get("algo") or flag_value(argv, "algo") or file_values.get("algo", "epo")
-    if algo not in ALGOS:
-        raise UsageError(f"algo={algo!r} is not a method here.", f"fix: use one of {', '.join(ALGOS)}.")
+    if algo not in methods():
+        raise UsageError(
+            f"algo={algo!r} is not a registered method.",
+            f"fix: use one of {', '.join(methods())} (or register yours: epo_trl.trainers.registry.register_method).",
+        )
     parser = config_parser(algo)
     if algo != file_values.get("algo", algo):
         # `--algo` switched the recipe's method: the shared settings stay, the other method's fields go.
@@ -400,8 +365,6 @@ def load_config(argv: list[str], notes: list[str] | None = None, overrides: dict
     notes += apply_algo_presets(values, sources)
     if sources["output_dir"] == DEFAULT:
         values["output_dir"] = os.path.join("runs", f"{values['env']}-{algo}")
-    if fast_mode():
-        notes += apply_fast_caps(values, FAST_CAPS)
     derive_batch(values, sources, notes)
     check_values(values, sources)
     if values.get("bf16") and cpu_without_bf16(bool(values.get("use_cpu"))):
@@ -417,8 +380,7 @@ def load_config(argv: list[str], notes: list[str] | None = None, overrides: dict
     if values["resume_from_checkpoint"]:
         check_resume_matches(values, values["resume_from_checkpoint"])
     check_built_model(values)
-    config_cls, _ = trainer_classes(algo)
-    script, rollout, args = parser.build(values, [ScriptArguments, RolloutConfig, config_cls])
+    script, rollout, args = parser.build(values, parser.types)
     return script, rollout, args
 
 
@@ -435,23 +397,7 @@ def describe(script: ScriptArguments, args) -> list[str]:
         f"max_steps {args.max_steps} | learning_rate {args.learning_rate:g} ({getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}) | "
         f"temperature {args.temperature:g} | output_dir {args.output_dir}",
     ]
-    from ..trainers.aepo import AEPOConfig
-    from ..trainers.epo import EPOConfig
-
-    if isinstance(args, AEPOConfig):
-        lines.append(
-            f"AEPO: aepo_coef {args.aepo_coef:g} | target entropy {args.aepo_target_entropy:g} | temperatures "
-            f"{args.aepo_temperature_low:g} / {args.aepo_temperature_high:g} | entropy_coef {args.entropy_coef:g}"
-        )
-    if isinstance(args, EPOConfig) and (args.entropy_coef or args.smoothing):
-        band = "off"
-        if args.smoothing:
-            window = args.entropy_history_window or "cumulative"
-            band = (
-                f"coef {args.smoothing_coef:g}, kappa [{args.smoothing_kappa_low:g}, {args.smoothing_kappa_high:g}], "
-                f"entropy_history_window {window}, schedule {args.entropy_schedule}"
-            )
-        lines.append(f"EPO: entropy_coef {args.entropy_coef:g} | smoothing {band}")
+    lines += get_method(script.algo).describe(args)
     if args.resume_from_checkpoint:
         lines.append(f"resuming from {args.resume_from_checkpoint}")
     return lines
@@ -598,7 +544,7 @@ def build_trainer(script: ScriptArguments, rollout_config: RolloutConfig, args, 
         preflight(factory)
     rollout_cls = StepRollout if script.rollout_mode == "step" else TrajectoryRollout
     rollout = rollout_cls(factory, rollout_config)
-    _, trainer_cls = trainer_classes(script.algo)
+    trainer_cls = get_method(script.algo).trainer_class
     unbuilt = folder_to_build(script, args.output_dir)  # built now: its seed is recorded (run_checks)
     with user_errors("model"):
         model = resolve_model(script, factory, args.output_dir, rollout_config, args.seed, log, args)
@@ -646,13 +592,8 @@ def write_outputs(trainer, script: ScriptArguments, train_metrics: dict) -> list
     from .plots import write_run_plots
 
     args, history = trainer.args, trainer.state.log_history
-    smoothing = getattr(args, "smoothing", False)
-    plots = write_run_plots(
-        history,
-        args.output_dir,
-        kappa_low=args.smoothing_kappa_low if smoothing else None,
-        kappa_high=args.smoothing_kappa_high if smoothing else None,
-    )
+    kappa_low, kappa_high = get_method(script.algo).entropy_band(args) or (None, None)
+    plots = write_run_plots(history, args.output_dir, kappa_low=kappa_low, kappa_high=kappa_high)
     path = os.path.join(args.output_dir, "final_metrics.json")
     summary = {
         "algo": script.algo,
@@ -695,7 +636,7 @@ def _main(argv: list[str] | None) -> int:
         path, rest = split_config_path([a for a in argv if a not in ("-h", "--help")])
         print(__doc__)
         algo = flag_value(rest, "algo") or read_config_file(path).get("algo", "epo")
-        print(config_parser(algo if algo in ALGOS else "epo").format_help())
+        print(config_parser(algo if algo in methods() else "epo").format_help())
         if not argv:
             _say("error: no recipe or options given (the options are above).", sys.stderr)
             print("  fix: epo-trl train recipes/cpu/maze_epo.yaml", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..envs.pool import WORKER_KINDS
+from ..envs.pool.remote import probe_servers
 
 MODES = ("step", "trajectory")
 
@@ -62,6 +63,12 @@ class RolloutConfig:
             "help": "Who runs the envs: 'threads' (in this process; cheap pure-Python envs), 'processes' (worker processes owning their envs; envs that are not thread-safe or hold a JVM) or 'auto' = the factory's `thread_safe` (docs/rollouts.md)."
         },
     )
+    env_server_urls: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "OpenEnv servers to play the episodes on (`epo-trl serve-env`, or any OpenEnv env with a text action), e.g. '[http://node1:8001, http://node2:8001]'; sessions are balanced across them. Each must answer at start. None = envs in this process tree (env_workers)."
+        },
+    )
     action_tags: tuple[str, str] = field(
         default=("<action>", "</action>"),
         metadata={"help": "Opening and closing tags around the action in the model's output."},
@@ -86,3 +93,11 @@ class RolloutConfig:
             raise ValueError("step_timeout_s must be > 0 and num_workers >= 1.")
         if self.env_workers not in WORKER_KINDS:
             raise ValueError(f"env_workers={self.env_workers!r}: use one of {WORKER_KINDS}.")
+        if self.env_server_urls is not None:
+            if isinstance(self.env_server_urls, str):
+                self.env_server_urls = [self.env_server_urls]
+            self.env_server_urls = list(self.env_server_urls)
+            if not self.env_server_urls:
+                raise ValueError("env_server_urls=[]: pass at least one server URL, or None for local envs.")
+            # here, not at the first rollout: a wrong or down server stops the run before any model is loaded
+            probe_servers(self.env_server_urls)

@@ -38,7 +38,7 @@ class RolloutEngine:
         c = self.config
         self.parser = ActionParser(c.action_tags, c.think_tags, c.require_think, c.require_tags)
         self.prompts = PromptBuilder(tokenizer, factory.prompt_header, self.parser, c.prompt_history_pairs)
-        self.pool = create_pool(factory, c.num_workers, c.step_timeout_s, c.env_workers)
+        self.pool = create_pool(factory, c.num_workers, c.step_timeout_s, c.env_workers, urls=c.env_server_urls)
         # Fallback for backends that declare no EOS ids; trainer backends carry the trainer's `eos_token_ids`.
         eos = tokenizer.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])

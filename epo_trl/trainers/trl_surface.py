@@ -59,7 +59,7 @@ class Name:
     owner: str  # "module:qualname", or "module" for module attributes
     name: str
     kind: str
-    used_in: tuple[str, ...]  # files under epo_trl/ that use it
+    used_in: tuple[str, ...]  # files that use it, relative to epo_trl/ (research/ is ../research)
     returns: tuple[str, ...] = ()  # RETURNS only: the unpacked names, in order
     requires: str = ""  # another library the name only exists with (TRL's vLLM re-exports need vllm)
 
@@ -75,6 +75,7 @@ def _names(library: str, owner: str, kind: str, uses: dict[str, str], requires: 
 GRPO = "trainers/grpo/grpo_trainer.py"
 STEP = "trainers/grpo/step_batch.py"
 AEPO = "trainers/aepo/aepo_trainer.py"
+RESAMPLE = "trainers/grpo/resampling.py"
 EPO = "trainers/epo/epo_trainer.py"
 SYNC = "trainers/vllm_sync.py"
 SERVERS = "trainers/vllm_servers.py"
@@ -90,31 +91,31 @@ SURFACE: tuple[Name, ...] = (
         GRPO_TRAINER,
         INSTANCE,
         {
-            "_metrics": f"{GRPO}, {STEP}, {AEPO}, {EPO}, {SYNC}, rollout/engine.py",
+            "_metrics": f"{GRPO}, {STEP}, {RESAMPLE}, {SYNC}, rollout/engine.py",
             "_last_world_entropy": GRPO,  # TRL's adaptive entropy controller's last measured entropy
             "_tokenizer": AEPO,
-            "_pending_metrics": AEPO,  # swapped out while AEPO re-samples
-            "_pending_extra_logs": AEPO,
-            "_standalone_tools": AEPO,
-            "_multi_environment": AEPO,
-            "environments": AEPO,  # swapped while AEPO re-samples
-            "environment_factories": AEPO,
-            "tools": AEPO,
-            "rollout_func": f"{GRPO}, {AEPO}, cli/train.py, cli/demo.py",
-            "use_vllm": f"{GRPO}, {STEP}, {AEPO}, {SYNC}, {SERVERS}, rollout/backends/__init__.py, cli/demo.py",
+            "_pending_metrics": RESAMPLE,  # swapped out while a method samples more (sample_more)
+            "_pending_extra_logs": RESAMPLE,
+            "_standalone_tools": RESAMPLE,
+            "_multi_environment": RESAMPLE,
+            "environments": RESAMPLE,  # swapped while a method samples more
+            "environment_factories": RESAMPLE,
+            "tools": RESAMPLE,
+            "rollout_func": f"{GRPO}, {RESAMPLE}, cli/train.py, cli/demo.py, ../research/bench/trainer_floor.py",
+            "use_vllm": f"{GRPO}, {STEP}, {RESAMPLE}, {SYNC}, {SERVERS}, rollout/backends/__init__.py, cli/demo.py",
             "loss_type": GRPO,
             "beta": STEP,
-            "num_iterations": STEP,
-            "num_generations": f"{STEP}, {AEPO}",  # AEPO swaps it while re-sampling
+            "num_iterations": f"{GRPO}, {STEP}",
+            "num_generations": f"{STEP}, {RESAMPLE}",  # swapped while a method samples more
             "num_generations_eval": STEP,
-            "temperature": f"{AEPO}, {SYNC}, {HF}, rollout/engine.py",  # AEPO swaps it while re-sampling
+            "temperature": f"{RESAMPLE}, {SYNC}, {HF}, rollout/engine.py",  # swapped while a method samples more
             "top_p": HF,
             "top_k": HF,
             "eos_token_ids": f"{STEP}, {AEPO}, {HF}, {VLLM_BACKEND}",
             "pad_to_multiple_of": STEP,
             "scale_rewards": STEP,
             "mask_truncated_completions": f"{STEP}, {AEPO}",
-            "vllm_importance_sampling_correction": STEP,
+            "vllm_importance_sampling_correction": f"{GRPO}, {STEP}",
             "vllm_importance_sampling_mode": STEP,
             "vllm_importance_sampling_clip_min": STEP,
             "vllm_importance_sampling_clip_max": STEP,
@@ -122,7 +123,7 @@ SURFACE: tuple[Name, ...] = (
             "use_adaptive_entropy": GRPO,
             "top_entropy_quantile": GRPO,
             "ref_model": STEP,
-            "reward_weights": AEPO,
+            "reward_weights": RESAMPLE,
         },
     ),
     # Set only in some modes (checked in TRL's source): vLLM on / off, after a generation with tools / envs.
@@ -131,13 +132,13 @@ SURFACE: tuple[Name, ...] = (
         GRPO_TRAINER,
         ASSIGNED,
         {
-            "vllm_generation": f"{GRPO}, {SYNC}, {SERVERS}, {VLLM_BACKEND}, cli/demo.py",  # use_vllm only
+            "vllm_generation": f"{GRPO}, {RESAMPLE}, {SYNC}, {SERVERS}, {VLLM_BACKEND}, cli/demo.py",  # use_vllm only
             "_last_loaded_step": GRPO,  # use_vllm only: the step whose weights vLLM holds
-            "generation_config": AEPO,  # HF generate only; AEPO swaps its temperature
-            "generation_kwargs": f"{AEPO}, {HF}",  # HF generate only
-            "_batch_environments": AEPO,  # environment_factory: set per generation batch, swapped by AEPO
-            "_sync_tool_dicts": AEPO,  # tools: set per generation batch, swapped by AEPO
-            "_async_tool_dicts": AEPO,
+            "generation_config": RESAMPLE,  # HF generate only; its temperature swapped by sample_more
+            "generation_kwargs": f"{RESAMPLE}, {HF}",  # HF generate only
+            "_batch_environments": RESAMPLE,  # environment_factory: set per generation batch, swapped by sample_more
+            "_sync_tool_dicts": RESAMPLE,  # tools: set per generation batch, swapped by sample_more
+            "_async_tool_dicts": RESAMPLE,
         },
     ),
     # --- TRL GRPOTrainer: methods epo_trl overrides or calls ---------------------------------------------------
@@ -146,15 +147,16 @@ SURFACE: tuple[Name, ...] = (
         GRPO_TRAINER,
         CLASS,
         {
-            "_generate_and_score_completions": f"{GRPO}, {AEPO}, bench/tool_race.py",  # overridden: step rows, AEPO
+            "_generate_and_score_completions": f"{GRPO}, ../research/bench/tool_race.py",  # overridden: step rows, the on_generation hook
             "_prepare_inputs": GRPO,  # overridden: prepared micro-batches pass through
             "training_step": GRPO,  # overridden: row chunks
-            "_compute_loss": f"{GRPO}, bench/loss_overhead.py",  # overridden: the method's terms; timed
-            "_get_per_token_logps_and_entropies": f"{GRPO}, {STEP}, {AEPO}, {SYNC}",  # overridden and called
+            "_compute_loss": f"{GRPO}, ../research/bench/loss_overhead.py",  # overridden: the method's terms; timed
+            # overridden and called (policy_logps); timed by the trainer_floor benchmark
+            "_get_per_token_logps_and_entropies": f"{GRPO}, {STEP}, {SYNC}, ../research/bench/trainer_floor.py",
             "_load_optimizer_and_scheduler": GRPO,  # overridden: the method's state
             "_save_checkpoint": GRPO,  # overridden: crash-safe order
-            "_calculate_rewards": AEPO,
-            "_generate_single_turn": "bench/tool_race.py",  # replaced by a scripted generator in the benchmark
+            "_calculate_rewards": RESAMPLE,
+            "_generate_single_turn": "../research/bench/tool_race.py",  # replaced by a scripted generator in the benchmark
             "get_high_entropy_mask": GRPO,
         },
     ),
@@ -163,7 +165,7 @@ SURFACE: tuple[Name, ...] = (
         GRPO_TRAINER,
         "_generate",
         RETURNS,
-        (f"epo_trl/{AEPO}",),
+        (f"epo_trl/{RESAMPLE}", f"epo_trl/{GRPO}"),  # GRPO overrides it: TRL's old-logp pass follows it
         returns=(
             "prompt_ids",
             "completion_ids",
@@ -181,7 +183,7 @@ SURFACE: tuple[Name, ...] = (
         GRPO_CONFIG,
         FIELD,
         {
-            "steps_per_generation": STEP,
+            "steps_per_generation": f"{GRPO}, {STEP}",
             "entropy_target": GRPO,
             "ds3_gather_for_generation": HF,
             "vllm_enable_sleep_mode": VLLM_BACKEND,
@@ -201,7 +203,7 @@ SURFACE: tuple[Name, ...] = (
             "vllm_client": f"{SYNC}, {SERVERS}",  # server mode; replaced by a ServerPool
             "mode": SYNC,
             "enable_sleep_mode": SYNC,
-            "temperature": f"{AEPO}, {VLLM_BACKEND}",  # swapped for a call
+            "temperature": f"{RESAMPLE}, {VLLM_BACKEND}",  # swapped for a call
             "max_completion_length": VLLM_BACKEND,  # swapped for a call
         },
     ),
@@ -326,7 +328,7 @@ SURFACE: tuple[Name, ...] = (
 )
 
 
-# TRL's per-batch tool state that AEPO's re-samples replace and restore (GRPOTrainer._generate_and_score_completions).
+# TRL's per-batch tool state that `sample_more` replaces and restores (GRPOTrainer._generate_and_score_completions).
 TOOL_BATCH_STATE = ("environments", "_batch_environments", "_sync_tool_dicts", "_async_tool_dicts")
 
 

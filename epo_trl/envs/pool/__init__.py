@@ -10,7 +10,11 @@ Two pools behind one interface (`EnvPool`, base.py), picked by `RolloutConfig.en
   For envs with process-global state (TextWorld's parser in ALFWorld) or a JVM (ScienceWorld), and for true
   parallelism (no GIL).
 
-Both run every env call next to its env, as one of three operations (`reset`, `act`, `replay`), and check what
+A third, `RemoteEnvPool` (remote.py), plays every env as a session on an OpenEnv server (`epo-trl serve-env`, or any
+OpenEnv env with a text action), JSON over a WebSocket; `create_pool` builds it when `RolloutConfig.env_server_urls`
+is set.
+
+The two local pools run every env call next to its env, as one of three operations (`reset`, `act`, `replay`), and check what
 the env returns (`check_*`: a wrong type fails the episode with a message naming the env and the field). A call
 that raises, returns garbage or runs past `timeout` fails its episode only. A hung thread cannot be killed: it is
 abandoned and replaced (daemon threads, so it never blocks interpreter exit). A hung or dead worker process is
@@ -48,6 +52,7 @@ from ..protocol import (
 from .base import EnvHandle, EnvPool, Result
 from .factory import WORKER_KINDS, create_pool, resolve_kind
 from .processes import DEFAULT_START_METHOD, READY_TIMEOUT_S, ProcessEnvPool
+from .remote import RemoteEnvPool, ServerLostError
 from .threads import ThreadEnvPool
 from .wire import EnvWorkerError, WorkerDiedError, op_act, op_replay, op_reset, worker_main
 
@@ -60,7 +65,9 @@ __all__ = [
     "EnvProtocolError",
     "EnvWorkerError",
     "ProcessEnvPool",
+    "RemoteEnvPool",
     "Result",
+    "ServerLostError",
     "ThreadEnvPool",
     "WorkerDiedError",
     "check_admissible",

@@ -5,9 +5,12 @@ Apart from base.py so that the interface imports neither pool and each pool impo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ..protocol import EnvFactory
 from .base import EnvPool
 from .processes import ProcessEnvPool
+from .remote import RemoteEnvPool
 from .threads import ThreadEnvPool
 
 WORKER_KINDS = ("auto", "threads", "processes")
@@ -23,9 +26,17 @@ def resolve_kind(factory: EnvFactory, kind: str) -> str:
 
 
 def create_pool(
-    factory: EnvFactory, num_workers: int = 8, timeout: float = 60.0, kind: str = "auto", **kwargs
+    factory: EnvFactory,
+    num_workers: int = 8,
+    timeout: float = 60.0,
+    kind: str = "auto",
+    urls: Sequence[str] | None = None,
+    **kwargs,
 ) -> EnvPool:
     """A pool of `kind` ("threads", "processes" or "auto") running `factory`'s envs; `kwargs` go to the pool class
-    (e.g. `start_method=` for processes)."""
+    (e.g. `start_method=` for processes). `urls`: OpenEnv servers to play on instead (`RemoteEnvPool`; `kind` is
+    then what the servers run)."""
+    if urls:
+        return RemoteEnvPool(factory, num_workers, timeout, urls=urls)
     cls = ThreadEnvPool if resolve_kind(factory, kind) == "threads" else ProcessEnvPool
     return cls(factory, num_workers, timeout, **kwargs)

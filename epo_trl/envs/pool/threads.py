@@ -26,9 +26,9 @@ class _DaemonThreads:
         self.name, self.count, self.surplus = name, 0, 0
         self.lock = threading.Lock()
         for _ in range(size):
-            self._spawn()
+            self.spawn()
 
-    def _spawn(self) -> None:
+    def spawn(self) -> None:
         self.count += 1
         threading.Thread(target=self._loop, name=f"{self.name}-{self.count}", daemon=True).start()
 
@@ -57,7 +57,7 @@ class _DaemonThreads:
         with self.lock:
             self.surplus += n
         for _ in range(n):
-            self._spawn()
+            self.spawn()
 
     def shutdown(self) -> None:
         for _ in range(self.count):

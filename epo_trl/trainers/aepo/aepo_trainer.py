@@ -12,16 +12,11 @@ generation step, `method_loss` (A4, A5) and the state it keeps across steps; the
 from __future__ import annotations
 
 import copy
-import inspect
-from collections import defaultdict
-from contextlib import contextmanager
 
 import torch
 from trl.trainer.utils import pad
 
 from ..grpo.grpo_trainer import ActionTokens, MultiTurnGRPOTrainer, arxiv_paper, float_or_none
-from ..grpo.step_batch import episode_returns
-from ..trl_surface import TOOL_BATCH_STATE
 from .aepo_config import AEPOConfig
 from .aepo_math import (
     choose_temperature,
@@ -61,7 +56,6 @@ class AEPOTrainer(MultiTurnGRPOTrainer):
 
     def __init__(self, model, reward_funcs=None, args=None, *pargs, **kwargs):
         super().__init__(model, reward_funcs, args, *pargs, **kwargs)
-        self._aepo_environment_pool: dict = {}  # environment name -> instances the re-samples reuse
         self._aepo_batch: dict | None = None  # kept rows of the latest generation batch
         self._aepo_active: dict | None = None  # the ones the current optimizer step trains on
         self._aepo_micro = 0  # micro-batch index inside the current optimizer step
@@ -85,11 +79,10 @@ class AEPOTrainer(MultiTurnGRPOTrainer):
         )
 
     # --- re-sampling ----------------------------------------------------------------------------------
-    def _generate_and_score_completions(self, inputs):
-        batch = super()._generate_and_score_completions(inputs)
-        if self.model.training and self.args.aepo_coef > 0:
+    def on_generation(self, inputs: list[dict]) -> None:
+        super().on_generation(inputs)
+        if self.args.aepo_coef > 0:
             self._aepo_batch = self._aepo_regularisation_batch(inputs)
-        return batch
 
     def _aepo_regularisation_batch(self, inputs: list[dict]) -> dict:
         """Re-sample, score and select (A1-A3); return the kept rows, padded to the same count on every rank."""
@@ -111,14 +104,10 @@ class AEPOTrainer(MultiTurnGRPOTrainer):
         rng = torch.Generator().manual_seed(a.seed * 1_000_003 + self.state.global_step * 1009 + rank)
         chosen = sorted(torch.randperm(len(firsts), generator=rng)[:num_prompts].tolist())
         rows = [copy.copy(inputs[firsts[i]]) for i in chosen for _ in range(n)]
-        prompts = [x.get("prompt", [{"role": "user", "content": ""}]) for x in rows]  # TRL's default with envs
-        with self._aepo_sampling(temperature, n), self._aepo_environments(rows, prompts):
-            if getattr(self.rollout_func, "mode", None) == "step":  # a user's rollout_func may have no `mode`
-                rewards, samples, unit = self._aepo_step_samples(prompts)
-            else:
-                rewards, samples, unit = self._aepo_row_samples(rows, prompts)
+        extra = self.sample_more(rows, temperature, n)
+        samples = extra.samples
         # (A2) within each group of n; a step-mode turn row carries its episode's advantage
-        advantages = group_advantages(rewards, n)[unit]
+        advantages = group_advantages(extra.rewards, n)[extra.unit]
         eligible = None
         if self.mask_truncated_completions:
             stop = {*self.eos_token_ids, self._tokenizer.pad_token_id}
@@ -128,13 +117,12 @@ class AEPOTrainer(MultiTurnGRPOTrainer):
         quota = share_cap(counts, a.aepo_max_kept_above_target if above else a.aepo_max_kept)
         kept = kept[: quota[rank]].tolist()  # in sampling order, like the released code's first rows
 
-        metrics = self._metrics["train"]
-        metrics["aepo/temperature"].append(temperature)
-        metrics["aepo/candidates"].append(float(sum(counts)))
-        metrics["aepo/kept"].append(float(sum(quota)))
+        self.log_metric("aepo/temperature", temperature)
+        self.log_metric("aepo/candidates", float(sum(counts)))
+        self.log_metric("aepo/kept", float(sum(quota)))
         if entropy is not None:
-            metrics["aepo/entropy"].append(entropy)
-            metrics["aepo/entropy_minus_target"].append(entropy - a.aepo_target_entropy)
+            self.log_metric("aepo/entropy", entropy)
+            self.log_metric("aepo/entropy_minus_target", entropy - a.aepo_target_entropy)
 
         num_rows = max(quota)
         if num_rows == 0:
@@ -161,129 +149,6 @@ class AEPOTrainer(MultiTurnGRPOTrainer):
             "loss_mask": loss_mask,
             "num_tokens": max(num_tokens, 1.0),  # global: the token mean of (A4) spans every rank
         }
-
-    def _aepo_row_samples(self, rows: list[dict], prompts: list) -> tuple[torch.Tensor, list[tuple], torch.Tensor]:
-        """One sample per row through TRL's generation path (HF generate, vLLM, or a one-row-per-prompt
-        `rollout_func`), scored by the reward functions. Returns this rank's rewards, its samples as
-        (prompt ids, completion ids, action mask or None) and each sample's row (here: itself)."""
-        device, rank = self.accelerator.device, self.accelerator.process_index
-        prompt_ids, completion_ids, tool_mask, completions, _, extra, images, _ = self._generate(prompts)
-        if images is not None:
-            raise ValueError("AEPOTrainer does not support image inputs; use EPOTrainer for vision-language models.")
-        for i, row in enumerate(rows):  # rollout extras (episode_return, ...) feed the reward functions
-            row.update({k: (v[i] if isinstance(v, list) else v) for k, v in extra.items()})
-        rewards_per_func = self._calculate_rewards(rows, prompts, completions, completion_ids)  # gathered
-        rewards = (rewards_per_func * self.reward_weights.to(device).unsqueeze(0)).nansum(dim=1)
-        rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan  # unscorable: never kept
-        rewards = rewards[rank * len(rows) : (rank + 1) * len(rows)]
-        masks = tool_mask if tool_mask is not None else [None] * len(completion_ids)
-        samples = list(zip(prompt_ids, completion_ids, masks))
-        return rewards, samples, torch.arange(len(samples), device=device)
-
-    def _aepo_step_samples(self, prompts: list) -> tuple[torch.Tensor, list[tuple], torch.Tensor]:
-        """Step mode: play one episode per prompt with the step rollout; every turn is a sample (the unit of the
-        step-mode loss), scored by its episode's return as the step-mode batch is (NaN = failed episode, never
-        kept). Returns this rank's episode returns, the turn samples and each turn's episode index."""
-        rollout, device = self.rollout_func, self.accelerator.device
-        episodes = rollout.play(prompts, self).episodes
-        samples = [(t.prompt_ids, t.completion_ids, None) for e in episodes for t in e.turns]
-        unit = [i for i, e in enumerate(episodes) for _ in e.turns]
-        return episode_returns(rollout, episodes, device), samples, torch.tensor(unit, dtype=torch.long, device=device)
-
-    @contextmanager
-    def _aepo_environments(self, rows: list[dict], prompts: list):
-        """With `tools` / `environment_factory`: give every re-sample its environment instance (reset with its row,
-        the observation appended to its prompt, in place) and its tool dicts, as GRPOTrainer's
-        `_generate_and_score_completions` does for the batch (TRL 1.16); TRL's batch state is restored after."""
-        if not self.tools:
-            yield
-            return
-        # TRL sets the per-batch ones in each generation batch, so a step-mode rollout may run before they exist:
-        # restore exactly what was there, absence included (their names: trl_surface.TOOL_BATCH_STATE).
-        saved = {k: vars(self)[k] for k in TOOL_BATCH_STATE if k in vars(self)}
-        environments = []
-        if self.environment_factories is not None:
-            self._batch_environments = [x.get("environment") if self._multi_environment else None for x in rows]
-            cursor: dict = {}
-            for name in self._batch_environments:
-                pool = self._aepo_environment_pool.setdefault(name, [])
-                if cursor.get(name, 0) == len(pool):
-                    pool.append(self.environment_factories[name]())
-                environments.append(pool[cursor.get(name, 0)])
-                cursor[name] = cursor.get(name, 0) + 1
-        self.environments = environments or None
-        self._sync_tool_dicts, self._async_tool_dicts = [], []
-        for i in range(len(rows)):
-            methods = []
-            if environments:
-                methods = [
-                    getattr(environments[i], member)
-                    for member, _ in inspect.getmembers(type(environments[i]), predicate=inspect.isfunction)
-                    if member not in ("reset", "get_reward") and not member.startswith("_")
-                ]
-            tools = self._standalone_tools + methods
-            self._sync_tool_dicts.append({t.__name__: t for t in tools if not inspect.iscoroutinefunction(t)})
-            self._async_tool_dicts.append({t.__name__: t for t in tools if inspect.iscoroutinefunction(t)})
-        for i, (env, row) in enumerate(zip(environments, rows)):
-            kwargs = {k: v for k, v in row.items() if k != "environment"} if self._multi_environment else row
-            observation = env.reset(**kwargs)
-            if isinstance(observation, str):  # text observations only, as AEPO supports no images
-                last = prompts[i][-1]
-                prompts[i] = [*prompts[i][:-1], {**last, "content": last["content"] + observation}]
-        try:
-            yield
-        finally:
-            for k in TOOL_BATCH_STATE:
-                if k in saved:
-                    setattr(self, k, saved[k])
-                else:
-                    vars(self).pop(k, None)
-
-    @contextmanager
-    def _aepo_sampling(self, temperature: float, num_generations: int):
-        """Sample at `temperature`, n per prompt, through TRL's path; keep the re-samples out of TRL's metrics."""
-        hf = not self.use_vllm  # TRL builds a GenerationConfig and kwargs for HF generate, a VLLMGeneration for vLLM
-        gen_config = self.generation_config if hf else None
-        gen_kwargs = self.generation_kwargs if hf else None
-        vllm = None if hf else self.vllm_generation
-        saved = (
-            self.temperature,
-            self.num_generations,
-            gen_config.temperature if hf else None,
-            dict(gen_kwargs) if isinstance(gen_kwargs, dict) else None,
-            None if hf else vllm.temperature,
-            self._pending_metrics,
-            self._pending_extra_logs,
-        )
-        metrics = self._metrics["train"]
-        lengths = {k: len(v) for k, v in metrics.items()}
-        # The trainer's temperature is read by rollout backends; the generation config / kwargs by HF generate
-        # (TRL passes both); vLLM reads its own copy.
-        self.temperature, self.num_generations = temperature, num_generations
-        if gen_config is not None:
-            gen_config.temperature = temperature
-        if saved[3] is not None:
-            gen_kwargs["temperature"] = temperature
-        if vllm is not None:
-            vllm.temperature = temperature
-        self._pending_metrics, self._pending_extra_logs = defaultdict(list), defaultdict(list)
-        try:
-            yield
-        finally:
-            self.temperature, self.num_generations = saved[0], saved[1]
-            if gen_config is not None:
-                gen_config.temperature = saved[2]
-            if saved[3] is not None:
-                gen_kwargs.clear()
-                gen_kwargs.update(saved[3])
-            if vllm is not None:
-                vllm.temperature = saved[4]
-            self._pending_metrics, self._pending_extra_logs = saved[5], saved[6]
-            for k in list(metrics):
-                if k not in lengths:
-                    del metrics[k]
-                else:
-                    del metrics[k][lengths[k] :]
 
     # --- loss -----------------------------------------------------------------------------------------
     def method_loss(self, model, inputs, tokens: ActionTokens):
@@ -313,34 +178,40 @@ class AEPOTrainer(MultiTurnGRPOTrainer):
         rows = slice(micro * per_micro, min((micro + 1) * per_micro, batch["rows"]))
         if rows.start >= rows.stop:
             return 0.0
-        completion_ids = batch["completion_ids"][rows]
-        logps, _, _ = self._get_per_token_logps_and_entropies(
+        logps = self.policy_logps(
             model,
-            torch.cat([batch["prompt_ids"][rows], completion_ids], dim=1),
-            torch.cat([batch["prompt_mask"][rows], batch["completion_mask"][rows]], dim=1),
-            completion_ids.size(1),
-            batch_size=self.args.per_device_train_batch_size,
+            batch["prompt_ids"][rows],
+            batch["prompt_mask"][rows],
+            batch["completion_ids"][rows],
+            batch["completion_mask"][rows],
         )
         total = reinforce_sum(logps, batch["loss_mask"][rows])
         self._aepo_reg_sum = self._aepo_reg_sum + total.detach()
         return self.args.aepo_coef * total * self.accelerator.num_processes / batch["num_tokens"]
 
-    def step_sums(self) -> torch.Tensor:
+    def step_sums(self) -> dict[str, torch.Tensor]:
         """This rank's L_reg sum and sampled-entropy (sum, count) of the step, reduced with the base's."""
         sampled = self._aepo_sampled_sums
         device = self.accelerator.device
         sampled = torch.zeros(2, dtype=torch.float64) if sampled is None else sampled.detach().double()
-        reg = torch.as_tensor(self._aepo_reg_sum, dtype=torch.float64).reshape(1)
+        reg = torch.as_tensor(self._aepo_reg_sum, dtype=torch.float64)
         sampled, reg = sampled.to(device), reg.to(device)
         self._aepo_micro, self._aepo_reg_sum, self._aepo_sampled_sums = 0, 0.0, None
-        return torch.cat([super().step_sums(), reg, sampled])
+        return {
+            **super().step_sums(),
+            "aepo/reg_sum": reg,
+            "aepo/sampled_entropy_sum": sampled[0],
+            "aepo/sampled_tokens": sampled[1],
+        }
 
-    def on_step_end(self, turn_means: dict[int, float], sums: torch.Tensor) -> None:
-        super().on_step_end(turn_means, sums[:-3])
-        reg_total, h_sum, h_count = sums[-3:].tolist()
+    def on_step_end(self, turn_means: dict[int, float], sums: dict[str, torch.Tensor]) -> None:
+        super().on_step_end(turn_means, sums)
+        reg_total, h_sum, h_count = (
+            float(sums[key]) for key in ("aepo/reg_sum", "aepo/sampled_entropy_sum", "aepo/sampled_tokens")
+        )
         batch = self._aepo_active
         if batch is not None and self.args.aepo_coef > 0:
-            self._metrics["train"]["aepo/reg_loss"].append(reg_total / batch["num_tokens"] if batch["rows"] else 0.0)
+            self.log_metric("aepo/reg_loss", reg_total / batch["num_tokens"] if batch["rows"] else 0.0)
         if h_count > 0:
             self.aepo_sampled_entropy = h_sum / h_count
 

@@ -13,6 +13,9 @@ from ..grpo.turn_math import masked_token_mean
 from .epo_config import EPOConfig
 from .epo_math import EntropyHistory, phase_schedule, smoothing_penalty
 
+# What `_epo_sums` holds, in its order: the step's smoothing penalty sum, out-of-band tokens and action tokens.
+EPO_SUMS = ("epo/smooth_penalty_sum", "epo/out_of_band_tokens", "epo/action_tokens")
+
 
 class EPOTrainer(MultiTurnGRPOTrainer):
     """Drop-in replacement for `trl.GRPOTrainer` (same constructor) that trains with EPO.
@@ -74,24 +77,23 @@ class EPOTrainer(MultiTurnGRPOTrainer):
         # Same normalisation as TRL's entropy bonus: a token mean per micro-batch, scaled for accumulation.
         return extra + weight * masked_token_mean(penalty, tokens.mask) / tokens.accumulation  # (E5) + L_smooth term
 
-    def step_sums(self) -> torch.Tensor:
+    def step_sums(self) -> dict[str, torch.Tensor]:
         mine = self._epo_sums
         if mine is None:
             mine = torch.zeros(3, dtype=torch.float64, device=self.accelerator.device)
         self._epo_sums = None
-        return torch.cat([super().step_sums(), mine])
+        return {**super().step_sums(), **dict(zip(EPO_SUMS, mine))}
 
-    def on_step_end(self, turn_means: dict[int, float], sums: torch.Tensor) -> None:
+    def on_step_end(self, turn_means: dict[int, float], sums: dict[str, torch.Tensor]) -> None:
         """Log EPO's step metrics and update the history (E2, E3) with the step's per-turn means."""
-        super().on_step_end(turn_means, sums[:-3])
-        pen_sum, oob, tokens = sums[-3:].tolist()
+        super().on_step_end(turn_means, sums)
+        pen_sum, oob, tokens = (float(sums[key]) for key in EPO_SUMS)
         reference, has_reference = self.entropy_history.reference()
-        metrics = self._metrics["train"]
-        metrics["epo/beta"].append(self.schedule_weight())
-        metrics["epo/smooth_penalty"].append(pen_sum / max(tokens, 1.0))
-        metrics["epo/out_of_band_frac"].append(oob / max(tokens, 1.0))
+        self.log_metric("epo/beta", self.schedule_weight())
+        self.log_metric("epo/smooth_penalty", pen_sum / max(tokens, 1.0))
+        self.log_metric("epo/out_of_band_frac", oob / max(tokens, 1.0))
         if has_reference.any():
-            metrics["epo/ref_entropy_mean"].append(reference[has_reference].mean().item())
+            self.log_metric("epo/ref_entropy_mean", reference[has_reference].mean().item())
         self.entropy_history.update(turn_means)  # (E3): used from the next step on
 
     # --- checkpointing --------------------------------------------------------------------------------

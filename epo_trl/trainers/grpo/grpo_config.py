@@ -33,6 +33,12 @@ class MultiTurnGRPOConfig(GRPOConfig):
 
         > vLLM
 
+        skip_on_policy_old_logps (`bool`, *optional*, defaults to `True`):
+            With vLLM's importance-sampling correction (`vllm_importance_sampling_correction`), TRL runs an extra
+            no-grad forward over every row for the old log-probs. When the batch is on-policy (`num_iterations=1`
+            and `gradient_accumulation_steps` a multiple of `steps_per_generation`) those are the training forward's
+            detached log-probs: compute the IS ratios and TRL's `sampling/*` metrics from them and skip the pass.
+            Same loss, gradients and metrics. `False` = TRL's path; off-policy batches always run the pass.
         vllm_server_base_urls (`list[str]` or `None`, *optional*, defaults to `None`):
             Server mode with several `trl vllm-serve` servers: each generate call's prompts are split across them
             (data-parallel generation) and every weight sync reaches all of them.
@@ -55,6 +61,15 @@ class MultiTurnGRPOConfig(GRPOConfig):
         metadata={
             "help": "Step mode: weight omega (>= 0) of GiGPO's anchor-state step advantage added to the episode's GRPO "
             "advantage (arXiv 2505.10978; paper: 1.0). 0 = plain GRPO."
+        },
+    )
+    skip_on_policy_old_logps: bool = field(
+        default=True,
+        metadata={
+            "help": "With vLLM's importance-sampling correction, compute the IS ratios of an on-policy batch "
+            "(num_iterations=1, gradient_accumulation_steps a multiple of steps_per_generation) from the training "
+            "forward's detached log-probs instead of TRL's extra no-grad forward over every row: same loss, "
+            "gradients and sampling/* metrics, one forward less. False = TRL's path. Off-policy batches always run it."
         },
     )
     vllm_server_base_urls: list[str] | None = field(

@@ -34,7 +34,7 @@ from ..checkpoints import (
     run_algo,
 )
 from ..vllm_servers import attach_server_pool
-from . import step_batch
+from . import resampling, step_batch
 from .grpo_config import MultiTurnGRPOConfig
 from .turn_math import masked_token_mean, per_turn_sums, turn_ids_from_mask
 
@@ -107,14 +107,71 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
         # While a micro-batch runs as several row chunks: this chunk's share of the policy term (rows for
         # loss types TRL normalises by rows, tokens otherwise) and of the token-mean entropy terms.
         self._chunk_weights: tuple[float, float] | None = None
+        self._extra_sample_environments: dict = {}  # environment name -> instances `sample_more` reuses
+        # The skipped old-logp pass (`is_from_training_forward`): TRL's `sampling/*` metrics of the current generation
+        # batch, filled by the training forward; the micro-batch whose IS ratios that forward computes; and, while
+        # TRL's `_generate_and_score_completions` runs for trajectory rows, where its old-logp pass stands
+        # ("pending" until generation returns, "armed" for the next no-grad forward of the policy).
+        self._sampling_stats: step_batch.SamplingStats | None = None
+        self._is_inputs: dict | None = None
+        self._old_pass: str | None = None
 
     # --- rows -----------------------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
+        batch = self._training_batch(inputs)
+        if self.model.training:
+            self.on_generation(inputs)
+        return batch
+
+    def _training_batch(self, inputs):
+        """TRL's batch of this generation step: step-mode rows, or TRL's own (on-policy: without its old-logp pass)."""
         if getattr(self.rollout_func, "mode", None) == "step":  # a user's rollout_func may have no `mode`
             # Step mode bypasses GRPOTrainer._generate, the only place TRL syncs vLLM: sync here, exactly as TRL does.
             self.sync_generation_weights()
             return step_batch.build_training_batch(self.rollout_func, inputs, self)
-        return super()._generate_and_score_completions(inputs)
+        if not (self.use_vllm and self.vllm_importance_sampling_correction and self.is_from_training_forward()):
+            return super()._generate_and_score_completions(inputs)
+        # On-policy trajectory rows: TRL's old-logp pass gets a NaN placeholder instead of a forward (any use of it
+        # would show as NaN), and the IS ratios and their metrics come from the training forward instead.
+        self._old_pass = "pending"
+        try:
+            batch = super()._generate_and_score_completions(inputs)
+            skipped = self._old_pass == "skipped"
+        finally:
+            self._old_pass = None
+        if not skipped:
+            raise RuntimeError("TRL's old-logp pass was not where MultiTurnGRPOTrainer expects it (TRL 1.16)")
+        del batch["old_per_token_logps"], batch["importance_sampling_ratio"]
+        metrics = self._metrics["train"]
+        for name in step_batch.SAMPLING_METRICS:  # TRL's values of the placeholder; the real ones come later
+            metrics[name].pop()
+        self.defer_sampling_stats(batch["completion_ids"].size(0), real_rows_only=False)
+        return batch
+
+    def _generate(self, prompts):
+        out = super()._generate(prompts)
+        if self._old_pass == "pending":  # TRL's next no-grad forward of the policy is its old-logp pass
+            self._old_pass = "armed"
+        return out
+
+    def is_from_training_forward(self) -> bool:
+        """Whether this training batch's old log-probs are the training forward's detached ones, so that TRL's extra
+        no-grad old-logp pass (which it runs for vLLM's IS correction) is skipped: `skip_on_policy_old_logps` is on,
+        the model trains, and the batch is on-policy: sampled once (num_iterations == 1) from the weights of the
+        optimizer step that trains on it (gradient_accumulation_steps a multiple of steps_per_generation)."""
+        args = self.args
+        return (
+            args.skip_on_policy_old_logps
+            and self.model.training
+            and self.num_iterations == 1
+            and args.gradient_accumulation_steps % args.steps_per_generation == 0
+        )
+
+    def defer_sampling_stats(self, rows: int, real_rows_only: bool = True) -> None:
+        """TRL's `sampling/*` metrics of a generation batch of `rows` rows come from its training forwards."""
+        if self._sampling_stats is not None and self._sampling_stats.rows_left:
+            raise RuntimeError(f"{self._sampling_stats.rows_left} rows of the last generation batch were never scored")
+        self._sampling_stats = step_batch.SamplingStats(rows, real_rows_only)
 
     def sync_generation_weights(self) -> None:
         """Push the current weights to vLLM once per optimizer step, before that step's first generate (TRL 1.16
@@ -196,12 +253,34 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
             )
         return LOSS_NORMALISATION[self.loss_type] == "rows"
 
-    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
-        logps, entropies, aux = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        if self._old_pass == "armed" and model is self.model and not torch.is_grad_enabled():
+            self._old_pass = "skipped"  # TRL's old-logp pass of on-policy rows (see _generate_and_score_completions)
+            return torch.full((input_ids.size(0), logits_to_keep), math.nan, device=input_ids.device), None, None
+        logps, entropies, aux = super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+        )
         if kwargs.get("compute_entropy"):
             # The training forward's log-probs and entropies are differentiable and free: methods reuse them.
             self._last_forward = (logps, entropies)
+            if self._is_inputs is not None:
+                self._importance_sampling_from(logps.detach(), self._is_inputs)
         return logps, entropies, aux
+
+    def _importance_sampling_from(self, logps: torch.Tensor, inputs: dict) -> None:
+        """vLLM's IS ratios of an on-policy micro-batch (or row chunk) from the training forward's detached log-probs,
+        which are its old log-probs: TRL's correction and metrics without TRL's extra pass over the rows."""
+        self._is_inputs = None
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        sampling = inputs["sampling_per_token_logps"]
+        inputs["importance_sampling_ratio"] = ratio = step_batch.importance_ratio(logps, sampling, mask, self)
+        stats = self._sampling_stats
+        stats.add(logps, sampling, ratio, mask, self)
+        if stats.rows_left == 0:  # the generation batch's last rows: log its metrics, as TRL does once per batch
+            stats.flush(self, "train")
+            self._sampling_stats = None
 
     def entropy_weight(self) -> float:
         """lambda of this optimizer step: TRL's `entropy_coef`, or, with TRL's adaptive coefficient, the value TRL
@@ -214,7 +293,13 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
     # --- loss -----------------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs):
         lam = self.entropy_weight()  # before TRL's adaptive update inside super()._compute_loss
-        loss = super()._compute_loss(model, inputs)  # L_policy - lam * L_H (TRL's loss and its own bonus)
+        if self.use_vllm and self.vllm_importance_sampling_correction and "importance_sampling_ratio" not in inputs:
+            # An on-policy batch whose old-logp pass was skipped: the training forward supplies the IS ratios.
+            inputs = self._is_inputs = dict(inputs)
+        try:
+            loss = super()._compute_loss(model, inputs)  # L_policy - lam * L_H (TRL's loss and its own bonus)
+        finally:
+            self._is_inputs = None
         (logps, entropies), self._last_forward = self._last_forward, None
         training = self.model.training
         mask = inputs["completion_mask"]
@@ -261,13 +346,18 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
         sums, counts = self._turn_stats or [torch.zeros(0, dtype=torch.float64)] * 2
         self._turn_stats = None
         device = self.accelerator.device
-        scalars = self.step_sums().double().to(device)
+        named = self.step_sums()
+        keys = sorted(named)  # every rank builds the same keys: one agreed order for the collective
+        parts = [torch.as_tensor(named[key], dtype=torch.float64).reshape(-1).to(device) for key in keys]
         # Ranks may have seen different numbers of turns: agree on the largest, then sum padded vectors.
         n = int(self.accelerator.gather(torch.tensor([sums.numel()], device=device)).max().item())
-        packed = torch.cat([scalars, _pad(sums.double().to(device), n), _pad(counts.double().to(device), n)])
+        packed = torch.cat([*parts, _pad(sums.double().to(device), n), _pad(counts.double().to(device), n)])
         packed = self.accelerator.reduce(packed, reduction="sum").cpu()
-        k = scalars.numel()
-        scalars, sums, counts = packed[:k], packed[k : k + n], packed[k + n :]
+        reduced, k = {}, 0
+        for key, part in zip(keys, parts):
+            reduced[key] = packed[k : k + part.numel()].reshape(torch.as_tensor(named[key]).shape)
+            k += part.numel()
+        sums, counts = packed[k : k + n], packed[k + n :]
         seen = counts > 0
         turn_means = {t: (sums[t] / counts[t]).item() for t in range(n) if seen[t]}  # (E2) h_k[t]
         if seen.any():
@@ -281,22 +371,49 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
             metrics["epo/entropy_turn_var"].append(values.var(unbiased=False).item())
             for t, v in turn_means.items():
                 metrics[f"epo/turn_entropy/{t}"].append(v)
-        self.on_step_end(turn_means, scalars)
+        self.on_step_end(turn_means, reduced)
 
     # --- method hooks (cooperative: call super) -------------------------------------------------------------
+    def on_generation(self, inputs: list[dict]) -> None:
+        """After each training generation step (the batch built from `inputs`, this rank's dataset rows), on every
+        rank: a method that needs more samples takes them here with `sample_more`."""
+
     def method_loss(self, model, inputs, tokens: ActionTokens):
         """The method's terms added to TRL's loss for this micro-batch (a token-mean term, weighted by the row
         chunk's token share). Plain GRPO adds nothing."""
         return 0.0
 
-    def step_sums(self) -> torch.Tensor:
-        """This rank's sums over the current optimizer step that the method needs reduced over ranks; return
-        `torch.cat([super().step_sums(), mine])` and take them back in `on_step_end` from the end."""
-        return torch.zeros(0, dtype=torch.float64, device=self.accelerator.device)
+    def step_sums(self) -> dict[str, torch.Tensor]:
+        """This rank's sums over the current optimizer step that the method needs summed over ranks, by name (a
+        scalar or a fixed-size tensor each; prefix the names with the method's): return
+        `{**super().step_sums(), "mine/...": value}`. Reduced in the base's one collective."""
+        return {}
 
-    def on_step_end(self, turn_means: dict[int, float], sums: torch.Tensor) -> None:
-        """After every optimizer step, on every rank: the step's per-turn mean entropies (E2) and the global
-        `step_sums`, in the same order."""
+    def on_step_end(self, turn_means: dict[int, float], sums: dict[str, torch.Tensor]) -> None:
+        """After every optimizer step, on every rank: the step's per-turn mean entropies (E2) and `step_sums`'
+        values summed over ranks, under the same names."""
+
+    # --- services for methods ------------------------------------------------------------------------
+    def sample_more(self, rows: list[dict], temperature: float, num_generations: int) -> resampling.ExtraSamples:
+        """Sample `rows` once each at `temperature` through TRL's generation path (or the rollout), scored by the
+        reward functions; `rows` come in groups of `num_generations` copies of a dataset row. TRL's state and
+        metrics are as before the call. Collective: every rank calls it with the same number of rows."""
+        return resampling.sample_more(self, rows, temperature, num_generations)
+
+    def policy_logps(self, model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+        """(B, T) log pi_theta of `completion_ids` after the prompts, differentiable (TRL's forward and
+        temperature scaling), for a method's own rows."""
+        return self._get_per_token_logps_and_entropies(
+            model,
+            torch.cat([prompt_ids, completion_ids], dim=1),
+            torch.cat([prompt_mask, completion_mask], dim=1),
+            completion_ids.size(1),
+            batch_size=self.args.per_device_train_batch_size,
+        )[0]
+
+    def log_metric(self, name: str, value: float) -> None:
+        """Log `value` under `name` with this step's TRL metrics (averaged over the logging interval, as TRL's)."""
+        self._metrics["train" if self.model.training else "eval"][name].append(value)
 
     # --- checkpointing --------------------------------------------------------------------------------
     def state_for_checkpoint(self) -> dict:

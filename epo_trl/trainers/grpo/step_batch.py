@@ -145,11 +145,19 @@ def _tensorize(rows: list[tuple], num_real: int, trainer) -> dict[str, Any]:
 
 
 def _add_old_logps(batch: dict[str, Any], trainer) -> None:
-    """old_per_token_logps when samples are reused or off-policy (TRL's condition), and vLLM IS ratios."""
+    """old_per_token_logps when samples are reused or off-policy (TRL's condition), and vLLM IS ratios.
+
+    When the batch is on-policy (`trainer.is_from_training_forward()`), the old log-probs ARE the training forward's
+    detached ones: the extra no-grad pass is skipped and the IS ratios and their metrics are computed from the
+    training forward (`MultiTurnGRPOTrainer._get_per_token_logps_and_entropies`)."""
     args = trainer.args
     generate_every = args.steps_per_generation * trainer.num_iterations
     use_is = trainer.use_vllm and trainer.vllm_importance_sampling_correction
-    if args.gradient_accumulation_steps % generate_every == 0 and not use_is and trainer.beta == 0.0:
+    deferred = use_is and trainer.is_from_training_forward()
+    if deferred:
+        trainer.defer_sampling_stats(batch["completion_ids"].size(0), real_rows_only=True)
+    need_old = args.gradient_accumulation_steps % generate_every != 0 or (use_is and not deferred)
+    if not need_old and trainer.beta == 0.0:
         return
     from trl.models.utils import disable_gradient_checkpointing
 
@@ -159,15 +167,19 @@ def _add_old_logps(batch: dict[str, Any], trainer) -> None:
     mode = "train" if trainer.model.training else "eval"
     size = args.per_device_train_batch_size if mode == "train" else args.per_device_eval_batch_size
     with torch.no_grad(), disable_gradient_checkpointing(trainer.model, args.gradient_checkpointing_kwargs):
-        if args.gradient_accumulation_steps % generate_every != 0 or use_is:
+        if need_old:
             batch["old_per_token_logps"] = trainer._get_per_token_logps_and_entropies(
                 trainer.model, ids, attention, keep, batch_size=size
             )[0]
         if trainer.beta != 0.0:
             batch["ref_per_token_logps"] = _ref_logps(trainer, ids, attention, keep, size)
-    if use_is:
-        batch["importance_sampling_ratio"] = _importance_ratio(batch, trainer)
-        _log_sampling_metrics(batch, trainer)
+    if use_is and not deferred:
+        mask = batch["completion_mask"]
+        old, sampling = batch["old_per_token_logps"], batch["sampling_per_token_logps"]
+        batch["importance_sampling_ratio"] = importance_ratio(old, sampling, mask, trainer)
+        stats = SamplingStats(batch["completion_ids"].size(0), real_rows_only=True)
+        stats.add(old, sampling, batch["importance_sampling_ratio"], mask, trainer)
+        stats.flush(trainer, mode)
 
 
 def _ref_logps(trainer, ids, attention, keep, size):
@@ -211,41 +223,78 @@ def _nanstd(x: torch.Tensor, dim: int) -> torch.Tensor:
     return nanstd(x, dim=dim)
 
 
-def _log_sampling_metrics(batch: dict[str, Any], trainer) -> None:
-    """TRL's `sampling/*` metrics (GRPOTrainer._generate_and_score_completions, TRL 1.16), on the step-wise rows:
-    |trainer - vLLM| log-prob difference over action tokens, and the IS ratio's min / mean / max (dummy rows out)."""
-    from trl.trainer.utils import nanmax, nanmin
-
-    acc, device = trainer.accelerator, trainer.accelerator.device
-    mode = "train" if trainer.model.training else "eval"
-    metrics = trainer._metrics[mode]
-    mask = batch["completion_mask"].bool()
-    delta = torch.abs(batch["old_per_token_logps"] - batch["sampling_per_token_logps"])
-    delta = delta[mask & ~torch.isnan(delta)]
-    zero = torch.tensor(0.0, device=device)
-    metrics["sampling/sampling_logp_difference/mean"].append(
-        acc.gather(delta.mean() if delta.numel() else zero).mean().item()
-    )
-    metrics["sampling/sampling_logp_difference/max"].append(
-        acc.gather(delta.max() if delta.numel() else zero).max().item()
-    )
-    ratio = batch["importance_sampling_ratio"]
-    if trainer.vllm_importance_sampling_mode.startswith("sequence"):
-        flat = ratio[mask.any(dim=1)].flatten()  # one ratio per real row
-    else:
-        flat = ratio[mask]
-    some = flat.numel() > 0
-    metrics["sampling/importance_sampling_ratio/min"].append(nanmin(acc.gather(flat.min() if some else zero)).item())
-    metrics["sampling/importance_sampling_ratio/mean"].append(
-        acc.gather(flat.mean() if some else zero).nanmean().item()
-    )
-    metrics["sampling/importance_sampling_ratio/max"].append(nanmax(acc.gather(flat.max() if some else zero)).item())
+SAMPLING_METRICS = (
+    "sampling/sampling_logp_difference/mean",
+    "sampling/sampling_logp_difference/max",
+    "sampling/importance_sampling_ratio/min",
+    "sampling/importance_sampling_ratio/mean",
+    "sampling/importance_sampling_ratio/max",
+)
 
 
-def _importance_ratio(batch: dict[str, Any], trainer) -> torch.Tensor:
-    """TRL's vLLM importance-sampling correction (same four modes), computed on the step-wise rows."""
-    mask = batch["completion_mask"]
-    diff = torch.nan_to_num((batch["old_per_token_logps"] - batch["sampling_per_token_logps"]) * mask, nan=0.0)
+class SamplingStats:
+    """TRL's `sampling/*` metrics of one generation batch (GRPOTrainer._generate_and_score_completions, TRL 1.16):
+    |trainer - vLLM| log-prob difference over action tokens, and the IS ratio's min / mean / max.
+
+    Accumulated over the passes that score the batch's rows (the whole batch at once on TRL's path; the training
+    forward's micro-batches and row chunks when the old-logp pass is skipped) and logged once, when all `rows` are
+    in, with TRL's reductions: this rank's mean / max / min over its tokens, then mean / max / min over ranks.
+    Sequence-level ratios count one per row: every row (TRL's trajectory rows) or, with `real_rows_only`, the rows
+    with an action token (step mode's dummy rows are out)."""
+
+    def __init__(self, rows: int, real_rows_only: bool):
+        self.rows_left, self.real_rows_only = rows, real_rows_only
+        self.delta_sum, self.delta_count, self.delta_max = 0.0, 0, -math.inf
+        self.ratio_sum, self.ratio_count, self.ratio_min, self.ratio_max = 0.0, 0, math.inf, -math.inf
+
+    def add(self, old, sampling, ratio, mask, trainer) -> None:
+        mask = mask.bool()
+        delta = torch.abs(old - sampling)
+        delta = delta[mask & ~torch.isnan(delta)]  # vLLM could not score NaN tokens: out, as TRL does
+        if trainer.vllm_importance_sampling_mode.startswith("sequence"):
+            flat = ratio[mask.any(dim=1)].flatten() if self.real_rows_only else ratio.flatten()
+        else:
+            flat = ratio[mask]
+        if delta.numel():
+            self.delta_sum += delta.double().sum().item()
+            self.delta_count += delta.numel()
+            self.delta_max = max(self.delta_max, delta.max().item())
+        if flat.numel():
+            self.ratio_sum += flat.double().sum().item()
+            self.ratio_count += flat.numel()
+            self.ratio_min = min(self.ratio_min, flat.min().item())
+            self.ratio_max = max(self.ratio_max, flat.max().item())
+        self.rows_left -= ratio.size(0)
+
+    def flush(self, trainer, mode: str) -> None:
+        from trl.trainer.utils import nanmax, nanmin
+
+        acc, device = trainer.accelerator, trainer.accelerator.device
+        metrics = trainer._metrics[mode]
+
+        def local(value: float, present: bool) -> torch.Tensor:  # TRL logs 0 for a rank with nothing to measure
+            return torch.tensor(value if present else 0.0, dtype=torch.float32, device=device)
+
+        some_delta, some_ratio = self.delta_count > 0, self.ratio_count > 0
+        delta_mean = local(self.delta_sum / max(self.delta_count, 1), some_delta)
+        metrics["sampling/sampling_logp_difference/mean"].append(acc.gather(delta_mean).mean().item())
+        metrics["sampling/sampling_logp_difference/max"].append(
+            acc.gather(local(self.delta_max, some_delta)).max().item()
+        )
+        metrics["sampling/importance_sampling_ratio/min"].append(
+            nanmin(acc.gather(local(self.ratio_min, some_ratio))).item()
+        )
+        ratio_mean = local(self.ratio_sum / max(self.ratio_count, 1), some_ratio)
+        metrics["sampling/importance_sampling_ratio/mean"].append(acc.gather(ratio_mean).nanmean().item())
+        metrics["sampling/importance_sampling_ratio/max"].append(
+            nanmax(acc.gather(local(self.ratio_max, some_ratio))).item()
+        )
+
+
+def importance_ratio(old: torch.Tensor, sampling: torch.Tensor, mask: torch.Tensor, trainer) -> torch.Tensor:
+    """TRL's vLLM importance-sampling correction (same four modes) of rows with trainer log-probs `old`, vLLM's
+    `sampling` and the action-token `mask`: (B, T) for token modes, (B, 1) for sequence modes."""
+    diff = torch.nan_to_num((old - sampling) * mask, nan=0.0)
     mode = trainer.vllm_importance_sampling_mode
     if mode.startswith("sequence"):
         diff = diff.sum(-1, keepdim=True)

@@ -39,7 +39,7 @@ def _build_qwen05b_shape(path: str) -> str:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from ..models.tiny import build_tokenizer
+    from epo_trl.models.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     hidden, layers, vocab = next(iter(CUDA_MODELS.values()))
@@ -57,7 +57,7 @@ def _trainer(kind: str, model_path: str, out: str, device: str = "cpu"):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from .. import EPOConfig, EPOTrainer
+    from epo_trl import EPOConfig, EPOTrainer
 
     common = dict(
         output_dir=out,
@@ -178,7 +178,7 @@ def run(quick: bool = False, smoke: bool = False, device: str = "cpu") -> dict:
     """`smoke`: one tiny model, one rep (tests); `device="cuda"`: the Qwen2.5-0.5B-shaped bf16 model on a GPU."""
     import torch
 
-    from ..models.tiny import build_tiny_model
+    from epo_trl.models.tiny import build_tiny_model
 
     reps = 1 if smoke else 3 if quick else 20
     models = CUDA_MODELS if device == "cuda" else SMOKE_MODELS if smoke else MODELS
@@ -215,7 +215,7 @@ def run(quick: bool = False, smoke: bool = False, device: str = "cpu") -> dict:
             mem = {}
             for k in trainers:
                 proc = subprocess.run(
-                    [sys.executable, "-m", "epo_trl.bench.loss_overhead", "--memory-child", k, path, str(real_vocab),
+                    [sys.executable, "-m", "research.bench.loss_overhead", "--memory-child", k, path, str(real_vocab),
                      str(1 if smoke else max(reps // 4, 2)), device],
                     capture_output=True, text=True, check=True,
                 )  # fmt: skip

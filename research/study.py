@@ -1,4 +1,4 @@
-"""`python -m epo_trl.study`: GRPO vs EPO-Base vs EPO vs AEPO on the built-in maze (or, `--setting coin`, on a
+"""`python -m research.study`: GRPO vs EPO-Base vs EPO vs AEPO on the built-in maze (or, `--setting coin`, on a
 long-horizon TextWorldExpress game), several seeds.
 
 Every run goes through the real CLI path (`epo_trl.cli.train.load_config` on the setting's recipe, e.g. the demo's
@@ -30,9 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cli.demo import QUICK as QUICK_OVERRIDES
-from .cli.train import DEMO_RECIPE
-from .stats import mean_ci, paired_differences, share
+from epo_trl.cli.demo import QUICK as QUICK_OVERRIDES
+from epo_trl.cli.train import DEMO_RECIPE
+from epo_trl.stats import mean_ci, paired_differences, share
 
 AEPO_TARGET_ENTROPY = 0.05  # the maze's H*: between the warm start's entropy and a collapsed policy's
 
@@ -42,7 +42,7 @@ AEPO_TARGET_ENTROPY = 0.05  # the maze's H*: between the warm start's entropy an
 # Opt-in variants that probe the failures EPO targets (docs/study/setting.md): "-nokl" drops the KL anchor (can
 # the policy collapse early?); "-bonus" makes the entropy bonus 10x stronger (does a plain bonus go unstable, and
 # does EPO's smoothing hold it?).
-ALGOS = ("grpo", "epo-base", "epo", "aepo", "epo-step", "grpo-nokl", "epo-nokl", "epo-base-bonus", "epo-bonus")
+ARMS = ("grpo", "epo-base", "epo", "aepo", "epo-step", "grpo-nokl", "epo-nokl", "epo-base-bonus", "epo-bonus")
 LABELS = {
     "grpo": "GRPO",
     "epo-base": "EPO-Base",
@@ -54,9 +54,15 @@ LABELS = {
     "epo-base-bonus": "EPO-Base, bonus 0.1",
     "epo-bonus": "EPO, bonus 0.1",
 }
-# the method (`--algo`) of each study algo (default: itself)
-METHOD = {"epo-step": "epo", "grpo-nokl": "grpo", "epo-nokl": "epo", "epo-base-bonus": "epo-base", "epo-bonus": "epo"}
-ALGO_EXTRA: dict[str, dict] = {
+# A study arm is a method (`--algo`) plus overrides: the method of each arm (default: the arm's own name)
+ARM_METHOD = {
+    "epo-step": "epo",
+    "grpo-nokl": "grpo",
+    "epo-nokl": "epo",
+    "epo-base-bonus": "epo-base",
+    "epo-bonus": "epo",
+}
+ARM_EXTRA: dict[str, dict] = {
     "epo-step": {"rollout_mode": "step"},
     "aepo": {"entropy_coef": 0.0},  # AEPO alone (TRL's bonus off); its H* is the setting's (Setting.algo_extra)
     "grpo-nokl": {"beta": 0.0},
@@ -66,7 +72,7 @@ ALGO_EXTRA: dict[str, dict] = {
 }
 # What the study changes in the demo's recipe: quiet runs (the study keeps log_history), one warm start per seed.
 SHARED = {"report_to": [], "disable_tqdm": True}
-FULL = {"algos": ALGOS[:4], "seeds": (0, 1, 2, 3, 4), "eval_tasks": 64}
+FULL = {"algos": ARMS[:4], "seeds": (0, 1, 2, 3, 4), "eval_tasks": 64}
 QUICK = {"algos": ("grpo", "aepo", "epo-step"), "seeds": (0,), "eval_tasks": 4}
 GAIN_TARGET = 0.30  # the demo's bar: held-out success after - before
 
@@ -87,15 +93,15 @@ class Setting:
     quick: dict = field(default_factory=lambda: QUICK)  # `--quick`: its plan, then its recipe overrides
     quick_overrides: dict = field(default_factory=lambda: QUICK_OVERRIDES)
     quick_env_kwargs: dict = field(default_factory=dict)  # `--quick`: merged into the recipe's env_kwargs
-    algo_extra: dict = field(default_factory=dict)  # per-algo overrides on top of ALGO_EXTRA
+    algo_extra: dict = field(default_factory=dict)  # per-algo overrides on top of ARM_EXTRA
 
     @property
     def all_labels(self) -> dict:
         return {**LABELS, **self.labels}
 
     def extra(self, algo: str) -> dict:
-        """What `algo` changes in the recipe here: ALGO_EXTRA, then this setting's own."""
-        return {**ALGO_EXTRA.get(algo, {}), **self.algo_extra.get(algo, {})}
+        """What `algo` changes in the recipe here: ARM_EXTRA, then this setting's own."""
+        return {**ARM_EXTRA.get(algo, {}), **self.algo_extra.get(algo, {})}
 
 
 MAZE = Setting(
@@ -162,13 +168,14 @@ SETTINGS = {"maze": MAZE, "coin": COIN}
 
 # ----- one run ---------------------------------------------------------------------------------------------------
 def _setup(overrides: dict, algo: str, seed: int, output_dir: str, recipe: str = str(DEMO_RECIPE), extra=None):
+    from epo_trl.cli.train import load_config
+
     from .bench.common import quiet_logs, setup_offline
-    from .cli.train import load_config
 
     setup_offline()
     quiet_logs()
-    extra = ALGO_EXTRA.get(algo, {}) if extra is None else extra
-    values = {**overrides, **extra, "algo": METHOD.get(algo, algo), "seed": seed, "output_dir": output_dir}
+    extra = ARM_EXTRA.get(algo, {}) if extra is None else extra
+    values = {**overrides, **extra, "algo": ARM_METHOD.get(algo, algo), "seed": seed, "output_dir": output_dir}
     return load_config([recipe], overrides=values)
 
 
@@ -181,11 +188,11 @@ def warm_settings(script) -> dict:
 
 def mode_of(algo: str, overrides: dict, recipe_mode: str = "trajectory") -> str:
     """The rollout mode `algo` runs in (and its warm start is rendered in)."""
-    return ALGO_EXTRA.get(algo, {}).get("rollout_mode", overrides.get("rollout_mode", recipe_mode))
+    return ARM_EXTRA.get(algo, {}).get("rollout_mode", overrides.get("rollout_mode", recipe_mode))
 
 
 def _held_out(model, tokenizer, factory, rollout, eval_tasks: int, seed: int, mode: str) -> dict[str, float]:
-    from .rollout.evaluation import held_out
+    from epo_trl.rollout.evaluation import held_out
 
     result = held_out(model, tokenizer, factory, rollout, eval_tasks, 1.0, seed, mode)
     return {split: r["success_rate"] for split, r in result.items()}
@@ -196,8 +203,8 @@ def warm_one(seed: int, mode: str, output_dir: str, overrides: dict, eval_tasks:
     `epo-trl train` builds it from the recipe, and its held-out success."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .cli.train import WARM_START_FILE, resolve_model
-    from .envs import make_factory
+    from epo_trl.cli.train import WARM_START_FILE, resolve_model
+    from epo_trl.envs import make_factory
 
     script, rollout, _ = _setup({**overrides, "rollout_mode": mode}, "grpo", seed, output_dir, recipe)
     factory = make_factory(script.env, **script.env_kwargs)
@@ -216,7 +223,7 @@ def run_one(
     import torch
     from transformers import PrinterCallback
 
-    from .cli.train import build_trainer, train_and_close
+    from epo_trl.cli.train import build_trainer, train_and_close
 
     script, rollout, args = _setup(overrides, algo, seed, output_dir, recipe, extra)
     shutil.copytree(warm_dir, os.path.join(args.output_dir, "tiny-model"))  # where resolve_model looks
@@ -263,7 +270,7 @@ def _child(argv: list[str]) -> int:
 
 def _launch(kind: str, job: dict, threads: int, result_file: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "epo_trl.study", "--child", kind, str(threads), result_file, json.dumps(job)]
+    cmd = [sys.executable, "-m", "research.study", "--child", kind, str(threads), result_file, json.dumps(job)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["exit " + str(proc.returncode)]
@@ -362,12 +369,12 @@ PAIRED_WITH = {"epo": "epo-base", "epo-bonus": "epo-base-bonus"}
 
 
 def _by_algo(runs: list[dict]) -> dict[str, list[dict]]:
-    """Finished runs grouped by algorithm, in `ALGOS` order (the table's and the plots')."""
+    """Finished runs grouped by algorithm, in `ARMS` order (the table's and the plots')."""
     by_algo: dict[str, list[dict]] = {}
     for run in runs:
         if "error" not in run:
             by_algo.setdefault(run["algo"], []).append(run)
-    return dict(sorted(by_algo.items(), key=lambda kv: ALGOS.index(kv[0])))
+    return dict(sorted(by_algo.items(), key=lambda kv: ARMS.index(kv[0])))
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -410,8 +417,8 @@ def paired(runs: list[dict]) -> list[dict]:
 def reference_baselines(script, rollout, eval_tasks: int, k: int = BASELINE_K) -> dict[str, dict[str, float]]:
     """The reference policies' success (`epo_trl.rollout.baselines`: random, walker, expert, and the ceiling) on the
     held-out tasks the study evaluates (the first `eval_tasks` of each split, the same turn limit), per split."""
-    from .envs import make_factory
-    from .rollout.baselines import baselines
+    from epo_trl.envs import make_factory
+    from epo_trl.rollout.baselines import baselines
 
     factory = make_factory(script.env, **script.env_kwargs)
     try:
@@ -724,7 +731,7 @@ def to_markdown(results: dict, figures: str = "study") -> str:
         for r in sorted(runs, key=lambda r: (r["algo"], r["seed"]))
     )
     title = " vs ".join(labels[a] for a in summary)
-    recipe = os.path.relpath(setting.recipe, Path(__file__).resolve().parent.parent)
+    recipe = os.path.relpath(Path(setting.recipe).resolve(), Path(__file__).resolve().parent.parent)
     setup = setting.setup.format(**meta["warm_start"], eval_tasks=meta["eval_tasks"])
     caveats = setting.caveats.format(seeds=len(meta["seeds"]), **meta["setting"])
     scale = f"\n\n## What it would take\n\n{meta['scale']}" if meta.get("scale") else ""
@@ -804,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--child"]:
         return _child(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m epo_trl.study", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m research.study", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -823,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (each in its own process)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2 3 4)")
-    parser.add_argument("--algos", nargs="+", default=None, choices=ALGOS, help=f"default: all of {ALGOS}")
+    parser.add_argument("--algos", nargs="+", default=None, choices=ARMS, help=f"default: all of {ARMS}")
     parser.add_argument("--report-only", action="store_true", help="re-render the report from the per-run JSON")
     opts = parser.parse_args(argv)
 
@@ -942,7 +949,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         machine, jobs = machine_summary(info), opts.jobs
     planned = len(seeds) * len(algos)
-    command = "python -m epo_trl.study" + (" --quick" if opts.quick else "")
+    command = "python -m research.study" + (" --quick" if opts.quick else "")
     command += f" --setting {opts.setting}" if opts.setting != "maze" else ""
     command += f" --seeds {' '.join(map(str, seeds))}" if list(seeds) != list(plan["seeds"]) else ""
     command += f" --algos {' '.join(algos)}" if list(algos) != list(plan["algos"]) else ""

@@ -22,7 +22,8 @@ import statistics
 import tempfile
 import time
 
-from ..rollout.backends.vllm import cpu_vllm_dtype, default_cpu_kv_cache, single_process_group
+from epo_trl.rollout.backends.vllm import cpu_vllm_dtype, default_cpu_kv_cache, single_process_group
+
 from .common import maze_model, md_table
 from .rollout_efficiency import _replay, _rollout
 
@@ -56,7 +57,7 @@ def _sync_cost(llm, model, tokenizer, reps: int) -> dict:
     import torch
     from vllm import SamplingParams
 
-    from ..trainers.vllm_sync import engine_probe, probe_ids, push_cpu_colocate
+    from epo_trl.trainers.vllm_sync import engine_probe, probe_ids, push_cpu_colocate
 
     def named_params():
         for name, param in model.named_parameters():
@@ -87,8 +88,8 @@ def _measure(name, path, dtype, factory, config, tasks, reps) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..rollout import HFBackend, KVCacheHFBackend, RolloutEngine
-    from ..rollout.backends.vllm import VLLMOfflineBackend
+    from epo_trl.rollout import HFBackend, KVCacheHFBackend, RolloutEngine
+    from epo_trl.rollout.backends.vllm import VLLMOfflineBackend
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
@@ -129,8 +130,8 @@ def _measure(name, path, dtype, factory, config, tasks, reps) -> dict:
 
 
 def run(quick: bool = False, smoke: bool = False) -> dict:
-    from ..envs.maze import MazeFactory
-    from ..rollout import RolloutConfig
+    from epo_trl.envs.maze import MazeFactory
+    from epo_trl.rollout import RolloutConfig
 
     episodes, max_turns, turn_tokens, reps = SETTINGS["smoke" if smoke else "quick" if quick else "full"]
     factory = MazeFactory(size=4, task="key", distractors=1)  # a random policy rarely finishes: full-length episodes
@@ -142,7 +143,7 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
         rows.append(_measure("tiny (hidden 64)", path, "float32", factory, config, tasks, reps))
         if not smoke:
             try:
-                from ..models.smollm2 import build_smollm2
+                from epo_trl.models.smollm2 import build_smollm2
 
                 smol = build_smollm2()
             except Exception as e:  # the wheel is an optional extra

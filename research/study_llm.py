@@ -1,4 +1,4 @@
-"""`python -m epo_trl.study_llm`: GRPO vs EPO on SmolLM2-135M-Instruct (the real-model demo), several seeds.
+"""`python -m research.study_llm`: GRPO vs EPO on SmolLM2-135M-Instruct (the real-model demo), several seeds.
 
 Each run is `epo-trl demo --llm --algo ALGO --seed SEED` (recipes/cpu/demo_llm.yaml) in its own process, so the
 study is the demo's path and nothing else. Per seed, the first algorithm's run builds the SFT warm start
@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .stats import paired_differences, share_of
+from epo_trl.stats import paired_differences, share_of
+
 from .study import (
     PAIRED_TEXT,
     REFERENCES,
@@ -38,7 +39,7 @@ from .study import (
     reference_text,
 )
 
-ALGOS = ("grpo", "epo-base", "epo", "aepo")
+METHODS = ("grpo", "epo-base", "epo", "aepo")
 LABELS = {"grpo": "GRPO", "epo-base": "EPO-Base", "epo": "EPO (make demo-llm)", "aepo": "AEPO"}
 MODEL = "SmolLM2-135M-Instruct"
 GAIN_TARGET = 0.20  # the real-model demo's bar: held-out success after RL - after the warm start
@@ -95,7 +96,7 @@ def record(m: dict) -> dict:
 def summarize(runs: list[dict]) -> dict:
     """Per algorithm: mean ± 95% CI over seeds of the report's columns."""
     out: dict[str, dict] = {}
-    for algo in ALGOS:
+    for algo in METHODS:
         rs = [r for r in runs if r["algo"] == algo]
         if not rs:
             continue
@@ -118,7 +119,7 @@ def run_baselines(raw: Path) -> tuple[dict | None, int | None]:
     """The reference policies' held-out success the runs recorded (`final_metrics.json`'s "baselines": the demo plays
     them on the same tasks with the same turn limit) and their episodes per task; (None, None) for runs that predate
     them. Every run of a recipe plays the same tasks with the same seed, so any run's numbers are the study's."""
-    from .cli.demo import REFERENCE_SAMPLES
+    from epo_trl.cli.demo import REFERENCE_SAMPLES
 
     for path in sorted(raw.glob("*.json")):
         reference = json.loads(path.read_text()).get("baselines")
@@ -132,11 +133,11 @@ def margins(runs: list[dict], baselines: dict | None) -> list[str]:
     answer (`cli.demo.best_non_expert`), on `valid_seen`, and whether both reach GAIN_TARGET (the demo's bar)."""
     if not baselines:
         return []
-    from .cli.demo import best_non_expert
+    from epo_trl.cli.demo import best_non_expert
 
     name, best = best_non_expert(baselines["valid_seen"])
     lines, met = [], 0
-    for r in sorted(runs, key=lambda r: (ALGOS.index(r["algo"]), r["seed"])):
+    for r in sorted(runs, key=lambda r: (METHODS.index(r["algo"]), r["seed"])):
         gain, margin = r["after"] - r["before"], r["after"] - best
         met += gain >= GAIN_TARGET and margin >= GAIN_TARGET
         lines.append(f"{LABELS[r['algo']]} seed {r['seed']}: gain {gain:+.3f}, over the {name} {margin:+.3f}")
@@ -152,7 +153,7 @@ def paired(runs: list[dict]) -> list[dict]:
     per-seed differences in held-out success after RL, and their mean ± 95% t interval. The algorithms of a seed
     start from the same warm start."""
     after = {"valid_seen": lambda r: r["after"], "valid_unseen": lambda r: r["valid_unseen"]["after"]}
-    algos = [a for a in ALGOS if any(r["algo"] == a for r in runs)]
+    algos = [a for a in METHODS if any(r["algo"] == a for r in runs)]
     out = []
     for method, base in comparisons(algos):
         for split, value in after.items():
@@ -199,7 +200,7 @@ def to_markdown(results: dict, figures: str) -> str:
             f"{r['train_s']:.0f}",
             f"{r['total_s']:.0f}",
         ]
-        for r in sorted(runs, key=lambda r: (r["seed"], ALGOS.index(r["algo"])))
+        for r in sorted(runs, key=lambda r: (r["seed"], METHODS.index(r["algo"])))
     ]
     for policy, label in REFERENCES.items():
         seen = reference(baselines, "valid_seen", policy)
@@ -298,7 +299,7 @@ def run_study(opts, out: Path, argv: list[str] | None) -> dict:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--warm-dir" in args:  # a local folder: not for the report
         args[args.index("--warm-dir") + 1] = "WARM_DIR"
-    command = " ".join(["python -m epo_trl.study_llm", *args])
+    command = " ".join(["python -m research.study_llm", *args])
     results = {"model": MODEL, "wall_s": 0.0, "command": command, "date": time.strftime("%Y-%m-%d"),
                "machine": machine_summary(), "commit": git_commit(), "runs": [], "errors": []}  # fmt: skip
     if opts.append:
@@ -353,9 +354,9 @@ def run_study(opts, out: Path, argv: list[str] | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m epo_trl.study_llm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m research.study_llm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--algos", nargs="+", default=["epo", "grpo"], choices=ALGOS,
+    parser.add_argument("--algos", nargs="+", default=["epo", "grpo"], choices=METHODS,
                         help="the first one builds each seed's warm start")  # fmt: skip
     parser.add_argument("--output-dir", default="docs/study/smollm2", help="results.json and raw/ per-run metrics")
     parser.add_argument("--report", default="docs/study/smollm2.md", help="the markdown report ('' = none)")

@@ -103,7 +103,7 @@ def _pool_steps_per_s(pool, tasks, total_steps: int, choose, warmup: int) -> tup
 
 
 def _sweep(factory, locked_threads: bool, tasks, total_steps: int, workers, choose, warmup: int) -> dict:
-    from ..envs.pool import ProcessEnvPool, ThreadEnvPool
+    from epo_trl.envs.pool import ProcessEnvPool, ThreadEnvPool
 
     out = {}
     for kind in ("threads", "processes"):
@@ -122,8 +122,8 @@ def _sweep(factory, locked_threads: bool, tasks, total_steps: int, workers, choo
 
 
 def scienceworld(total_steps: int, workers=WORKERS) -> dict:
-    from ..envs.protocol import TaskSpec
-    from ..envs.scienceworld import ScienceWorldFactory
+    from epo_trl.envs.protocol import TaskSpec
+    from epo_trl.envs.scienceworld import ScienceWorldFactory
 
     factory = ScienceWorldFactory(task_names=[SW_TASK], held_out_tasks=(), env_step_limit=100_000)
     tasks = [TaskSpec("scienceworld", SW_TASK, 0, 0)]
@@ -132,8 +132,8 @@ def scienceworld(total_steps: int, workers=WORKERS) -> dict:
 
 
 def alfworld(total_steps: int, workers=WORKERS) -> dict:
-    from ..envs.alfworld.env import ALFWorldFactory
-    from ..envs.alfworld.games import write_sample_games
+    from epo_trl.envs.alfworld.env import ALFWorldFactory
+    from epo_trl.envs.alfworld.games import write_sample_games
 
     with tempfile.TemporaryDirectory() as root:
         write_sample_games(root)
@@ -145,7 +145,7 @@ def alfworld(total_steps: int, workers=WORKERS) -> dict:
 
 
 def textworld_express(total_steps: int, workers=WORKERS) -> dict:
-    from ..envs.textworld_express import TextWorldExpressFactory
+    from epo_trl.envs.textworld_express import TextWorldExpressFactory
 
     # Coin Collector, 11 rooms with doors (the long-horizon setting); a random admissible action each step
     factory = TextWorldExpressFactory(game="coin", game_params="numLocations=11,includeDoors=1", num_train=8)
@@ -158,8 +158,8 @@ def textworld_express_resets(count: int = 8) -> dict:
     """Seconds per env to reset `count` Coin Collector games through 2 process workers: on fresh envs (each starts
     its JVM), then on the same envs again (what evaluation batches and warm-start rendering pay since they reuse
     their engine's envs)."""
-    from ..envs.pool import ProcessEnvPool
-    from ..envs.textworld_express import TextWorldExpressFactory
+    from epo_trl.envs.pool import ProcessEnvPool
+    from epo_trl.envs.textworld_express import TextWorldExpressFactory
 
     factory = TextWorldExpressFactory(game="coin", game_params="numLocations=11,includeDoors=1", num_train=count)
     tasks = factory.tasks("train")
@@ -232,7 +232,7 @@ def run(
 
 
 def to_markdown(results: dict) -> str:
-    from ..envs.pool import DEFAULT_START_METHOD
+    from epo_trl.envs.pool import DEFAULT_START_METHOD
 
     rows, lines = [], []
     for env, settings in results.items():

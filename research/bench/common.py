@@ -43,7 +43,7 @@ def machine_info() -> dict:
     import transformers
     import trl
 
-    from ..hardware import cpu_native_bf16
+    from epo_trl.hardware import cpu_native_bf16
 
     cpu = platform.processor() or "unknown"
     try:
@@ -97,7 +97,9 @@ def git_commit(package_dir: Path | None = None, ignore: Iterable[Path | str] = (
     Only a checkout whose top level holds the package counts: an installed copy (site-packages, perhaps in a
     virtualenv inside some other repository) is not that repository's code. `ignore`: files the caller rewrites
     itself (the bench's report, changed between chained `--update` runs), which do not make the code dirty."""
-    package_dir = (package_dir or Path(__file__).parents[1]).resolve()
+    import epo_trl
+
+    package_dir = (package_dir or Path(epo_trl.__file__).parent).resolve()
 
     def git(*args: str) -> str:
         cmd = ["git", "-C", str(package_dir), *args]
@@ -129,9 +131,9 @@ def maze_model(output_dir: str, hidden_size: int = 32, num_layers: int = 2, seed
     """A tiny random Qwen2 whose tokenizer holds every maze and prompt word whole; returns (path, tokenizer, model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..envs.maze import MazeFactory
-    from ..models.tiny import build_tiny_model, build_tokenizer, words_of
-    from ..rollout import PromptBuilder
+    from epo_trl.envs.maze import MazeFactory
+    from epo_trl.models.tiny import build_tiny_model, build_tokenizer, words_of
+    from epo_trl.rollout import PromptBuilder
 
     factory = MazeFactory()
     prompt_words = words_of(PromptBuilder(build_tokenizer(), factory.prompt_header).vocabulary_texts())
@@ -150,7 +152,7 @@ def maze_model(output_dir: str, hidden_size: int = 32, num_layers: int = 2, seed
 
 def recipe_config(algo: str, overrides: dict):
     """(script, rollout, trainer args) from `recipes/cpu/maze_<algo>.yaml` plus overrides, via the real CLI parser."""
-    from ..cli.train import CPU_RECIPES, load_config
+    from epo_trl.cli.train import CPU_RECIPES, load_config
 
     return load_config([str(CPU_RECIPES / f"maze_{algo.replace('-', '_')}.yaml")], overrides=overrides)
 

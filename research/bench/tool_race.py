@@ -79,11 +79,11 @@ def _trainer(loop: str, path: str, out: str, episodes: int, turns: int):
     from transformers import AutoTokenizer
     from trl import GRPOConfig
 
-    from ..envs import task_dataset
-    from ..envs.maze import MazeFactory
-    from ..envs.trl_env import tool_dataset, trl_environment
-    from ..rollout import CallableBackend, RolloutConfig, StepRollout, TrajectoryRollout, episode_return_reward
-    from ..trainers.grpo import MultiTurnGRPOConfig, MultiTurnGRPOTrainer
+    from epo_trl.envs import task_dataset
+    from epo_trl.envs.maze import MazeFactory
+    from epo_trl.envs.trl_env import tool_dataset, trl_environment
+    from epo_trl.rollout import CallableBackend, RolloutConfig, StepRollout, TrajectoryRollout, episode_return_reward
+    from epo_trl.trainers.grpo import MultiTurnGRPOConfig, MultiTurnGRPOTrainer
 
     factory = MazeFactory(size=4, task="key", distractors=1)
     tok = AutoTokenizer.from_pretrained(path)
@@ -172,8 +172,8 @@ def child(loop: str, path: str, episodes: int, turns: int, reps: int) -> dict:
 
 
 def _models(tmp: str, names) -> list[tuple[str, str]]:
-    from ..envs.maze import MazeFactory
-    from ..models.tiny import build_tiny_model, env_words
+    from epo_trl.envs.maze import MazeFactory
+    from epo_trl.models.tiny import build_tiny_model, env_words
 
     out = []
     if "tiny" in names:
@@ -183,8 +183,8 @@ def _models(tmp: str, names) -> list[tuple[str, str]]:
         try:
             from transformers import AutoTokenizer
 
-            from ..models.smollm2 import build_smollm2
-            from ..models.tiny import tool_calling_template
+            from epo_trl.models.smollm2 import build_smollm2
+            from epo_trl.models.tiny import tool_calling_template
 
             path = os.path.join(tmp, "smollm2")
             build_smollm2(path)
@@ -207,7 +207,7 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
                 rows.append({"model": name, "skipped": path})
                 continue
             for loop in LOOPS:
-                cmd = [sys.executable, "-m", "epo_trl.bench.tool_race", loop, path, str(episodes), str(turns),
+                cmd = [sys.executable, "-m", "research.bench.tool_race", loop, path, str(episodes), str(turns),
                        str(reps)]  # fmt: skip
                 env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"}
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

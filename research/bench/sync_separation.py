@@ -65,7 +65,7 @@ class _Colocate:
         self.runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
 
     def push(self, named, skip: str | None = None, repack: bool = True) -> None:
-        from ..trainers.vllm_sync import repack_tied_head
+        from epo_trl.trainers.vllm_sync import repack_tied_head
 
         tensors = ((n, t) for n, t in named if not (skip and n.startswith(skip)))
         self.runner.reload_weights(weights_iterator=tensors, is_checkpoint_format=True)
@@ -89,8 +89,8 @@ class _Server:
     def __init__(self, path: str, dtype: str, log):
         import urllib.request
 
-        from ..cli.vllm_serve import server_command, server_env
-        from ..trainers.vllm_servers import server_client_class
+        from epo_trl.cli.vllm_serve import server_command, server_env
+        from epo_trl.trainers.vllm_servers import server_client_class
 
         port = free_port()
         argv = ["--model", path, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
@@ -139,7 +139,7 @@ def _measure(name: str, path: str, engine_dtype: str, lr: float, mode: str, samp
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..trainers.vllm_sync import PROBE_TOKENS, probe_ids
+    from epo_trl.trainers.vllm_sync import PROBE_TOKENS, probe_ids
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # the trainer's fp32 master weights
@@ -188,7 +188,8 @@ def _measure(name: str, path: str, engine_dtype: str, lr: float, mode: str, samp
 
 
 def run(quick: bool = False, smoke: bool = False) -> dict:
-    from ..hardware import cpu_native_bf16
+    from epo_trl.hardware import cpu_native_bf16
+
     from .common import maze_model
 
     samples = 2 if smoke else SAMPLES
@@ -198,7 +199,7 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
         models = [("tiny", tiny, "float32")]
         if not smoke:
             try:
-                from ..models.smollm2 import build_smollm2
+                from epo_trl.models.smollm2 import build_smollm2
 
                 # bf16 where the CPU multiplies bf16 in hardware (what the recipe's engine gets there), else fp32
                 dtype = "bfloat16" if cpu_native_bf16() else "float32"
@@ -235,5 +236,5 @@ def to_markdown(results: dict) -> str:
     )
 
 
-if __name__ == "__main__":  # python -m epo_trl.bench.sync_separation: the table alone
+if __name__ == "__main__":  # python -m research.bench.sync_separation: the table alone
     print(to_markdown(run(quick="--quick" in sys.argv, smoke="--smoke" in sys.argv)))

@@ -101,8 +101,8 @@ def _replay(backend, calls, seed: int) -> tuple[float, int, float]:
 def run(quick: bool = False, smoke: bool = False) -> dict:
     import torch
 
-    from ..envs.maze import MazeFactory
-    from ..rollout import HFBackend, RolloutConfig, RolloutEngine
+    from epo_trl.envs.maze import MazeFactory
+    from epo_trl.rollout import HFBackend, RolloutConfig, RolloutEngine
 
     episodes, max_turns, turn_tokens, reps = SETTINGS["smoke" if smoke else "quick" if quick else "full"]
     # A maze a random policy rarely finishes, so most episodes use the whole turn budget.

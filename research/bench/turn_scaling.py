@@ -45,10 +45,10 @@ class PrefillCounter:
 def _measure(turns: int, variant: str, steps: int, output_dir: str) -> dict:
     from transformers import PrinterCallback, TrainerCallback
 
-    from ..cli.train import build_trainer
-    from ..rollout import HFBackend
-    from ..rollout.backends import backend_for_trainer
-    from ..rollout.backends.hf_kv_cache import KVCacheHFBackend
+    from epo_trl.cli.train import build_trainer
+    from epo_trl.rollout import HFBackend
+    from epo_trl.rollout.backends import backend_for_trainer
+    from epo_trl.rollout.backends.hf_kv_cache import KVCacheHFBackend
 
     mode, kv_reuse = VARIANTS[variant]
 

@@ -1,9 +1,9 @@
-"""`python -m epo_trl.bench` (`make bench`): run the benchmark sections and regenerate docs/benchmarks.md whole.
+"""`python -m research.bench` (`make bench`): run the benchmark sections and regenerate docs/benchmarks.md whole.
 
-    python -m epo_trl.bench [--quick] [--sections loss_overhead rollout_efficiency ...] [--output docs/benchmarks.md]
-    python -m epo_trl.bench --sections loss_overhead --device cuda     # the bf16 ~0.5B run, on a GPU
-    python -m epo_trl.bench --sections tool_race --update              # re-run one section, keep the others
-    python -m epo_trl.bench --report-only                              # re-render the report from <output>.json
+    python -m research.bench [--quick] [--sections loss_overhead rollout_efficiency ...] [--output docs/benchmarks.md]
+    python -m research.bench --sections loss_overhead --device cuda     # the bf16 ~0.5B run, on a GPU
+    python -m research.bench --sections tool_race --update              # re-run one section, keep the others
+    python -m research.bench --report-only                              # re-render the report from <output>.json
 
 Raw numbers go next to the report (`<output>.json`). Every section is a module with `run(quick) -> dict` and
 `to_markdown(results) -> str`. With `--update` the sections come from different runs (days, machines, code), so
@@ -31,7 +31,9 @@ SECTIONS = {
     "turn_scaling": "4. Cost vs number of turns",
     "vllm_cpu": "5. Real vLLM on CPU: rollout engine, vs HF generate, weight sync",
     "tool_race": "6. Our lockstep engine vs TRL's tool-calling loop (environment_factory)",
-    "sync_separation": "7. Weight-sync probe: a stale engine vs numerical noise (real vLLM on CPU, colocate and server)",
+    "trainer_floor": "7. Trainer compute per step vs its floor: TRL's old-logp pass vs skipping it",
+    "remote_envs": "8. Environments on other machines: OpenEnv servers vs a local process pool",
+    "sync_separation": "9. Weight-sync probe: a stale engine vs numerical noise (real vLLM on CPU, colocate and server)",
 }
 
 HOW_TO_READ = {
@@ -86,6 +88,28 @@ TRL's loop needs one more generation per episode, in which the agent stops calli
 tokens run through the model over all generate calls; **vs TRL wall** = TRL's wall time per step ÷ this loop's.
 Every loop runs in a fresh process; median of the reps after a warm-up step. vLLM is not raced: the forcing is an HF
 logits processor, and no vLLM equivalent was built.""",
+    "trainer_floor": """What the trainer runs through the model per optimizer step, pass by pass, with vLLM's importance-sampling
+correction on (TRL's default): TRL's path (an extra no-grad **old-logp** forward over every row) vs skipping it on
+on-policy batches (`skip_on_policy_old_logps`, the default: the IS ratios come from the training forward, same
+numbers). One EPO trainer per model with a real colocated CPU vLLM engine, on a `key` maze the models cannot finish
+(every episode lasts the maximum turns); its steps go round-robin through step / trajectory mode x skip / TRL's path,
+so machine drift hits all four alike. **tokens** = positions each pass runs (padding included); **unique tokens** =
+the rows' non-padding tokens, or the distinct prefixes of all rows (what a shared-prefix forward would run: a GRPO
+group's copies of a prompt and an episode's turns share their opening); **redundancy** = all passes' tokens ÷ one
+forward + backward over the unique tokens (beta = 0: no reference pass). **trainer s/step** = old-logp + reference +
+forward + backward + optimizer, timed as CPU seconds of the training thread (one torch thread; on CPU autograd runs
+the backward in that thread), robust to other load on a shared machine (wall seconds in the .json), and
+**trainer s / turn** that ÷ the step's turns (every episode lasts the maximum);
+steps of different variants hold different rows, so **vs TRL's path** compares trainer time per 1k unique row
+tokens. **rollout s** (generation + env) is outside the trainer's time.""",
+    "remote_envs": """The maze (3x3 `trail`) with the same episodes and the same seeded random admissible actions through a
+local `ProcessEnvPool` (2 workers) and `RemoteEnvPool` (`env_server_urls`) over 1 and 2 `epo-trl serve-env` servers
+started on this machine (uvicorn, 127.0.0.1: no network in the path, so this is the protocol's own cost: JSON over a
+WebSocket, the server's event loop and its per-session env thread). One batched `pool.act` per turn is timed;
+resets are not. **ms per step** = median turn time ÷ episodes per turn (batch 1: the latency of one remote step);
+**vs local** = steps/s ÷ the local pool's at the same batch. The servers share the machine's cores with the client,
+so a second server adds no CPU here; on other machines it adds theirs. A maze step costs microseconds: for the
+JVM envs (milliseconds per step) the same overhead is a far smaller share.""",
     "sync_separation": """Does the probe `SyncCheck` runs after every push (PROBE_TOKENS sampled from the engine after a fixed
 text at temperature 1, mean |engine - trainer| log-prob) tell a stale engine from numerical noise? The trainer
 (fp32 master weights) moves `steps behind` AdamW steps at its recipe's learning rate on a maze prompt; the engine
@@ -101,7 +125,7 @@ GPU_SECTION = """## GPU (device)
 **No GPU was lent to this session**, so the bf16 loss-overhead run on a ~0.5B model was not done. When a CUDA GPU
 is available, run:
 
-    python -m epo_trl.bench --sections loss_overhead --device cuda --output docs/benchmarks_gpu.md
+    python -m research.bench --sections loss_overhead --device cuda --output docs/benchmarks_gpu.md
 
 It builds a random Qwen2 with Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 heads / 2 KV heads, MLP 4864,
 vocab 151936) in bf16 on CUDA, times EPOTrainer vs GRPOTrainer loss steps (CUDA-synchronised) and reports peak
@@ -109,7 +133,7 @@ vocab 151936) in bf16 on CUDA, times EPOTrainer vs GRPOTrainer loss steps (CUDA-
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser(prog="python -m epo_trl.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m research.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions / smaller sizes (a few minutes)")
     parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
     parser.add_argument("--output", default="docs/benchmarks.md", help="markdown report (raw numbers: .json beside)")
@@ -141,12 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_offline()
     started = time.perf_counter()
     info = machine_info()
-    command = " ".join(["python -m epo_trl.bench", *argv])
+    command = " ".join(["python -m research.bench", *argv])
     # the code as this run starts; the bench's own files do not count as changes (chained --update runs rewrite them)
     run = run_record(info, command, git_commit(ignore=(out, previous)))
     results, timings, measured = {}, {}, {}
     for name in opts.sections:
-        module = importlib.import_module(f"epo_trl.bench.{name}")
+        module = importlib.import_module(f"research.bench.{name}")
         kwargs = {"quick": opts.quick, "smoke": opts.smoke}
         if name == "loss_overhead":
             kwargs["device"] = opts.device
@@ -208,7 +232,7 @@ def render(results: dict, timings: dict, info: dict, command: str, total: float,
     parts = [
         "# Benchmarks",
         "",
-        "Generated by `make bench` / `python -m epo_trl.bench`; do not edit by hand (raw numbers in the `.json` "
+        "Generated by `make bench` / `python -m research.bench`; do not edit by hand (raw numbers in the `.json` "
         "file beside this one). Ratios are measured side by side in one run, on one machine. Sections re-run with "
         "`--update` come from different runs: the **Measured** line under each heading says when, on what and at "
         "which commit its numbers were measured.",
@@ -227,7 +251,7 @@ def render(results: dict, timings: dict, info: dict, command: str, total: float,
     for name, title in SECTIONS.items():
         if name not in results:
             continue
-        module = importlib.import_module(f"epo_trl.bench.{name}")
+        module = importlib.import_module(f"research.bench.{name}")
         parts += [f"## {title}", "", measured_line((measured or {}).get(name)), ""]
         parts += [HOW_TO_READ[name], "", module.to_markdown(results[name]), ""]
         verdict = _verdict(name, results[name])
