@@ -165,7 +165,7 @@ def test_eval_mistakes_are_one_line(argv, expected, tiny_model, capsys):
 
 def test_unknown_command(capsys):
     assert run(capsys, "tran")[1] == (
-        "epo-trl: error: unknown command 'tran' (did you mean 'train'?); choose one of ['demo', 'eval', 'train']"
+        "epo-trl: error: unknown command 'tran' (did you mean 'train'?); choose one of ['demo', 'eval', 'serve-env', 'train', 'vllm-serve']"
     )
 
 
