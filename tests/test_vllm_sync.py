@@ -177,3 +177,13 @@ def test_a_server_that_drops_the_weights_fails_the_sync_check(maze_model, tmp_pa
         with pytest.raises(StaleEngineError, match="weight sync at step [12]"):
             trainer.train()
         rollout.close()
+
+
+def test_the_default_sync_tolerance_follows_the_trainers_precision(tmp_path):
+    from epo_trl.trainers.epo import EPOConfig
+    from epo_trl.trainers.vllm_sync import sync_tolerance
+
+    base = {"output_dir": str(tmp_path), "use_cpu": True, "report_to": "none"}
+    assert sync_tolerance(EPOConfig(**base, bf16=False)) == 0.1
+    assert sync_tolerance(EPOConfig(**base, bf16=True)) == 0.25  # bf16 rounding alone reads ~0.1 on the probe
+    assert sync_tolerance(EPOConfig(**base, bf16=True, vllm_sync_tolerance=0.05)) == 0.05

@@ -75,6 +75,18 @@ def _input_embeddings(model):
     return getattr(inner, "embed_tokens", None)
 
 
+# The probe's default tolerance by the trainer's precision. A correct push reads ~1e-3 nats in fp32; in bf16 the
+# rounding of both sides alone reads up to ~0.1 (demo-llm runs), so 0.1 would refuse healthy bf16 runs.
+DEFAULT_SYNC_TOLERANCE = {"fp32": 0.1, "half": 0.25}
+
+
+def sync_tolerance(args) -> float:
+    """`vllm_sync_tolerance`, or its default for the trainer's precision when unset."""
+    if args.vllm_sync_tolerance is not None:
+        return args.vllm_sync_tolerance
+    return DEFAULT_SYNC_TOLERANCE["half" if args.bf16 or args.fp16 else "fp32"]
+
+
 class SyncCheck:
     """Compare the engine's log-probs of a probe completion with the trainer's, right after a push.
 
@@ -172,7 +184,7 @@ def install(trainer) -> SyncCheck | None:
     vllm = trainer.vllm_generation
     trl_sync = vllm.sync_weights
     cpu_colocate = vllm.mode == "colocate" and _is_real_engine(vllm.llm) and is_cpu_vllm()
-    check = SyncCheck(trainer, trainer.args.vllm_sync_tolerance) if trainer.args.vllm_sync_check else None
+    check = SyncCheck(trainer, sync_tolerance(trainer.args)) if trainer.args.vllm_sync_check else None
     # Sleep mode (GPU only) re-pushes on every wake from inside `generate`, with the KV cache still asleep: no probe
     # can run there, so those pushes are watched by TRL's importance-sampling metrics only (docs/scaling.md).
     probe = check is not None and not (vllm.mode == "colocate" and vllm.enable_sleep_mode)
