@@ -479,3 +479,52 @@ def test_server_urls_and_the_action_field():
     )
     with pytest.raises(ValueError, match="no single string field"):
         action_field({"action": {"properties": {"a": string, "b": string}}}, "u")
+
+
+def _served_expert_wins(env_name: str, env_kwargs: dict, factory, spec) -> None:
+    """Serve `env_name`; OpenEnv's own client and the TRL environment class (what `GRPOTrainer`'s
+    `environment_factory` calls) each play the expert's commands for `spec` on a session of their own, and win."""
+    from epo_trl.envs.openenv_client import OpenEnvFactory, TextAction, TextEnvClient
+    from epo_trl.envs.trl_env import trl_environment
+
+    plan = factory.solve(spec)
+    proc, url = _start(env_name, "--env_kwargs", json.dumps(env_kwargs), "--max_sessions", "2")
+    try:
+        _wait(proc, url, limit_s=240)
+        with TextEnvClient(base_url=url).sync() as client:
+            result = client.reset(task=spec.key())
+            assert result.observation.task == spec.key()
+            for command in plan:
+                result = client.step(TextAction(text=command))
+            assert result.done and result.observation.won and result.observation.terminated
+        env = trl_environment(OpenEnvFactory(factory, [url], timeout=240))()
+        assert "Goal:" in env.reset(task=spec.key())
+        for command in plan:
+            env.act(command)
+        assert env.done and env.won and env.get_reward() == 1.0
+    finally:
+        _stop(proc)
+
+
+def test_a_served_alfworld_game_is_won_by_the_expert_through_openenv_and_trl(alfworld_data):
+    from epo_trl.envs.alfworld.env import ALFWorldFactory
+
+    kwargs = {"data_path": alfworld_data, "expert": "handcoded"}
+    factory = ALFWorldFactory(**kwargs)
+    _served_expert_wins("alfworld", kwargs, factory, factory.tasks("train")[0])
+
+
+def test_a_served_scienceworld_task_is_won_by_the_expert_through_openenv_and_trl():
+    import shutil
+
+    pytest.importorskip("scienceworld")
+    if shutil.which("java") is None:
+        pytest.skip("ScienceWorld needs Java")
+    from epo_trl.envs.scienceworld import ScienceWorldFactory
+
+    kwargs = {"task_names": ["lifespan-longest-lived"], "held_out_tasks": [], "max_variations_per_task": 2}
+    factory = ScienceWorldFactory(**kwargs)
+    try:
+        _served_expert_wins("scienceworld", kwargs, factory, factory.tasks("train")[0])
+    finally:
+        factory.close()  # the expert's JVM
