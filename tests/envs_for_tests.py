@@ -104,3 +104,21 @@ def admissible_picker(tokenizer):
         return out
 
     return CallableBackend(policy)
+
+
+def replay_tool_calls(factory, task_key: str, completion: list[dict], max_turns: int) -> bool:
+    """Won, replaying a TRL rollout's parsed `act` tool calls on a fresh env of `factory` (not the adapter)."""
+    env = factory.make()
+    env.reset(TaskSpec.parse(task_key))
+    turns = 0
+    for message in completion:
+        for call in message.get("tool_calls") or []:
+            turns += 1
+            command = env.project_action(call["function"]["arguments"]["action"])
+            if command is not None:
+                _, _, terminated, truncated, info = env.step(command)
+                if terminated or truncated:
+                    return bool(info["won"])
+            if turns >= max_turns:
+                return False
+    return False

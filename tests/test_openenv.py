@@ -19,10 +19,9 @@ import pytest
 pytest.importorskip("openenv")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from envs_for_tests import WORDS, ScriptedFactory, admissible_picker, task  # noqa: E402
+from envs_for_tests import WORDS, ScriptedFactory, admissible_picker, replay_tool_calls, task  # noqa: E402
 
 from epo_trl.envs.maze import MazeFactory  # noqa: E402
-from epo_trl.envs.protocol import TaskSpec  # noqa: E402
 from epo_trl.models.tiny import build_tokenizer  # noqa: E402
 from epo_trl.rollout import CallableBackend, RolloutConfig, RolloutEngine, run_episodes  # noqa: E402
 from epo_trl.rollout.engine import rollout_metrics  # noqa: E402
@@ -414,30 +413,13 @@ def test_plain_trl_grpo_trains_on_served_mazes_and_the_expert_wins(servers, tmp_
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.named_parameters())
     assert len(records) == 12 and all(r is not None for _, _, r in records)
     for key, completion, reward in records:
-        assert reward == float(_replay(base, key, completion, 6))
+        assert reward == float(replay_tool_calls(base, key, completion, 6))
     env = trl_environment(factory)()
     spec = base.tasks("train")[1]
     assert "Goal:" in env.reset(task=spec.key())
     for command in base.solve(spec):
         env.act(command)
     assert env.done and env.won and env.get_reward() == 1.0
-
-
-def _replay(factory, task_key, completion, max_turns) -> bool:
-    env = factory.make()
-    env.reset(TaskSpec.parse(task_key))
-    turns = 0
-    for message in completion:
-        for call in message.get("tool_calls") or []:
-            turns += 1
-            command = env.project_action(call["function"]["arguments"]["action"])
-            if command is not None:
-                _, _, terminated, truncated, info = env.step(command)
-                if terminated or truncated:
-                    return bool(info["won"])
-            if turns >= max_turns:
-                return False
-    return False
 
 
 def test_epo_trainer_trains_three_steps_on_remote_mazes(servers, tmp_path):

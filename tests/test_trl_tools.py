@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from datasets import Dataset
+from envs_for_tests import replay_tool_calls
 from helpers import tiny_args
 from tool_policy import (
     Counter,
@@ -227,26 +228,6 @@ def test_two_ranks_hold_identical_histories_with_tools(tool_model, tmp_path_fact
 
 
 # --- our environments as TRL environments --------------------------------------------------------------------------
-def _replay(factory, task_key, completion, max_turns):
-    """Won, replaying a rollout's parsed `act` calls on a fresh env (not the adapter)."""
-    from epo_trl.envs import TaskSpec
-
-    env = factory.make()
-    env.reset(TaskSpec.parse(task_key))
-    won, turns = False, 0
-    for message in completion:
-        for call in message.get("tool_calls") or []:
-            turns += 1
-            command = env.project_action(call["function"]["arguments"]["action"])
-            if command is not None:
-                _, _, terminated, truncated, info = env.step(command)
-                if terminated or truncated:
-                    return bool(info["won"])
-            if turns >= max_turns:
-                return won
-    return won
-
-
 def _train_plain_grpo(factory, tmp_path, max_turns, steps=3, **kw):
     from trl import GRPOConfig, GRPOTrainer
 
@@ -284,7 +265,7 @@ def test_plain_grpo_trains_on_the_maze_through_the_adapter(tmp_path):
     trainer, records, changed = _train_plain_grpo(factory, tmp_path, max_turns=8)
     assert changed and len(records) == 3 * 4
     for task, completion, reward in records:
-        assert reward == float(_replay(factory, task, completion, 8))
+        assert reward == float(replay_tool_calls(factory, task, completion, 8))
     assert {r for _, _, r in records} == {0.0, 1.0}  # some random walks reach the goal, some do not
     groups = [records[i : i + 4] for i in range(0, len(records), 4)]
     assert all(len({t for t, _, _ in g}) == 1 for g in groups)  # a GRPO group plays one task instance
@@ -299,7 +280,7 @@ def test_plain_grpo_on_an_alfworld_game_and_the_expert_wins(alfworld_factory, tm
     trainer, records, changed = _train_plain_grpo(alfworld_factory, tmp_path, max_turns=4, steps=2)
     assert changed and len(records) == 8
     for task, completion, reward in records:
-        assert reward == float(_replay(alfworld_factory, task, completion, 4))
+        assert reward == float(replay_tool_calls(alfworld_factory, task, completion, 4))
     # The expert's plan through the adapter's tool wins, and get_reward says so.
     env = trl_environment(alfworld_factory)()
     task = alfworld_factory.tasks("train")[0]
