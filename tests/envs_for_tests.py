@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -87,6 +88,21 @@ class ScriptedFactory(EnvFactory):
 
 def task(kind: str, turns: int = 2, seed: int = 0) -> TaskSpec:
     return TaskSpec("scripted", kind, turns, seed)
+
+
+@functools.cache
+def maze_tokenizer():
+    """The tiny tokenizer over the scripted envs' words and the maze's vocabulary (built once per process)."""
+    from epo_trl.envs.maze import MazeFactory
+    from epo_trl.models.tiny import build_tokenizer
+
+    return build_tokenizer([*WORDS, *MazeFactory().vocabulary()])
+
+
+def always_go(tokenizer):
+    """A policy that writes `<action> go </action>` on every turn."""
+    ids = tokenizer("<action> go </action>", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return CallableBackend(lambda prompts, n, t: [ids for _ in prompts])
 
 
 def admissible_picker(tokenizer):

@@ -5,6 +5,12 @@ from datasets import Dataset
 PROMPTS = ["go north", "take key", "open door", "look"]
 
 
+# Our trainers' forward exactly as TRL's GRPOTrainer runs it, for runs compared with TRL's bit for bit: a shared
+# prompt pass (`share_prompt_forward`, exact to float rounding: tests/test_shared_prefix.py) rounds ~1e-8 differently,
+# and Adam's first steps turn a gradient difference of that size into a step of the learning rate.
+TRL_FORWARD = {"share_prompt_forward": False}
+
+
 def tiny_args(cls, out, **kw):
     """A small CPU training config of `cls` (GRPOConfig / EPOConfig / AEPOConfig) with `kw` overrides."""
     base = dict(

@@ -15,6 +15,7 @@ import pytest
 import torch
 from datasets import Dataset
 from helpers import (  # noqa: E402
+    TRL_FORWARD,
     assert_trains_like,
     length_reward,
     prompt_dataset,
@@ -193,7 +194,10 @@ def test_coef_zero_is_exactly_grpo(tiny_model, tmp_path):
     )
     aepo = train_recorded(
         lambda: AEPOTrainer(
-            tiny_model, length_reward, args=_args(tmp_path / "a", aepo_coef=0.0), train_dataset=_dataset()
+            tiny_model,
+            length_reward,
+            args=_args(tmp_path / "a", aepo_coef=0.0, **TRL_FORWARD),
+            train_dataset=_dataset(),
         )
     )
     assert_trains_like(grpo, aepo, atol=1e-7)

@@ -3,6 +3,7 @@ model, fp32; the same loss, gradients at every optimizer step and final weights,
 
 import pytest
 from helpers import (
+    TRL_FORWARD,
     assert_trains_like,
     length_reward,
     prompt_dataset,
@@ -28,7 +29,9 @@ def _pair(tiny_model, out, **kw):
             lambda: trainer_cls(tiny_model, length_reward, args=args, train_dataset=prompt_dataset(), **extra)
         )
 
-    return run(GRPOTrainer, GRPOConfig, "trl"), run(MultiTurnGRPOTrainer, MultiTurnGRPOConfig, "ours")
+    trl_run = run(GRPOTrainer, GRPOConfig, "trl")
+    kw.update(TRL_FORWARD)
+    return trl_run, run(MultiTurnGRPOTrainer, MultiTurnGRPOConfig, "ours")
 
 
 @pytest.mark.parametrize("loss_type", trl_loss_types())

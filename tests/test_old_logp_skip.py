@@ -22,9 +22,7 @@ from vllm_standin import Engine, Logprob, vllm_standin
 from epo_trl import EPOConfig, EPOTrainer
 from epo_trl.envs import task_dataset
 from epo_trl.envs.maze import MazeFactory
-from epo_trl.models.tiny import build_tiny_model, build_tokenizer, words_of
 from epo_trl.rollout import RolloutConfig, StepRollout, TrajectoryRollout, episode_return_reward
-from epo_trl.rollout.prompts import PromptBuilder
 from epo_trl.trainers.grpo.step_batch import SAMPLING_METRICS
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -35,12 +33,6 @@ COMPARED = (*SAMPLING_METRICS, "loss", "entropy", "epo/smooth_penalty", "epo/out
 @pytest.fixture(autouse=True)
 def noisy_engine(monkeypatch):
     monkeypatch.setattr(Engine, "_candidates", staticmethod(_noisy_candidates))
-
-
-@pytest.fixture(scope="module")
-def maze_model(tmp_path_factory):
-    words = [*MazeFactory().vocabulary(), *words_of(PromptBuilder(build_tokenizer(), "h").vocabulary_texts())]
-    return build_tiny_model(str(tmp_path_factory.mktemp("maze")), extra_words=words, hidden_size=16)
 
 
 def _noisy_candidates(logps: torch.Tensor, token: int, k: int | None) -> dict[int, Logprob]:
@@ -157,15 +149,18 @@ def test_the_benchmarks_unique_tokens_count_shared_prefixes_once():
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_skip_on_two_ddp_ranks_trains_as_trls_path(maze_model, tmp_path):
+@pytest.mark.parametrize("config", ["multi_gpu", "zero2"])
+def test_skip_on_two_ranks_trains_as_trls_path(maze_model, tmp_path, config):
     """The skipped pass's metrics are gathered once per generation batch, as TRL's are: same weights and logs on 2
-    ranks (step mode: rows padded to the same count on every rank, row chunks)."""
+    ranks (step mode: rows padded to the same count on every rank, row chunks), under DDP and DeepSpeed ZeRO-2."""
     import json
 
     from scripts.epo_steps import accelerate_launch
 
+    if config == "zero2":
+        pytest.importorskip("deepspeed")
     script = os.path.join(os.path.dirname(__file__), "scripts", "old_logp_skip_ddp.py")
-    proc = accelerate_launch("multi_gpu", [script, maze_model, str(tmp_path)])
+    proc = accelerate_launch(config, [script, maze_model, str(tmp_path), "skip_on_policy_old_logps"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 for r in ranks)

@@ -19,11 +19,19 @@ import pytest
 pytest.importorskip("openenv")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from envs_for_tests import WORDS, ScriptedFactory, admissible_picker, replay_tool_calls, task  # noqa: E402
+from envs_for_tests import (  # noqa: E402
+    WORDS,
+    ScriptedFactory,
+    admissible_picker,
+    always_go,
+    maze_tokenizer,
+    replay_tool_calls,
+    task,
+)
 
 from epo_trl.envs.maze import MazeFactory  # noqa: E402
 from epo_trl.models.tiny import build_tokenizer  # noqa: E402
-from epo_trl.rollout import CallableBackend, RolloutConfig, RolloutEngine, run_episodes  # noqa: E402
+from epo_trl.rollout import RolloutConfig, RolloutEngine, run_episodes  # noqa: E402
 from epo_trl.rollout.engine import rollout_metrics  # noqa: E402
 
 MAZE_KWARGS = {"size": 3, "task": "trail"}
@@ -102,12 +110,7 @@ def servers():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tokenizer([*WORDS, *MazeFactory().vocabulary()])
-
-
-def always_go(tokenizer):
-    ids = tokenizer("<action> go </action>", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return CallableBackend(lambda prompts, n, t: [ids for _ in prompts])
+    return maze_tokenizer()
 
 
 # --- same episodes, local and remote -------------------------------------------------------------------------------

@@ -10,15 +10,18 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SBATCH = ROOT / "recipes" / "slurm" / "train_multinode.sbatch"
 
-# Stubs log every call to $LOG. The server "loads" until the third /health poll; STUB_SERVER_DIES makes it crash.
-# `scontrol show node` gives the node's NodeAddr (STUB_NODE_ADDR, default 10.0.0.9), as Slurm prints it.
+# Stubs log every call to $LOG. The server "loads" until the third /health poll; STUB_SERVER_DIES makes it crash,
+# STUB_TRAINING_FAILS the training step (exit 3). `scontrol show node` gives the node's NodeAddr (STUB_NODE_ADDR,
+# default 10.0.0.9), as Slurm prints it.
 STUBS = {
     "scontrol": 'if [[ "$1 $2" == "show node" ]]; then echo "NodeName=$3 Arch=x86_64 CoresPerSocket=32"; '
     'echo "   NodeAddr=${STUB_NODE_ADDR:-10.0.0.9} NodeHostName=$3 Version=24.05"; '
     'else printf "train0\\ntrain1\\nvllm0\\n"; fi',
     "srun": 'echo "srun $*" >> "$LOG"\nif [[ "$*" == *vllm-serve* ]]; then [[ -n "${STUB_SERVER_DIES:-}" ]] && exit 1; '
-    "exec sleep 60; fi",
-    "curl": 'echo "curl $*" >> "$LOG"\n(( $(grep -c "^curl" "$LOG") >= 3 ))',
+    'exec sleep 60; fi\n[[ -z "${STUB_TRAINING_FAILS:-}" ]] || exit 3',
+    # /health answers only once the server runs: its srun, in the background, has logged (not a race under load)
+    "curl": 'echo "curl $*" >> "$LOG"\nuntil grep -q vllm-serve "$LOG"; do sleep 0.1; done\n'
+    '(( $(grep -c "^curl" "$LOG") >= 3 ))',
     "python": f'exec "{sys.executable}" "$@"',
 }
 
@@ -80,6 +83,18 @@ def test_no_training_when_the_server_dies(tmp_path):
     assert proc.returncode != 0
     assert "vLLM server exited before it was healthy" in proc.stderr
     assert not any("accelerate launch" in line for line in log)
+
+
+def test_a_failed_training_step_fails_the_job_with_a_message(tmp_path):
+    """A rank that fails ends the step at once (--kill-on-bad-exit: srun would otherwise wait for the other nodes),
+    and the job fails with its exit code and a line that says where (tests/test_slurm_real.py crashes a node)."""
+    proc, log = run_sbatch(tmp_path, 16, 2, 11008, STUB_TRAINING_FAILS="1")
+    assert proc.returncode == 3
+    (train,) = [line for line in log if "accelerate launch" in line]
+    assert train.startswith("srun --kill-on-bad-exit=1 ")
+    assert (
+        "Training failed (exit code 3) on train0,train1: a rank exited with an error or its node failed" in proc.stderr
+    )
 
 
 def test_server_binds_to_the_nodes_cluster_address_not_all_interfaces(tmp_path):

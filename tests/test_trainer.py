@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from helpers import (
+    TRL_FORWARD,
     assert_trains_like,
     length_reward,
     prompt_dataset,
@@ -34,7 +35,7 @@ def test_equivalent_to_grpo_when_epo_is_off(tiny_model, tmp_path):
         lambda: EPOTrainer(
             tiny_model,
             length_reward,
-            args=tiny_args(EPOConfig, tmp_path / "e", entropy_coef=0.0, smoothing=False),
+            args=tiny_args(EPOConfig, tmp_path / "e", entropy_coef=0.0, smoothing=False, **TRL_FORWARD),
             train_dataset=prompt_dataset(),
         )
     )

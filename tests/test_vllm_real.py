@@ -4,7 +4,8 @@ No stand-in here: TRL's colocate `VLLMGeneration` builds a real `vllm.LLM` from 
 (`epo_trl.rollout.vllm_sync`) pushes the trainer's weights into it every optimizer step, and the engine samples the
 rollouts. After every step we assert what a user relies on:
 
-- the engine's log-probs of a probe completion equal the trainer's (`vllm/sync_logprob_diff` <= PROBE_TOL);
+- the engine's log-probs of the sync check's probe text equal the trainer's (`vllm/sync_logprob_diff` <= GAP_TOL,
+  `vllm/sync_gap_ratio` <= RATIO_TOL);
 - TRL's importance-sampling ratio between trainer and engine stays within 1 +- IS_TOL (`sampling/*` metrics, which
   step mode now logs as trajectory mode does);
 - a push that does not take (no-op, or the tied LM head left stale as CPU vLLM's reload leaves it) fails loudly.
@@ -42,7 +43,9 @@ from epo_trl.trainers.aepo.aepo_trainer import AEPOTrainer
 pytestmark = pytest.mark.slow
 _ENGINES: list = []  # trainers whose engine the next teardown frees
 STEPS = 3
-PROBE_TOL = 0.02  # fp32 on CPU vLLM measures 1e-3 .. 1.3e-2 (its oneDNN / attention kernels are not bit-exact)
+PROBE_TOL = 0.02  # sampled tokens: CPU vLLM vs the trainer measures 1e-3 .. 1.3e-2 (kernels are not bit-exact)
+# The sync check after every push (lr 5e-2, bf16 engine): gap <= 3.9e-3 nats, gap_ratio <= 0.70 (default tolerance 3.3)
+GAP_TOL, RATIO_TOL = 0.01, 1.5
 IS_TOL = 0.02
 
 
@@ -126,7 +129,8 @@ def assert_engine_matches_trainer(trainer):
     assert len(logs) == STEPS
     # One checked push per optimizer step, before its first generate (TRL's guard starts at -1: step 0 too).
     assert len(trainer.vllm_sync_check.diffs) == STEPS
-    assert max(trainer.vllm_sync_check.diffs) <= PROBE_TOL, trainer.vllm_sync_check.diffs
+    check = trainer.vllm_sync_check
+    assert max(check.diffs) <= GAP_TOL and max(check.ratios) <= RATIO_TOL, (check.diffs, check.ratios)
     for row in logs:
         assert abs(row["sampling/importance_sampling_ratio/mean"] - 1.0) <= IS_TOL, row
         assert row["sampling/importance_sampling_ratio/min"] >= 1.0 - 5 * IS_TOL, row

@@ -18,20 +18,12 @@ from vllm_standin import model_checksums, vllm_standin
 from epo_trl import EPOConfig, EPOTrainer
 from epo_trl.envs import task_dataset
 from epo_trl.envs.maze import MazeFactory
-from epo_trl.models.tiny import build_tiny_model, build_tokenizer, words_of
 from epo_trl.rollout import RolloutConfig, StepRollout, TrajectoryRollout, episode_return_reward
-from epo_trl.rollout.prompts import PromptBuilder
 from epo_trl.trainers.aepo.aepo_config import AEPOConfig
 from epo_trl.trainers.aepo.aepo_trainer import AEPOTrainer
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def maze_model(tmp_path_factory):
-    words = [*MazeFactory().vocabulary(), *words_of(PromptBuilder(build_tokenizer(), "h").vocabulary_texts())]
-    return build_tiny_model(str(tmp_path_factory.mktemp("maze")), extra_words=words, hidden_size=16)
 
 
 class WeightsPerStep(TrainerCallback):
@@ -144,6 +136,9 @@ def test_several_vllm_servers_share_each_generate_and_all_get_every_sync(maze_mo
         trainer.train()
         rollout.close()
     assert [c.base_url for c in trainer.vllm_generation.vllm_client.clients] == urls
+    # the check scored the probe on both servers after each push: same weights, same log-probs (float64 stand-in
+    # engines against the fp32 trainer)
+    assert len(trainer.vllm_sync_check.diffs) == 2 and max(trainer.vllm_sync_check.diffs) < 1e-5
     a, b = standin.engines
     assert a.synced == b.synced == weights.after[:2]  # every server gets each step's weights
     # Right after each push, the sync check probes every server with one prompt; the rollouts' generates follow.
@@ -160,30 +155,52 @@ def test_server_urls_need_server_mode(tmp_path):
         EPOConfig(output_dir=str(tmp_path), vllm_server_base_urls=["http://a:1", "http://b:1"], vllm_mode="colocate")
 
 
-def test_a_server_that_drops_the_weights_fails_the_sync_check(maze_model, tmp_path, monkeypatch):
-    """Server mode's push (NCCL on a GPU) cannot run here for real: the stand-in server ignores what it is sent, and
-    the probe after the push must see that its weights are not the trainer's."""
+@pytest.mark.parametrize("fault", ["drop", "garble"])
+def test_a_server_that_drops_or_garbles_the_weights_fails_the_sync_check(maze_model, tmp_path, monkeypatch, fault):
+    """Server mode's push (NCCL on a GPU) cannot run here for real: the stand-in server ignores what it is sent
+    (drop) or loads it scaled tenfold (garble), and the probe after the push must see that its weights are not the
+    trainer's: a dropped update at step 1 (step 0 pushes the weights the server loaded), a garbled one at once."""
     from vllm_standin import FakeVLLMClient
 
     from epo_trl.trainers.vllm_sync import StaleEngineError
 
-    monkeypatch.setattr(FakeVLLMClient, "update_named_params", lambda self, metadata, params: [p for p in params])
+    load = FakeVLLMClient.update_named_params
+    if fault == "drop":
+        monkeypatch.setattr(FakeVLLMClient, "update_named_params", lambda self, metadata, params: [p for p in params])
+    else:
+        monkeypatch.setattr(FakeVLLMClient, "update_named_params",
+                            lambda self, metadata, params: load(self, metadata, ((n, t * 10) for n, t in params)))  # fmt: skip
     factory = MazeFactory(size=2, task="reach")
     rollout = StepRollout(factory, RolloutConfig(max_turns=2, max_turn_tokens=4, require_tags=False))
     args = tiny_args(EPOConfig, tmp_path, use_vllm=True, vllm_mode="server", learning_rate=0.2, max_steps=3)
+    failure = {
+        "drop": "weight sync at step 1: .* the gap right after the first push",
+        "garble": "weight sync at step 0: .* above 0.2 at the first push",
+    }
     with vllm_standin(model_path=maze_model):
         trainer = EPOTrainer(maze_model, [episode_return_reward], args=args, train_dataset=task_dataset(factory),
                              rollout_func=rollout)  # fmt: skip
-        with pytest.raises(StaleEngineError, match="weight sync at step [12]"):
+        with pytest.raises(StaleEngineError, match=failure[fault]):
             trainer.train()
         rollout.close()
+    check = trainer.vllm_sync_check
+    if fault == "drop":
+        assert check.diffs[0] < 1e-5 and check.ratios[0] < 0.01  # a float64 engine against the fp32 trainer
+        # measured: a gap of 0.51 nats after one step at lr 0.2, all of the trainer's move, so the ratio is
+        # 1 / MOVE_SHARE = 100 (the reference floored at 1% of the move)
+        assert check.diffs[1] > 0.3 and check.ratios[1] == pytest.approx(100, rel=0.05), check.ratios
+    else:
+        assert len(check.diffs) == 1 and check.diffs[0] > 5  # measured 19.3 nats: another, far sharper model
 
 
-def test_the_default_sync_tolerance_follows_the_trainers_precision(tmp_path):
+def test_one_default_sync_tolerance_for_every_precision(tmp_path):
     from epo_trl.trainers.epo import EPOConfig
-    from epo_trl.trainers.vllm_sync import sync_tolerance
+    from epo_trl.trainers.vllm_sync import gap_ratio, sync_tolerance
 
     base = {"output_dir": str(tmp_path), "use_cpu": True, "report_to": "none"}
-    assert sync_tolerance(EPOConfig(**base, bf16=False)) == 0.1
-    assert sync_tolerance(EPOConfig(**base, bf16=True)) == 0.25  # bf16 rounding alone reads ~0.1 on the probe
-    assert sync_tolerance(EPOConfig(**base, bf16=True, vllm_sync_tolerance=0.05)) == 0.05
+    # the statistic is relative to the gap right after the first push, which holds each precision's own kernel noise
+    assert sync_tolerance(EPOConfig(**base, bf16=False)) == sync_tolerance(EPOConfig(**base, bf16=True)) == 3.3
+    assert sync_tolerance(EPOConfig(**base, bf16=True, vllm_sync_tolerance=5.0)) == 5.0
+    assert gap_ratio(0.0387, 0.0366) == pytest.approx(1.057, abs=1e-3)  # SmolLM2 bf16, a correct push
+    assert gap_ratio(0.378, 0.0366) == pytest.approx(10.33, abs=1e-2)  # the same, one step behind (no-op push)
+    assert gap_ratio(1e-7, 1e-7) == pytest.approx(1e-4)  # fp32: gaps below GAP_FLOOR (1e-3 nats) count as it

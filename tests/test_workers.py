@@ -8,22 +8,16 @@ import subprocess
 import sys
 
 import pytest
-from envs_for_tests import WORDS, ScriptedFactory, admissible_picker, task
+from envs_for_tests import ScriptedFactory, admissible_picker, always_go, maze_tokenizer, task
 
 from epo_trl.envs.maze import MazeFactory
 from epo_trl.envs.pool import EnvPool, ProcessEnvPool, ThreadEnvPool, create_pool, resolve_kind, worker_main
-from epo_trl.models.tiny import build_tokenizer
-from epo_trl.rollout import CallableBackend, RolloutConfig, RolloutEngine, run_episodes
+from epo_trl.rollout import RolloutConfig, RolloutEngine, run_episodes
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tokenizer([*WORDS, *MazeFactory().vocabulary()])
-
-
-def always_go(tokenizer):
-    ids = tokenizer("<action> go </action>", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return CallableBackend(lambda prompts, n, t: [ids for _ in prompts])
+    return maze_tokenizer()
 
 
 def test_auto_picks_the_factory_preference():

@@ -51,6 +51,7 @@ class CompletionOutput:
 class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 class SamplingParams:
@@ -58,7 +59,7 @@ class SamplingParams:
 
     FIELDS = dict(
         n=1, repetition_penalty=1.0, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, max_tokens=16, logprobs=None,
-        min_tokens=0, ignore_eos=False,
+        min_tokens=0, ignore_eos=False, prompt_logprobs=None,
     )  # fmt: skip
 
     def __init__(self, **kwargs):
@@ -77,7 +78,7 @@ class Engine:
     seed: int = 0
     events: list[tuple] = field(default_factory=list)
     synced: list[dict[str, float]] = field(default_factory=list)  # one {name: checksum} per completed push
-    temperatures: list[float] = field(default_factory=list)  # the sampling temperature of every generate
+    temperatures: list[float] = field(default_factory=list)  # the sampling temperature of every sampling generate
 
     def __post_init__(self):
         self.model = self.tokenizer = None
@@ -155,8 +156,25 @@ class Engine:
 
     def generate_many(self, prompts: list[list[int]], params: SamplingParams) -> list[RequestOutput]:
         self.events.append(("generate", len(prompts)))
-        self.temperatures.append(params.temperature)
-        return [RequestOutput(list(p), [self.complete(p, params) for _ in range(params.n)]) for p in prompts]
+        if params.prompt_logprobs is None:  # a scoring request (the sync check's probe) samples nothing trained on
+            self.temperatures.append(params.temperature)
+        return [
+            RequestOutput(
+                list(p), [self.complete(p, params) for _ in range(params.n)], self._prompt_logprobs(p, params)
+            )
+            for p in prompts
+        ]
+
+    def _prompt_logprobs(self, prompt_ids: list[int], params: SamplingParams):
+        """vLLM's `prompt_logprobs`: None for the first token, then each token's log-prob given its prefix, from the
+        raw logits (no temperature, as vLLM computes them)."""
+        if params.prompt_logprobs is None:
+            return None
+        if self.model is None:
+            raise RuntimeError("a scripted stand-in engine has no weights to score a prompt with")
+        with torch.no_grad():
+            logps = torch.log_softmax(self.model(torch.tensor([prompt_ids])).logits[0, :-1].double(), dim=-1)
+        return [None] + [{t: Logprob(float(logps[i, t]), 1)} for i, t in enumerate(prompt_ids[1:])]
 
 
 # --- vllm.LLM (colocate) and trl's VLLMClient (server) ----------------------------------------------------------
@@ -230,6 +248,11 @@ class FakeVLLMClient:
             "logprobs": logprobs_out,
             "logprob_token_ids": token_ids,
         }
+
+    def prompt_logprobs(self, ids: list[int]) -> list[float]:
+        """`ServerClient.prompt_logprobs`: the server's log-probs of ids[1:] (its completions endpoint)."""
+        (out,) = self.engine.generate_many([ids], SamplingParams(max_tokens=1, prompt_logprobs=0))
+        return [lp[token].logprob for token, lp in zip(ids[1:], out.prompt_logprobs[1:])]
 
     def update_named_params(self, metadata, params) -> None:
         assert self.communicator_ready, "weights sent before init_communicator"

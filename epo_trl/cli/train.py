@@ -612,6 +612,21 @@ def write_outputs(trainer, script: ScriptArguments, train_metrics: dict) -> list
     return [path, *plots]
 
 
+def rank_line(trainer) -> str:
+    """The line each rank of a multi-process run ends with: which rank, on which host, at which step, and a digest
+    of the method's state that every rank must hold identically (EPO's entropy history, AEPO's sampled entropy):
+    on a cluster, equal digests show that the ranks stayed in lockstep."""
+    import socket
+
+    from ..trainers.checkpoints import state_digest
+
+    args = trainer.args
+    return (
+        f"rank {args.process_index} of {args.world_size} on {socket.gethostname()}: step {trainer.state.global_step}, "
+        f"trainer state {state_digest(trainer.state_for_checkpoint())}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     from .runlock import release_all
 
@@ -692,6 +707,8 @@ def _main(argv: list[str] | None) -> int:
         if main_process:
             _say(stop.describe(trainer, inside_step=False), sys.stderr)
         return stop.exit_code()
+    if args.world_size > 1:
+        _say(rank_line(trainer))
     if trainer.is_world_process_zero():
         from .lifecycle import disk_full_is_usage_error, phase
 

@@ -51,6 +51,14 @@ def atomic_write_json(path: str, obj) -> None:
     atomic_write_text(path, json.dumps(obj))
 
 
+def state_digest(state: dict) -> str:
+    """A short digest of a trainer's checkpoint state (`state_for_checkpoint()`, or its `epo_state.json` read back):
+    every rank of a run must hold the same state, so equal digests show they do (`epo-trl train`'s rank lines)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def read_json(path: str, what: str) -> dict:
     """A JSON object from `path`, or a `CheckpointError` naming the file (missing, empty, truncated, not JSON)."""
     if not os.path.isfile(path):

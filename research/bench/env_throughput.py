@@ -62,21 +62,22 @@ class _LockedFactory:
         return _Locked(self.inner.make())
 
 
-def _pool_steps_per_s(pool, tasks, total_steps: int, choose, warmup: int) -> tuple[float, int]:
-    """Step `ENVS` episodes in lockstep turns through `pool` until `total_steps`; return (steps/s, steps)."""
-    handles = [pool.acquire() for _ in range(ENVS)]
-    rngs = [random.Random(i) for i in range(ENVS)]
-    admissible: list = [None] * ENVS
+def lockstep_turns(pool, tasks, envs: int, total_steps: int, choose, warmup: int) -> list[float]:
+    """Step `envs` episodes in lockstep turns through `pool` until `total_steps`; the seconds of each timed turn's
+    batched act. `choose(rng, admissible, k)` picks episode i's action on turn k (warm-up turns count down from -1)."""
+    handles = [pool.acquire() for _ in range(envs)]
+    rngs = [random.Random(i) for i in range(envs)]
+    admissible: list = [None] * envs
 
     def restart(ids):
         for i, (ok, value) in zip(ids, pool.reset([(handles[i], tasks[i % len(tasks)]) for i in ids])):
             if not ok:
                 raise RuntimeError(f"env reset failed: {value}")
-            admissible[i] = value["admissible"]
+            admissible[i] = value.get("admissible")
 
     def turn(k: int) -> float:
         """Seconds of one batched step of every episode (a finished game then restarts, untimed)."""
-        items = [(handles[i], choose(rngs[i], admissible[i], i + k)) for i in range(ENVS)]
+        items = [(handles[i], choose(rngs[i], admissible[i], i + k)) for i in range(envs)]
         t0 = time.perf_counter()
         results = pool.act(items)
         elapsed = time.perf_counter() - t0
@@ -91,15 +92,17 @@ def _pool_steps_per_s(pool, tasks, total_steps: int, choose, warmup: int) -> tup
             restart(finished)
         return elapsed
 
-    restart(range(ENVS))
+    restart(range(envs))
     for k in range(warmup):
         turn(-k - 1)
-    steps, k, seconds = 0, 0, 0.0
-    while steps < total_steps:
-        seconds += turn(k)
-        steps += ENVS
-        k += 1
-    return steps / seconds, steps
+    return [turn(k) for k in range(max(1, -(-total_steps // envs)))]
+
+
+def _pool_steps_per_s(pool, tasks, total_steps: int, choose, warmup: int) -> tuple[float, int]:
+    """Step `ENVS` episodes in lockstep turns through `pool` until `total_steps`; return (steps/s, steps)."""
+    times = lockstep_turns(pool, tasks, ENVS, total_steps, choose, warmup)
+    steps = len(times) * ENVS
+    return steps / sum(times), steps
 
 
 def _sweep(factory, locked_threads: bool, tasks, total_steps: int, workers, choose, warmup: int) -> dict:

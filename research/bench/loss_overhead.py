@@ -105,7 +105,10 @@ def _batch(vocab: int, rows: int = 8, prompt: int = 64, completion: int = 256, t
 
 def _step(trainer, inputs) -> None:
     trainer.model.zero_grad(set_to_none=True)
-    loss = trainer.compute_loss(trainer.model, inputs)
+    # bf16 (`--device cuda`) as training computes it: a training step gets accelerate's autocast from the prepared
+    # model's forward, but this loop calls compute_loss on the bare model. In fp32 it is a no-op.
+    with trainer.accelerator.autocast():
+        loss = trainer.compute_loss(trainer.model, inputs)
     loss.backward()
 
 

@@ -11,7 +11,6 @@ turn of 8 episodes.
 from __future__ import annotations
 
 import os
-import random
 import socket
 import statistics
 import subprocess
@@ -20,6 +19,7 @@ import time
 import urllib.request
 
 from .common import md_table
+from .env_throughput import lockstep_turns
 
 MAZE = {"size": 3, "task": "trail"}
 BATCHES = (1, 8)
@@ -55,39 +55,14 @@ def _up(url: str, proc: subprocess.Popen, limit_s: float = 120.0) -> None:
 
 
 def _measure(pool, tasks, batch: int, total_steps: int) -> dict:
-    """Step `batch` episodes in lockstep turns; per-turn seconds of the batched act."""
-    handles = [pool.acquire() for _ in range(batch)]
-    rngs = [random.Random(i) for i in range(batch)]
-    admissible: list = [None] * batch
-
-    def restart(ids):
-        for i, (ok, value) in zip(ids, pool.reset([(handles[i], tasks[i % len(tasks)]) for i in ids])):
-            if not ok:
-                raise RuntimeError(f"env reset failed: {value}")
-            admissible[i] = value["admissible"]
-
-    def turn() -> float:
-        items = [(handles[i], rngs[i].choice(admissible[i] or ["look"])) for i in range(batch)]
-        t0 = time.perf_counter()
-        results = pool.act(items)
-        elapsed = time.perf_counter() - t0
-        finished = []
-        for i, (ok, value) in enumerate(results):
-            if not ok:
-                raise RuntimeError(f"env step failed: {value}")
-            admissible[i] = value["admissible"]
-            if value["terminated"] or value["truncated"]:
-                finished.append(i)
-        if finished:
-            restart(finished)
-        return elapsed
-
-    restart(range(batch))
-    for _ in range(WARMUP_TURNS):
-        turn()
-    times = [turn() for _ in range(max(1, total_steps // batch))]
+    """Step `batch` episodes in lockstep turns, a random admissible action each; per-turn seconds of the batched act."""
+    times = lockstep_turns(pool, tasks, batch, total_steps, _random_action, WARMUP_TURNS)
     steps = len(times) * batch
     return {"steps": steps, "steps_per_s": steps / sum(times), "turn_ms_median": 1000 * statistics.median(times)}
+
+
+def _random_action(rng, admissible, _turn) -> str:
+    return rng.choice(admissible or ["look"])
 
 
 def run(quick: bool = False, smoke: bool = False) -> dict:

@@ -1,8 +1,7 @@
-"""Does the weight-sync probe separate a stale engine from numerical noise? (colocate and server, real CPU vLLM)
+"""Does the weight-sync check separate a stale engine from numerical noise? (colocate and server, real CPU vLLM)
 
-For each model the trainer's weights move by ONE optimizer step (AdamW at the model's recipe learning rate, on a
-maze prompt, not on the probe), then the engine is brought to one of these states and probed as `SyncCheck` probes it
-(PROBE_TOKENS sampled after the probe text at temperature 1, scored by the trainer):
+For each model the trainer's weights (fp32 master weights) move by 1, 3 or 10 optimizer steps (AdamW at the model's
+recipe learning rate, on a maze prompt, not on the probe), then the engine is brought to one of these states:
 
 - correct: the new weights pushed in full (colocate: `push_cpu_colocate`; server: the gloo transfer of
   `epo-trl vllm-serve`);
@@ -11,9 +10,15 @@ maze prompt, not on the probe), then the engine is brought to one of these state
   the same reload inside its engine (`GlooWeightTransferEngine.finish_weight_update`), so it is not repeated there;
 - one layer skipped: every tensor pushed except those of the middle decoder layer.
 
-Each state is probed `SAMPLES` times (different sampled completions); **separation** = the smallest gap of a stale
-state / the largest gap after a correct push. One step is the hardest case: the gap of a stale engine grows with
-every step it misses.
+Each state is checked as `SyncCheck` checks it: the engine's log-probs of `PROBE_TEXT` (teacher-forced, vLLM's
+`prompt_logprobs`) against the trainer's in the engine's precision; the statistic is their mean gap over the gap
+right after a full push of the old weights (the run's first push), `gap_ratio`. **separation** = the smallest ratio
+of a stale state / the ratio after the correct push. The **stale effect** is how far the stale engine's own log-probs
+are from the correct engine's (mean |Δ|, nats): the size of what any log-prob probe can see of that staleness.
+
+The previous check (8 tokens sampled after a short text at temperature 1, mean |engine - trainer| over
+them, against an absolute tolerance) is measured next to it (`old_*`, six samples per state): its separation is the
+smallest stale gap / the largest correct gap.
 """
 
 from __future__ import annotations
@@ -23,17 +28,20 @@ import sys
 import tempfile
 import time
 
-SAMPLES = 6
+SAMPLES = 6  # sampled completions per state for the previous check
 STEPS = (1, 3, 10)  # optimizer steps the trainer is ahead of a stale engine
 MODELS = {  # name -> recipe learning rate (recipes/cpu/maze_epo_vllm.yaml, recipes/cpu/demo_llm.yaml)
     "tiny": 5.0e-4,
     "SmolLM2-135M-Instruct": 2.0e-5,
 }
 TRAIN_TEXT = "You are in a maze. You see a key to the east and a door to the north. Your action: go east"
+OLD_PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Go north, then open the door."  # the previous check's
+OLD_PROBE_TOKENS = 8
+STALE = ("no-op push", "tied head not re-packed", "one layer skipped")
 
 
-def _gaps(model, probe: list[int], samples: list[tuple[list[int], list[float]]]) -> list[float]:
-    """Mean |engine - trainer| log-prob of each sampled completion (SyncCheck's statistic)."""
+def _old_gaps(model, probe: list[int], samples: list[tuple[list[int], list[float]]]) -> list[float]:
+    """The previous check's statistic: mean |engine - trainer| log-prob of each sampled completion (fp32 trainer)."""
     import torch
 
     out = []
@@ -43,6 +51,21 @@ def _gaps(model, probe: list[int], samples: list[tuple[list[int], list[float]]])
             mine = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids).view(-1, 1)).squeeze(1)
             out.append((mine - torch.tensor(theirs)).abs().mean().item())
     return out
+
+
+def _stats(e, t, e0, t0) -> dict[str, float]:
+    """One engine state `e` against the trainer `t`, with both sides' scores (e0, t0) right after the full push of the
+    old weights: the check's `ratio` and, for the record, the gap and two relative statistics that were tried."""
+    from epo_trl.trainers.vllm_sync import gap_ratio
+
+    de, dt = e - e0, t - t0
+    gap = (e - t).abs().mean().item()
+    return {
+        "gap": gap,  # mean |engine - trainer|, nats
+        "ratio": gap_ratio(gap, (e0 - t0).abs().mean().item()),  # SyncCheck's statistic
+        "share": ((de - dt).abs().mean() / dt.abs().mean()).item(),  # share of the trainer's move the engine missed
+        "alpha": ((de * dt).sum() / (dt * dt).sum()).item(),  # the engine's move projected on the trainer's
+    }
 
 
 def free_port() -> int:
@@ -80,6 +103,13 @@ class _Colocate:
                                 ignore_eos=True, seed=0)  # fmt: skip
         outs = self.llm.generate([{"prompt_token_ids": probe}], params, use_tqdm=False)[0].outputs
         return [(list(o.token_ids), [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)]) for o in outs]
+
+    def score(self, ids: list[int]):
+        from vllm import SamplingParams
+
+        from epo_trl.trainers.vllm_sync import colocate_forced_logps
+
+        return colocate_forced_logps(self.llm, ids, SamplingParams)
 
     def close(self) -> None:
         self.llm = self.runner = None
@@ -124,6 +154,11 @@ class _Server:
                                    generation_kwargs={"ignore_eos": True, "min_tokens": tokens})  # fmt: skip
         return [(ids, [c[0] for c in lps]) for ids, lps in zip(out["completion_ids"], out["logprobs"])]
 
+    def score(self, ids: list[int]):
+        from epo_trl.trainers.vllm_sync import server_forced_logps
+
+        return server_forced_logps(self.client, ids)[0]
+
     def close(self) -> None:
         self.client.close_communicator()
         self.proc.terminate()
@@ -139,12 +174,22 @@ def _measure(name: str, path: str, engine_dtype: str, lr: float, mode: str, samp
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from epo_trl.trainers.vllm_sync import PROBE_TOKENS, probe_ids
+    from epo_trl.trainers.vllm_sync import probe_ids, trainer_probe_logps
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # the trainer's fp32 master weights
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    probe = probe_ids(tokenizer)
+    old_probe = tokenizer(OLD_PROBE_TEXT, add_special_tokens=False)["input_ids"][:32]
+    probe = torch.tensor([probe_ids(tokenizer)])
+    # "check": scored as SyncCheck scores (in the engine's precision); "fp32 scoring": a bf16 engine against the
+    # trainer's fp32 forward, for the record (the gap then drifts as the weights move: why the check does not)
+    dtype = getattr(torch, engine_dtype)
+    variants = {"check": dtype, **({"fp32 scoring": None} if dtype != torch.float32 else {})}
+
+    def trainer_scores():
+        return {v: trainer_probe_logps(model, probe, d) for v, d in variants.items()}
+
+    trainer_before = trainer_scores()
     t0 = time.perf_counter()
     engine = _Colocate(path, engine_dtype) if mode == "colocate" else _Server(path, engine_dtype, log)
     start_s = time.perf_counter() - t0
@@ -159,6 +204,8 @@ def _measure(name: str, path: str, engine_dtype: str, lr: float, mode: str, samp
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     ids = torch.tensor([tokenizer(TRAIN_TEXT, add_special_tokens=False)["input_ids"]])
     try:
+        engine.push(list(before.items()))  # the run's first push: a full reload of what the engine holds
+        engine_before = engine.score(probe[0].tolist())
         for k in steps:
             while done < k:  # the trainer moves on; a stale engine misses every one of these steps
                 model(ids, labels=ids).loss.backward()
@@ -166,21 +213,30 @@ def _measure(name: str, path: str, engine_dtype: str, lr: float, mode: str, samp
                 optimizer.zero_grad(set_to_none=True)
                 done += 1
             after = {n: p.detach().clone() for n, p in model.named_parameters()}
-            gaps: dict[str, list[float] | str] = {}
+            trainer_after = trainer_scores()
+            old: dict[str, list[float] | str] = {}
+            stats: dict[str, dict] = {v: {} for v in variants}
+            scores = {}
             for case, how in cases.items():
                 if how == "n/a":
-                    gaps[case] = "n/a"
+                    old[case] = "n/a"
                     continue
                 engine.push(list(before.items()))  # the engine at the old weights
                 if how is not None:
                     engine.push(list(after.items()), **how)
-                gaps[case] = _gaps(model, probe, engine.sample(probe, samples, PROBE_TOKENS))
-            correct = max(gaps["correct"])
-            stale = [min(v) for c, v in gaps.items() if c != "correct" and isinstance(v, list)]
+                old[case] = _old_gaps(model, old_probe, engine.sample(old_probe, samples, OLD_PROBE_TOKENS))
+                scores[case] = engine.score(probe[0].tolist())
+                for v in variants:
+                    stats[v][case] = _stats(scores[case], trainer_after[v], engine_before, trainer_before[v])
+            effect = {case: (scores[case] - scores["correct"]).abs().mean().item() for case in scores}
+            old_stale = [min(old[c]) for c in STALE if isinstance(old[c], list)]
             rows.append({
                 "model": name, "mode": mode, "dtype": engine_dtype, "lr": lr, "steps": k, "start_s": start_s,
-                "skipped_layer": skip.rstrip("."), "gaps": gaps, "correct_max": correct,
-                "separation": min(stale) / correct if correct > 0 else float("inf"),
+                "skipped_layer": skip.rstrip("."), "probe_tokens": probe.shape[1] - 1,
+                "reference_gap": (engine_before - trainer_before["check"]).abs().mean().item(),
+                "move": (trainer_after["check"] - trainer_before["check"]).abs().mean().item(),
+                "stats": stats, "effect": effect,
+                "old_gaps": old, "old_separation": min(old_stale) / max(old["correct"]),
             })  # fmt: skip
     finally:
         engine.close()
@@ -194,45 +250,95 @@ def run(quick: bool = False, smoke: bool = False) -> dict:
 
     samples = 2 if smoke else SAMPLES
     rows = []
+    # bf16 where the CPU multiplies bf16 in hardware (what vLLM's "auto" gives a fp32 checkpoint there), else fp32
+    half = "bfloat16" if cpu_native_bf16() else "float32"
     with tempfile.TemporaryDirectory() as tmp, open(f"{tmp}/servers.log", "w") as log:
         tiny, _, _ = maze_model(tmp, hidden_size=64, head_dim=32)
-        models = [("tiny", tiny, "float32")]
+        models = [("tiny", tiny, "float32")] + ([] if smoke or half == "float32" else [("tiny", tiny, half)])
         if not smoke:
             try:
                 from epo_trl.models.smollm2 import build_smollm2
 
-                # bf16 where the CPU multiplies bf16 in hardware (what the recipe's engine gets there), else fp32
-                dtype = "bfloat16" if cpu_native_bf16() else "float32"
-                models.append(("SmolLM2-135M-Instruct", build_smollm2(), dtype))
+                models.append(("SmolLM2-135M-Instruct", build_smollm2(), half))
             except Exception as e:  # the wheel is an optional extra
                 rows.append({"model": "SmolLM2-135M-Instruct", "skipped": f"{type(e).__name__}: {e}"})
         for name, path, dtype in models:
             for mode in ("colocate", "server"):
-                print(f"[sync_separation] {name} {mode} ...", file=sys.stderr, flush=True)
+                print(f"[sync_separation] {name} {dtype} {mode} ...", file=sys.stderr, flush=True)
                 rows += _measure(name, path, dtype, MODELS[name], mode, samples, (1,) if smoke else STEPS, log)
     return {"samples": samples, "rows": rows}
 
 
+def _ratios(row: dict) -> dict[str, float]:
+    """The check's statistic per state, recomputed from the measured gaps with the current `gap_ratio`."""
+    from epo_trl.trainers.vllm_sync import gap_ratio
+
+    return {c: gap_ratio(st["gap"], row["reference_gap"], row["move"]) for c, st in row["stats"]["check"].items()}
+
+
+def _times(x: float) -> str:
+    return f"{x:,.0f}x" if x >= 100 else f"{x:.1f}x"
+
+
+def separation(row: dict) -> float:
+    """The smallest stale ratio over the correct push's."""
+    ratio = _ratios(row)
+    return min(ratio[c] for c in STALE if c in ratio) / ratio["correct"]
+
+
+def verdict(results: dict) -> str:
+    """One line per row for the report's verdicts: the separation, and the stale states the default tolerance passes."""
+    from epo_trl.trainers.vllm_sync import DEFAULT_SYNC_TOLERANCE
+
+    lines = []
+    for row in (r for r in results["rows"] if "skipped" not in r):
+        ratio, sep = _ratios(row), separation(row)
+        passed = [c for c in STALE if c in ratio and ratio[c] <= DEFAULT_SYNC_TOLERANCE]
+        lines.append(
+            f"- {row['model']} {row['dtype']} {row['mode']}, {row['steps']} step(s) behind: separation {_times(sep)} "
+            f"({'met' if sep >= 3 else 'NOT met'}, target >= 3x); "
+            + (f"passes the default tolerance: {', '.join(passed)}" if passed else "every stale state caught")
+        )
+    return "\n".join(lines)
+
+
 def to_markdown(results: dict) -> str:
+    """The table; the ratios are recomputed from the measured gaps with the current `gap_ratio` and tolerance."""
+    from epo_trl.trainers.vllm_sync import DEFAULT_SYNC_TOLERANCE
+
     from .common import md_table
 
-    header = ["model", "engine dtype", "mode", "steps behind", "correct push (max)", "no-op push (min)",
-              "tied head not re-packed (min)", "one layer skipped (min)", "separation (worst stale ÷ correct)"]  # fmt: skip
-    table = []
+    header = ["model", "engine dtype", "mode", "steps behind", "gap after the first push (nats)", "correct push",
+              *STALE, "separation", "previous check's separation"]  # fmt: skip
+    table, missed = [], []
     for row in results["rows"]:
         if "skipped" in row:
-            table.append([row["model"], "-", "-", "-", f"skipped: {row['skipped']}", "", "", "", ""])
+            table.append([row["model"], "-", "-", "-", f"skipped: {row['skipped']}", *[""] * (len(header) - 5)])
             continue
-        g = row["gaps"]
+        ratio = _ratios(row)
 
-        def cell(case, pick=min, g=g):
-            return g[case] if isinstance(g[case], str) else f"{pick(g[case]):.3g}"
+        def cell(case, row=row, ratio=ratio):
+            if case not in ratio:
+                return "n/a"
+            effect = f" (Δ {row['effect'][case]:.2g})" if case != "correct" else ""
+            return f"{ratio[case]:.3g}{effect}"
 
-        table.append([row["model"], row["dtype"], row["mode"], row["steps"], cell("correct", max), cell("no-op push"),
-                      cell("tied head not re-packed"), cell("one layer skipped"), f"{row['separation']:.1f}x"])  # fmt: skip
+        table.append([row["model"], row["dtype"], row["mode"], row["steps"], f"{row['reference_gap']:.2g}",
+                      cell("correct"), *[cell(c) for c in STALE], _times(separation(row)),
+                      _times(row["old_separation"])])  # fmt: skip
+        for case in (c for c in STALE if c in ratio and ratio[c] <= DEFAULT_SYNC_TOLERANCE):
+            missed.append(
+                f"{row['model']} {row['dtype']} {row['mode']}, {row['steps']} step(s) behind, {case}: "
+                f"{ratio[case]:.3g} (correct push {ratio['correct']:.3g}): the stale engine's log-probs differ from "
+                f"the correct engine's by {row['effect'][case]:.2g} nats"
+            )
+    notes = "\n".join(f"- {line}" for line in missed) or "- none"
     return md_table(header, table) + (
-        f"\n\nMean |Δ log p| (nats) of {results['samples']} probe samples per state, the trainer `steps behind` AdamW "
-        "steps ahead of the engine's old weights at the recipe learning rate (tiny 5e-4, SmolLM2 2e-5)."
+        "\n\nCells: `gap_ratio`, the probe's mean |engine - trainer| log-prob gap over the gap right after the first "
+        "(full) push, floored at `GAP_FLOOR` and at `MOVE_SHARE` of the trainer's move; in brackets the stale effect, mean |stale engine - correct "
+        "engine| log-prob (nats). The trainer is `steps behind` AdamW steps ahead of the engine's old weights at the "
+        f"recipe learning rate (tiny 5e-4, SmolLM2 2e-5). Stale states the default tolerance "
+        f"({DEFAULT_SYNC_TOLERANCE:g}) lets pass:\n\n" + notes
     )
 
 

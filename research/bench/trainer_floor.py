@@ -1,24 +1,27 @@
-"""Benchmark 7: the trainer's compute per optimizer step against its floor, with and without the old-logp pass.
+"""Benchmark 7: the trainer's compute per optimizer step against its floor: TRL's path, skipping the old-logp pass,
+and sharing prompt passes too.
 
 With vLLM's importance-sampling correction (TRL's default) TRL scores every row once more in a no-grad forward for
 the old log-probs; on an on-policy batch those are the training forward's detached ones, and the trainer skips the
-pass (`skip_on_policy_old_logps`, tests/test_old_logp_skip.py). This section counts, per optimizer step, the tokens
-each trainer pass runs through the model (old-logp forward, reference forward, policy forward, backward; padded
-positions included, as the model computes them) against the step's unique tokens, and times each pass: CPU
+pass (`skip_on_policy_old_logps`, tests/test_old_logp_skip.py). Rows of a forward chunk that share their prompt (a
+GRPO group in trajectory mode, turn-0 rows in step mode) can run it once (`share_prompt_forward`,
+tests/test_shared_prefix.py). This section counts, per optimizer step, the tokens each trainer pass runs through the
+model (old-logp forward, reference forward, policy forward, backward; padded positions included, as the model
+computes them; a shared prompt once) against the step's unique tokens, and times each pass: CPU
 seconds of the training thread (torch runs one thread here, and on CPU autograd runs the backward in the calling
 thread), which other load on a shared machine barely moves; wall seconds are in the raw records.
 
 One EPO trainer per model (the CPU vLLM recipe, `recipes/cpu/maze_epo_vllm.yaml`, on a `key` maze the models cannot
 finish, so every episode lasts `max_turns`), in a fresh process, with a real colocated CPU vLLM engine. Its optimizer
-steps go round-robin through four variants, so drift on a shared machine hits all alike: step / trajectory mode
-(the trainer's `rollout_func` swapped between two rollouts of the same env) x skip on / TRL's path (the config
-field flipped before the step). The first round (optimizer creation, warm-up) is not reported.
+steps go round-robin through six variants, so drift on a shared machine hits all alike: step / trajectory mode
+(the trainer's `rollout_func` swapped between two rollouts of the same env) x TRL's path / skip / skip + shared
+prompts (the config fields flipped before the step). The first round (optimizer creation, warm-up) is not reported.
 
 Unique tokens of a step: "rows" = the non-padding tokens of its training rows (one forward + backward over each
 row once: the floor of a trainer that runs every row on its own); "prefixes" = the distinct token prefixes of all
-rows (what a shared-prefix forward would run: a GRPO group's copies of a prompt, and step mode's turns of one
-episode, share their opening). **redundancy** = tokens processed by all passes ÷ minimum (forward + backward over
-the unique tokens; beta = 0 here, so no reference pass).
+rows (the floor of a forward that shares every common opening: a GRPO group's copies of a prompt, and step mode's
+turns of one episode). **redundancy** = tokens processed by all passes ÷ minimum (forward + backward over the unique
+tokens; beta = 0 here, so no reference pass).
 """
 
 from __future__ import annotations
@@ -39,12 +42,15 @@ SETTINGS = {
     "quick": {"tiny": (3, 3, 4), "smollm2": (2, 2, 2)},
     "smoke": {"tiny": (2, 2, 2)},
 }
-VARIANTS = (("step", True), ("step", False), ("trajectory", True), ("trajectory", False))
+# path -> (skip_on_policy_old_logps, share_prompt_forward)
+PATHS = {"trl": (False, False), "skip": (True, False), "shared": (True, True)}
+PATH_NAMES = {"trl": "TRL", "skip": "skip", "shared": "skip + shared"}
+VARIANTS = tuple((mode, path) for mode in ("step", "trajectory") for path in PATHS)
 PASSES = ("old_logp", "reference", "forward", "backward")
 
 
-def _label(mode: str, skip: bool) -> str:
-    return f"{mode}/{'skip' if skip else 'trl'}"
+def _label(mode: str, path: str) -> str:
+    return f"{mode}/{path}"
 
 
 def unique_prefix_tokens(rows: list[tuple[int, ...]]) -> int:
@@ -63,7 +69,7 @@ def unique_prefix_tokens(rows: list[tuple[int, ...]]) -> int:
 
 
 def child(model: str, rounds: int, turns: int, generations: int, output_dir: str) -> list[dict]:
-    """Train one model through the four variants; per optimizer step: variant, tokens and seconds per pass."""
+    """Train one model through the six variants; per optimizer step: variant, tokens and seconds per pass."""
     import torch
     from transformers import PrinterCallback, TrainerCallback
 
@@ -103,20 +109,21 @@ def child(model: str, rounds: int, turns: int, generations: int, output_dir: str
     forward = trainer._get_per_token_logps_and_entropies
 
     def timed_forward(model_, input_ids, attention_mask, *rest, **kwargs):
-        t0, c0 = time.perf_counter(), time.thread_time()
+        t0, c0, before = time.perf_counter(), time.thread_time(), trainer.forward_tokens
         out = forward(model_, input_ids, attention_mask, *rest, **kwargs)
         seconds, wall = time.thread_time() - c0, time.perf_counter() - t0
+        ran = trainer.forward_tokens - before  # positions the model ran: a shared prompt once
         if torch.is_grad_enabled() and kwargs.get("compute_entropy"):
             name = "forward"
             keep = attention_mask.bool()
             current["rows"] += [tuple(ids[m].tolist()) for ids, m in zip(input_ids, keep)]
             current["row_tokens"] += int(keep.sum())
-            current["pending_backward"] = input_ids.numel()
+            current["pending_backward"] = ran  # the backward runs back through the same positions
         elif torch.isnan(out[0]).all():  # the placeholder of the skipped old-logp pass: nothing ran
             return out
         else:
             name = "old_logp" if model_ is trainer.model else "reference"
-        current["tokens"][name] += input_ids.numel()
+        current["tokens"][name] += ran
         current["seconds"][name] += seconds
         current["wall"][name] += wall
         return out
@@ -147,11 +154,11 @@ def child(model: str, rounds: int, turns: int, generations: int, output_dir: str
 
     class Rounds(TrainerCallback):
         def on_step_begin(self, args_, state, control, **kwargs):
-            mode, skip = VARIANTS[state.global_step % len(VARIANTS)]
+            mode, path = VARIANTS[state.global_step % len(VARIANTS)]
             trainer.rollout_func = rollouts[mode]
-            trainer.args.skip_on_policy_old_logps = skip
+            trainer.args.skip_on_policy_old_logps, trainer.args.share_prompt_forward = PATHS[path]
             current.clear()
-            current.update(variant=_label(mode, skip), rows=[], row_tokens=0, step=state.global_step)
+            current.update(variant=_label(mode, path), rows=[], row_tokens=0, step=state.global_step)
             current["tokens"] = dict.fromkeys(PASSES, 0)
             current["seconds"] = dict.fromkeys((*PASSES, "optimizer"), 0.0)
             current["wall"] = dict.fromkeys((*PASSES, "optimizer"), 0.0)
@@ -188,8 +195,8 @@ def child(model: str, rounds: int, turns: int, generations: int, output_dir: str
 def _summary(records: list[dict]) -> dict:
     """Per variant: means over its steps of tokens and seconds per pass, the trainer's time and the redundancy."""
     out = {}
-    for mode, skip in VARIANTS:
-        kept = [r for r in records if r["variant"] == _label(mode, skip)]
+    for mode, path in VARIANTS:
+        kept = [r for r in records if r["variant"] == _label(mode, path)]
         if not kept:
             continue
 
@@ -198,7 +205,7 @@ def _summary(records: list[dict]) -> dict:
 
         row = {
             "mode": mode,
-            "skip": skip,
+            "path": path,
             "steps": len(kept),
             "rows": mean(lambda r: r["num_rows"]),
             "row_tokens": mean(lambda r: r["row_tokens"]),
@@ -215,11 +222,11 @@ def _summary(records: list[dict]) -> dict:
         row["trainer_s"] = sum(row["seconds"].values())
         # steps differ in their rows (each variant plays its own episodes): compare per unique row token
         row["trainer_ms_per_1k_tokens"] = 1e6 * mean(lambda r: sum(r["seconds"].values()) / r["row_tokens"])
-        out[_label(mode, skip)] = row
-    for mode in ("step", "trajectory"):
-        skip, trl = out.get(_label(mode, True)), out.get(_label(mode, False))
-        if skip and trl:
-            skip["trainer_time_change"] = skip["trainer_ms_per_1k_tokens"] / trl["trainer_ms_per_1k_tokens"] - 1
+        out[_label(mode, path)] = row
+    for mode, path in VARIANTS:
+        row, trl = out.get(_label(mode, path)), out.get(_label(mode, "trl"))
+        if row and trl and path != "trl":
+            row["trainer_time_change"] = row["trainer_ms_per_1k_tokens"] / trl["trainer_ms_per_1k_tokens"] - 1
     return out
 
 
@@ -268,7 +275,7 @@ def to_markdown(results: dict) -> str:
             t, s = r["tokens"], r["seconds"]
             change = r.get("trainer_time_change")
             table.append([
-                model, r["mode"], "skip" if r["skip"] else "TRL", f"{r['rows']:.0f}",
+                model, r["mode"], PATH_NAMES[r["path"]], f"{r['rows']:.0f}",
                 f"{r['row_tokens']:.0f} / {r['prefix_tokens']:.0f}",
                 f"{t['old_logp']:.0f} / {t['forward']:.0f} / {t['backward']:.0f}",
                 f"**{r['redundancy_rows']:.2f}**", f"{r['redundancy_prefixes']:.2f}", f"{s['old_logp']:.3f}",
@@ -279,16 +286,42 @@ def to_markdown(results: dict) -> str:
             ])  # fmt: skip
             if change is not None:
                 verdicts.append(
-                    f"- {model}, {r['mode']} mode: trainer time per token {100 * change:+.1f}% vs TRL's path "
-                    f"(target <= -15%: {'met' if change <= -0.15 else 'NOT met'}); redundancy "
+                    f"- {model}, {r['mode']} mode, {PATH_NAMES[r['path']]}: trainer time per token {100 * change:+.1f}% "
+                    f"vs TRL's path (target <= -15%: {'met' if change <= -0.15 else 'NOT met'}); redundancy "
                     f"{r['redundancy_rows']:.2f} per row, {r['redundancy_prefixes']:.2f} over shared prefixes"
                 )
+    for model, result in results["models"].items():
+        verdicts += _guidance(model, result)
     notes = [
         f"- {model}: {res['turns']} turns per episode, {res['episodes']} episodes (one GRPO group) per step; means over "
         f"{min(r['steps'] for r in res['summary'].values())} steps per variant after the first round."
         for model, res in results["models"].items()
     ]
     return "\n".join([*notes, "", md_table(header, table), "", *verdicts])
+
+
+def _guidance(model: str, result: dict) -> list[str]:
+    """Which mode costs the trainer what per episode turn on the default path, what sharing adds to the skip, and
+    trajectory mode's redundancy against its target."""
+    summary, turns = result["summary"], result["turns"] * result["episodes"]
+    step, traj = summary.get("step/shared"), summary.get("trajectory/shared")
+    if not (step and traj):
+        return []
+    per_turn = {mode: summary[f"{mode}/shared"]["trainer_s"] / turns for mode in ("step", "trajectory")}
+
+    def sharing(mode: str) -> str:
+        skip = summary.get(f"{mode}/skip")
+        change = summary[f"{mode}/shared"]["trainer_ms_per_1k_tokens"] / skip["trainer_ms_per_1k_tokens"] - 1
+        return f"{100 * change:+.1f}% in {mode} mode"
+
+    redundancy = traj["redundancy_prefixes"]
+    return [
+        f"- {model}, defaults (skip + shared): the trainer spends {per_turn['step']:.3f} s per episode turn in step "
+        f"mode, {per_turn['trajectory']:.3f} s in trajectory mode ({per_turn['step'] / per_turn['trajectory']:.1f}x); "
+        f"sharing prompts on top of the skip: {sharing('trajectory')}, {sharing('step')} (time per token); "
+        f"trajectory redundancy over shared prefixes {redundancy:.2f} (target <= 1.2: "
+        f"{'met' if redundancy <= 1.2 else 'NOT met'})"
+    ]
 
 
 if __name__ == "__main__":

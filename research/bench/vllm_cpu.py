@@ -7,8 +7,8 @@ Per model (the tiny maze model with vLLM-sized heads, and SmolLM2-135M-Instruct 
 - **vLLM ÷ HF**: the same trajectory rollout's tok/s on vLLM vs HF `generate` (`HFBackend`, re-prefilling every
   turn) and HF with KV reuse (`KVCacheHFBackend`, the trainer's default without vLLM);
 - **weight sync**: one push of the trainer's weights into the engine (`push_cpu_colocate`, vLLM's reload + the tied
-  LM head re-pack), and the probe check after it (`SyncCheck`'s work: an 8-token probe on the engine and one HF
-  forward), median over reps; plus the probe's |log-prob difference| after the weights were perturbed and pushed.
+  LM head re-pack), and the probe check after it (`SyncCheck`'s work: the fixed probe text scored by the engine and
+  one HF forward), median over reps; plus the probe's |log-prob difference| after the weights were perturbed and pushed.
 
 The engine is built in-process as TRL's colocate mode builds it (`external_launcher`), so its model runner is
 reachable for the push.
@@ -57,7 +57,7 @@ def _sync_cost(llm, model, tokenizer, reps: int) -> dict:
     import torch
     from vllm import SamplingParams
 
-    from epo_trl.trainers.vllm_sync import engine_probe, probe_ids, push_cpu_colocate
+    from epo_trl.trainers.vllm_sync import colocate_forced_logps, probe_ids, push_cpu_colocate, trainer_probe_logps
 
     def named_params():
         for name, param in model.named_parameters():
@@ -70,15 +70,14 @@ def _sync_cost(llm, model, tokenizer, reps: int) -> dict:
             p.add_(torch.randn_like(p) * 0.02)  # the engine must now follow weights it never loaded from disk
     pushes, probes, diffs = [], [], []
     probe = probe_ids(tokenizer)
+    dtype = llm.llm_engine.model_config.dtype
     for _ in range(reps):
         t0 = time.perf_counter()
         push_cpu_colocate(holder)
         pushes.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        ids, theirs = engine_probe(llm, probe, 1.0, SamplingParams)
-        with torch.no_grad():
-            logits = model(torch.tensor([probe + ids])).logits[0, len(probe) - 1 : -1].float()
-        mine = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids).view(-1, 1)).squeeze(1)
+        theirs = colocate_forced_logps(llm, probe, SamplingParams)
+        mine = trainer_probe_logps(model, torch.tensor([probe]), dtype)
         probes.append(time.perf_counter() - t0)
         diffs.append((mine - theirs).abs().mean().item())
     return {"push_s": statistics.median(pushes), "probe_s": statistics.median(probes), "probe_diff": max(diffs)}

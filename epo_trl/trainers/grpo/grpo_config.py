@@ -31,6 +31,15 @@ class MultiTurnGRPOConfig(GRPOConfig):
             Step mode: weight omega of GiGPO's anchor-state step advantage added to each turn's episode advantage
             (arXiv 2505.10978; the paper uses 1.0). `0` = plain GRPO.
 
+        > Forward passes
+
+        share_prompt_forward (`bool`, *optional*, defaults to `True`):
+            Within each forward chunk, rows with the same prompt (a GRPO group's rows in trajectory mode, turn-0 rows
+            in step mode) run it once: a pass over each distinct prompt keeps its keys/values, then one pass over
+            every row's completion reads them (exact: same log-probs, entropies and gradients, to float rounding).
+            Used for the policy, reference and old-logp passes; TRL's forward runs for multimodal rows, MoE aux
+            losses, models with sliding-window or recurrent layers, and under reentrant gradient checkpointing.
+
         > vLLM
 
         skip_on_policy_old_logps (`bool`, *optional*, defaults to `True`):
@@ -43,12 +52,14 @@ class MultiTurnGRPOConfig(GRPOConfig):
             Server mode with several `trl vllm-serve` servers: each generate call's prompts are split across them
             (data-parallel generation) and every weight sync reaches all of them.
         vllm_sync_check (`bool`, *optional*, defaults to `True`):
-            After every weight push, sample a short probe from the engine and compare its log-probs with the
-            trainer's; raise `StaleEngineError` above `vllm_sync_tolerance`.
+            After every weight push, score a fixed probe text with the engine and with the trainer (in the engine's
+            precision) and compare; raise `StaleEngineError` when their gap exceeds `vllm_sync_tolerance` times the
+            gap right after the first push.
         vllm_sync_tolerance (`float` or `None`, *optional*, defaults to `None`):
-            Largest accepted mean |log-prob difference| (nats) between vLLM and the trainer on the probe; `None` =
-            by the trainer's precision: 0.1 in fp32, 0.25 with `bf16` / `fp16` (half-precision rounding alone
-            reads ~0.1 on the probe; docs/scaling.md has the measured table).
+            Largest accepted ratio of the probe's mean |log-prob difference| (engine vs trainer) to the same gap
+            right after the first push (that reference floored at 1e-3 nats and at 1% of the trainer's move since
+            the previous push); `None` = 3.3 for every precision and model: measured, a correct push reads <= 1.1
+            and a stale engine >= 10 where it is visible at all (docs/scaling.md).
     """
 
     max_rows_per_backward: int | None = field(
@@ -74,6 +85,15 @@ class MultiTurnGRPOConfig(GRPOConfig):
             "gradients and sampling/* metrics, one forward less. False = TRL's path. Off-policy batches always run it."
         },
     )
+    share_prompt_forward: bool = field(
+        default=True,
+        metadata={
+            "help": "Rows of a forward chunk that share their prompt (a GRPO group in trajectory mode, turn-0 rows in "
+            "step mode) run it once: a prefix pass over each distinct prompt, then every row's completion over its "
+            "keys/values. Same log-probs, entropies and gradients. Falls back to TRL's forward for multimodal rows, "
+            "MoE aux losses, sliding-window or recurrent layers, and reentrant gradient checkpointing. False = TRL's forward."
+        },
+    )
     vllm_server_base_urls: list[str] | None = field(
         default=None,
         metadata={
@@ -85,16 +105,19 @@ class MultiTurnGRPOConfig(GRPOConfig):
     vllm_sync_check: bool = field(
         default=True,
         metadata={
-            "help": "After every weight push to vLLM, sample a short probe completion from the engine and compare its "
-            "log-probs with the trainer's; raise StaleEngineError above vllm_sync_tolerance (a sync that did not "
-            "take). Costs one 8-token generate and forward per step."
+            "help": "After every weight push to vLLM, score a fixed probe text (~100 tokens) with the engine and the "
+            "trainer and compare; raise StaleEngineError when the gap grows past vllm_sync_tolerance times the gap "
+            "right after the first push (a sync that did not take). Costs one engine prefill and one forward per "
+            "step."
         },
     )
     vllm_sync_tolerance: float | None = field(
         default=None,
         metadata={
-            "help": "Largest accepted mean |log-prob difference| (nats) between vLLM and the trainer on the probe "
-            "(> 0). Default: 0.1 in fp32, 0.25 with bf16/fp16, whose rounding alone reads ~0.1 (docs/scaling.md)."
+            "help": "Largest accepted ratio (> 0) of the probe's mean |log-prob difference| between vLLM and the "
+            "trainer to that gap right after the first push (floored at 1e-3 nats and at 0.01 times the trainer's "
+            "last move). Default: 3.3 for every precision; a correct push reads <= 1.1, a stale engine >= 10 where "
+            "visible (docs/scaling.md)."
         },
     )
 

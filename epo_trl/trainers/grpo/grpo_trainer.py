@@ -16,7 +16,7 @@ import os
 from contextlib import nullcontext
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, is_peft_model
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_context
@@ -34,7 +34,7 @@ from ..checkpoints import (
     run_algo,
 )
 from ..vllm_servers import attach_server_pool
-from . import resampling, step_batch
+from . import prefix_forward, resampling, step_batch
 from .grpo_config import MultiTurnGRPOConfig
 from .turn_math import masked_token_mean, per_turn_sums, turn_ids_from_mask
 
@@ -115,6 +115,7 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
         self._sampling_stats: step_batch.SamplingStats | None = None
         self._is_inputs: dict | None = None
         self._old_pass: str | None = None
+        self.forward_tokens = 0  # token positions `_get_per_token_logps_and_entropies` ran (the trainer_floor bench)
 
     # --- rows -----------------------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):
@@ -226,6 +227,12 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
         rows = batch["completion_ids"].size(0)
         if "turn_ids" not in batch or not limit or rows <= limit:
             return [(batch, None)]
+        if self.args.share_prompt_forward:
+            # Rows with one prompt (a group's turn-0 rows) in the same chunk share its pass; any split sums to the
+            # same gradient.
+            order = prefix_forward.grouping_order(batch["prompt_ids"], batch["prompt_mask"])
+            if order is not None:
+                batch = {k: v[order] if _is_row_tensor(v, rows) else v for k, v in batch.items()}
         mask = batch["completion_mask"] * batch.get("tool_mask", 1)
         tokens = mask.sum(1).double()
         by_rows = self._loss_normalised_by_rows()
@@ -235,10 +242,7 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
             token_weight = (tokens[part].sum() / tokens.sum().clamp(min=1.0)).item()
             row_weight = (min(start + limit, rows) - start) / rows
             policy_weight = row_weight if by_rows else token_weight
-            chunk = {
-                k: v[part] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.size(0) == rows else v
-                for k, v in batch.items()
-            }
+            chunk = {k: v[part] if _is_row_tensor(v, rows) else v for k, v in batch.items()}
             if "num_items_in_batch" in chunk:  # token-sum losses: keep sum / N exact after the weight
                 chunk["num_items_in_batch"] = batch["num_items_in_batch"] * max(token_weight, 1e-12)
             chunks.append((chunk, (policy_weight, token_weight)))
@@ -257,15 +261,70 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
         if self._old_pass == "armed" and model is self.model and not torch.is_grad_enabled():
             self._old_pass = "skipped"  # TRL's old-logp pass of on-policy rows (see _generate_and_score_completions)
             return torch.full((input_ids.size(0), logits_to_keep), math.nan, device=input_ids.device), None, None
-        logps, entropies, aux = super()._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
-        )
+        logps, entropies, aux = self._forward_rows(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
         if kwargs.get("compute_entropy"):
             # The training forward's log-probs and entropies are differentiable and free: methods reuse them.
             self._last_forward = (logps, entropies)
             if self._is_inputs is not None:
                 self._importance_sampling_from(logps.detach(), self._is_inputs)
         return logps, entropies, aux
+
+    def _forward_rows(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        """TRL's forward, or with `share_prompt_forward` the same numbers from one pass over each prompt that rows of
+        a chunk share (prefix_forward.py); counts the token positions run in `forward_tokens`."""
+        plain = super()._get_per_token_logps_and_entropies
+        backbone = self._shared_prefix_backbone(model, args, kwargs)
+        if backbone is None:
+            self.forward_tokens += input_ids.numel()
+            return plain(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        compute_entropy = bool(kwargs.get("compute_entropy"))
+
+        def plain_chunk(ids, mask):  # a chunk whose rows share no prompt: TRL's forward of it
+            return plain(model, ids, mask, logits_to_keep, compute_entropy=compute_entropy)[:2]
+
+        with self.accelerator.autocast():
+            batch_size = args[0] if args else kwargs.get("batch_size")  # TRL's fifth parameter
+            agree = self._same_passes_on_every_rank if self._sharded_parameters() else None
+            logps, entropies, tokens = prefix_forward.per_token_logps(
+                model, backbone, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, plain_chunk,
+                agree,
+            )  # fmt: skip
+        self.forward_tokens += tokens
+        return logps, entropies, None
+
+    def _sharded_parameters(self) -> bool:
+        """DeepSpeed ZeRO-3 and FSDP gather a module's parameters in a collective call every time it runs: every rank
+        must then run the same passes, while whether a chunk's rows share a prompt differs from rank to rank."""
+        kind = self.accelerator.distributed_type
+        if kind == DistributedType.FSDP:
+            return True
+        return kind == DistributedType.DEEPSPEED and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+
+    def _same_passes_on_every_rank(self, ids, logits_to_keep, groups):
+        """The chunk's groups when every rank runs the two passes, else None (TRL's forward on every rank). The passes
+        run when every rank's prompts have the >= 2 tokens they need and some rank's rows share one; a rank whose rows
+        share none runs them over its own rows (`own_rows`: exact, the same positions as TRL's forward)."""
+        counts = torch.tensor([int(ids.size(1) - logits_to_keep < 2), int(groups is not None)], device=ids.device)
+        cannot_somewhere, shares_somewhere = self.accelerator.reduce(counts, reduction="sum").tolist()
+        if cannot_somewhere or not shares_somewhere:
+            return None
+        return groups if groups is not None else prefix_forward.own_rows(ids)
+
+    def _shared_prefix_backbone(self, model, args, kwargs):
+        """The transformers base model under `model` when its rows may share prompt passes, else None: sharing on,
+        text rows without TRL's MoE aux loss, and a model it is exact for (`prefix_forward.unsupported`)."""
+        if not self.args.share_prompt_forward or len(args) > 1 or kwargs.get("compute_aux_loss"):
+            return None
+        if any(kwargs.get(name) is not None for name in prefix_forward.MULTIMODAL_INPUTS):
+            return None
+        inner = self.accelerator.unwrap_model(model)
+        if is_peft_model(inner):
+            inner = inner.get_base_model()  # the model TRL patched with its fused LM head
+        checkpointing = self.args.gradient_checkpointing_kwargs  # torch's checkpoint is reentrant unless told not
+        reentrant = checkpointing is not None and checkpointing.get("use_reentrant", True) is not False
+        if prefix_forward.unsupported(inner, reentrant) is not None:
+            return None
+        return inner.base_model
 
     def _importance_sampling_from(self, logps: torch.Tensor, inputs: dict) -> None:
         """vLLM's IS ratios of an on-policy micro-batch (or row chunk) from the training forward's detached log-probs,
@@ -472,6 +531,10 @@ class MultiTurnGRPOTrainer(GRPOTrainer):
 def float_or_none(x) -> float | None:
     """A saved float; None for none or NaN (json writes a missing measurement as NaN)."""
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def _is_row_tensor(value, rows: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == rows
 
 
 def _pad(x: torch.Tensor, n: int) -> torch.Tensor:
