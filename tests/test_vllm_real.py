@@ -39,6 +39,7 @@ from epo_trl.rollout.prompts import PromptBuilder  # noqa: E402
 from epo_trl.trainers import vllm_sync
 from epo_trl.trainers.aepo.aepo_config import AEPOConfig  # noqa: E402
 from epo_trl.trainers.aepo.aepo_trainer import AEPOTrainer
+from epo_trl.trainers.weight_fingerprint import FINGERPRINT_TOL  # noqa: E402
 
 pytestmark = pytest.mark.slow
 _ENGINES: list = []  # trainers whose engine the next teardown frees
@@ -131,6 +132,9 @@ def assert_engine_matches_trainer(trainer):
     assert len(trainer.vllm_sync_check.diffs) == STEPS
     check = trainer.vllm_sync_check
     assert max(check.diffs) <= GAP_TOL and max(check.ratios) <= RATIO_TOL, (check.diffs, check.ratios)
+    # the engine's weights, layer by layer through its own kernels (the tied head's packed copy too), are the trainer's
+    assert {"lm_head", "model.embed_tokens", "model.layers.0"} <= check.fingerprint_groups
+    assert len(check.mismatches) == STEPS and max(check.mismatches) <= FINGERPRINT_TOL, check.mismatches
     for row in logs:
         assert abs(row["sampling/importance_sampling_ratio/mean"] - 1.0) <= IS_TOL, row
         assert row["sampling/importance_sampling_ratio/min"] >= 1.0 - 5 * IS_TOL, row
@@ -167,8 +171,10 @@ def test_a_push_that_does_not_take_fails_loudly(model_path, tmp_path, monkeypatc
         train(model_path, tmp_path, learning_rate=0.2)
 
 
-def test_stale_tied_lm_head_is_caught(tmp_path, tmp_path_factory, monkeypatch):
-    """The CPU-vLLM defect itself: reload without re-packing the tied head. The check must see it."""
+@pytest.mark.parametrize("learning_rate", [0.2, 1e-6])
+def test_stale_tied_lm_head_is_caught(tmp_path, tmp_path_factory, monkeypatch, learning_rate):
+    """The CPU-vLLM defect itself: reload without re-packing the tied head. The check must see it and name the head,
+    also at a learning rate whose change no log-prob probe sees (the weight fingerprints)."""
     words = [*MazeFactory().vocabulary(), *words_of(PromptBuilder(build_tokenizer(), "h").vocabulary_texts())]
     path = build_tiny_model(str(tmp_path_factory.mktemp("stale-tied")), extra_words=words, hidden_size=64, head_dim=32)
 
@@ -178,8 +184,8 @@ def test_stale_tied_lm_head_is_caught(tmp_path, tmp_path_factory, monkeypatch):
         vllm_generation.llm.reset_prefix_cache()
 
     monkeypatch.setattr(vllm_sync, "push_cpu_colocate", reload_only)
-    with pytest.raises(vllm_sync.StaleEngineError):
-        train(path, tmp_path, learning_rate=0.2)
+    with pytest.raises(vllm_sync.StaleEngineError, match=r"at step 1: the weights .* differ .* in lm_head "):
+        train(path, tmp_path, learning_rate=learning_rate)
 
 
 # --- through the CLI, as a user runs it ------------------------------------------------------------------------

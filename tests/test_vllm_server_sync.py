@@ -30,9 +30,10 @@ from epo_trl import EPOConfig, EPOTrainer  # noqa: E402
 from epo_trl.envs import task_dataset  # noqa: E402
 from epo_trl.envs.maze import MazeFactory  # noqa: E402
 from epo_trl.rollout import RolloutConfig, StepRollout, TrajectoryRollout, episode_return_reward  # noqa: E402
-from epo_trl.trainers import vllm_servers, vllm_sync  # noqa: E402
+from epo_trl.trainers import vllm_servers, vllm_sync
 from epo_trl.trainers.aepo.aepo_config import AEPOConfig  # noqa: E402
 from epo_trl.trainers.aepo.aepo_trainer import AEPOTrainer  # noqa: E402
+from epo_trl.trainers.weight_fingerprint import FINGERPRINT_TOL  # noqa: E402
 
 pytestmark = pytest.mark.slow
 STEPS = 3
@@ -94,6 +95,9 @@ def assert_servers_match_trainer(trainer, n_servers):
     assert len(trainer.vllm_sync_check.diffs) == STEPS
     check = trainer.vllm_sync_check
     assert max(check.diffs) <= GAP_TOL and max(check.ratios) <= RATIO_TOL, (check.diffs, check.ratios)
+    # every server's weights, layer by layer through its own kernels, equal the trainer's after every push
+    assert {"lm_head", "model.embed_tokens", "model.layers.0", "model.layers.1"} <= check.fingerprint_groups
+    assert len(check.mismatches) == STEPS and max(check.mismatches) <= FINGERPRINT_TOL, check.mismatches
     for row in logs:
         assert abs(row["sampling/importance_sampling_ratio/mean"] - 1.0) <= IS_TOL, row
         assert row["sampling/sampling_logp_difference/mean"] <= PROBE_TOL, row
@@ -125,11 +129,12 @@ def test_aepo_syncs_two_real_servers(servers, tmp_path):
     assert any(row.get("aepo/kept", 0) > 0 for row in trainer.state.log_history)  # re-samples ran on the servers
 
 
-@pytest.mark.parametrize("fault", ["drop", "garble"])
+@pytest.mark.parametrize("fault", ["drop", "garble", "one layer"])
 def test_a_server_that_drops_or_garbles_the_update_is_caught(servers, tmp_path, monkeypatch, fault):
-    """The second server misses the update (drop) or receives wrong bytes (garble): the probe, which samples from
-    every server, stops the run within one step (a drop at step 1: step 0 pushes the initial weights the servers
-    already hold)."""
+    """The second server misses the update (drop), receives wrong bytes (garble), or misses one layer's tensors at a
+    learning rate whose change no log-prob probe sees: the check, which asks every server, stops the run within one
+    step (a drop at step 1: step 0 pushes the initial weights the servers already hold; one layer at step 0 where
+    the session's server still holds an earlier test's weights), naming the stale layer."""
     client_cls = vllm_servers.server_client_class()
     push = client_cls.update_named_params
     faulty = servers.urls[1]
@@ -139,9 +144,18 @@ def test_a_server_that_drops_or_garbles_the_update_is_caught(servers, tmp_path, 
             return push(self, metadata, named_params)
         if fault == "drop":
             return None
+        if fault == "one layer":
+            kept = [(m, (n, t)) for m, (n, t) in zip(metadata, named_params) if not n.startswith("model.layers.1.")]
+            return push(self, [m for m, _ in kept], (nt for _, nt in kept))
         return push(self, metadata, ((name, tensor.flip(0)) for name, tensor in named_params))
 
     monkeypatch.setattr(client_cls, "update_named_params", update_named_params)
+    if fault == "one layer":
+        with pytest.raises(
+            vllm_sync.StaleEngineError, match=r"at step [01]: the weights .* differ .* in model\.layers\.1 "
+        ):
+            train(servers, tmp_path, 2, learning_rate=1e-6)
+        return
     # within one step: a garbled copy of the random initial weights is another random model, about as uniform as the
     # trainer's (CPU-measured probe gap 0.06 at step 0); one step of training later the gap is > 1 nat
     with pytest.raises(vllm_sync.StaleEngineError, match="not the trainer's after the weight sync at step [01]:"):

@@ -9,6 +9,10 @@ TRL's command line (`trl.scripts.vllm_serve.build_command`), with two difference
   package's `vllm.general_plugins` entry point) instead of TRL's `nccl`, which needs CUDA. The trainer reads the
   backend from the server, so its config is the same on both.
 
+It also loads this package's vLLM worker extension (`weight_fingerprint.FingerprintWorkerExtension`, unless the
+command line names another `--worker-extension-cls`): the trainer's sync check then compares the server's weights
+with its own after every push, not only its log-probs.
+
     epo-trl vllm-serve --model Qwen/Qwen2.5-7B-Instruct --tensor_parallel_size 4 --data_parallel_size 2 --port 8000
 
 SECURITY: like `trl vllm-serve`, the server runs with `VLLM_SERVER_DEV_MODE=1` and no API key (docs/scaling.md):
@@ -37,6 +41,11 @@ def server_command(argv: list[str], cpu: bool | None = None) -> list[str]:
     serve = command.index("serve")
     # `python -m vllm.entrypoints.cli.main serve MODEL ...` -> `python -m <server module> --model MODEL ...`
     command[serve - 1 : serve + 2] = [SERVER_MODULE, "--model", command[serve + 1]]
+    if not any(a.split("=")[0] in ("--worker-extension-cls", "--worker_extension_cls") for a in command):
+        from ..trainers.weight_fingerprint import WORKER_EXTENSION
+
+        at = command.index("--weight-transfer-config") + 2  # before the options passed through to vLLM
+        command[at:at] = ["--worker-extension-cls", WORKER_EXTENSION]
     if cpu is None:
         from vllm.platforms import current_platform
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -34,7 +35,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from . import vllm_gloo
+from . import vllm_gloo, weight_fingerprint
+
+logger = logging.getLogger(__name__)
 
 
 def address_towards(host: str) -> str:
@@ -69,6 +72,7 @@ def server_client_class():
     class ServerClient(VLLMClient):
         def __init__(self, *args, **kwargs):
             self._gloo = None  # (group, store) once a gloo server joined
+            self._fingerprints = None  # whether the server gives weight fingerprints (None: not asked yet)
             super().__init__(*args, **kwargs)
             # TRL's session retries a refused or dropped connection 5 times with exponential backoff (about a
             # minute); a run whose server died should say so at once. One retry each still covers a pooled
@@ -154,6 +158,25 @@ def server_client_class():
             payload = {"model": self.model, "prompt": [ids], "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": 0}
             positions = self._post(f"{self.base_url}/v1/completions", json=payload)["choices"][0]["prompt_logprobs"]
             return [lp[str(token)]["logprob"] for token, lp in zip(ids[1:], positions[1:])]
+
+        def weight_fingerprint(self) -> list | None:
+            """Every engine's weight fingerprint (`weight_fingerprint.engine_fingerprint`) through the server's
+            `/collective_rpc`, or None where the server cannot make one: no worker extension (e.g. started by `trl
+            vllm-serve`), quantized or tensor-parallel weights. Not retried: a server without it answers at once."""
+            if self._fingerprints is False:
+                return None
+            body = {"method": weight_fingerprint.RPC_METHOD}
+            try:
+                response = requests.post(f"{self.base_url}/collective_rpc", json=body, timeout=300)
+            except requests.RequestException as e:
+                raise self._unreachable("/collective_rpc", e) from e
+            result = weight_fingerprint.merge_workers(response.json().get("results")) if response.ok else None
+            if result is None and self._fingerprints is None:
+                logger.warning("The vLLM server at %s gives no weight fingerprints (%s): its sync is checked by "
+                               "log-probs only. Start it with `epo-trl vllm-serve`.", self.base_url,
+                               f"HTTP {response.status_code}" if not response.ok else "not for these weights")  # fmt: skip
+            self._fingerprints = result is not None
+            return result
 
         def close_communicator(self):
             self._gloo = None
@@ -241,6 +264,11 @@ class ServerPool:
     def _send(self, metadata: list, chunk: list) -> None:
         for client in self.clients:  # one NCCL group per server: sequential broadcasts from this process
             client.update_named_params(metadata, iter(chunk))
+
+    def weight_fingerprint(self) -> list | None:
+        """Every server's engines' fingerprints, or None if any server gives none (then the probe checks them)."""
+        results = [f.result() for f in [self._executor.submit(c.weight_fingerprint) for c in self.clients]]
+        return None if any(r is None for r in results) else [fp for r in results for fp in r]
 
     def reset_prefix_cache(self) -> None:
         for future in [self._executor.submit(client.reset_prefix_cache) for client in self.clients]:

@@ -11,7 +11,8 @@ wrong silently or loudly on real engines:
   from an LM head nobody trains. `push_cpu_colocate` reloads and re-packs a tied head.
 - Any engine: a push that did not take is invisible until the importance-sampling ratios drift. `SyncCheck`
   scores a fixed text with the engine and the trainer right after each push; when their gap grows past
-  `vllm_sync_tolerance` times the gap right after the first push, it raises `StaleEngineError`.
+  `vllm_sync_tolerance` times the gap right after the first push, or when a layer's weights differ from the
+  trainer's (`weight_fingerprint`: exact, for staleness below what log-probs show), it raises `StaleEngineError`.
 
 `install(trainer)` wraps the trainer's `vllm_generation.sync_weights` with both (EPOTrainer / AEPOTrainer call it).
 """
@@ -19,6 +20,15 @@ wrong silently or loudly on real engines:
 from __future__ import annotations
 
 import torch
+
+from .weight_fingerprint import (
+    FINGERPRINT_TOL,
+    Fingerprint,
+    engine_fingerprint,
+    merge_workers,
+    mismatches,
+    trainer_fingerprint,
+)
 
 # A fixed text the engine and the trainer both score teacher-forced (~80-120 tokens): words of the maze tasks and
 # plain English, so both a task-vocabulary model and a general LLM put mass on its tokens.
@@ -122,6 +132,11 @@ class SyncCheck:
     right after the first push (`gap_ratio`, metric `vllm/sync_gap_ratio`) above the tolerance makes every rank
     raise `StaleEngineError`. Every rank calls it (server mode broadcasts the main process's scores; ZeRO-3 forwards
     are collective); the worst rank's engine counts.
+
+    Then the weights themselves (`weight_fingerprint`): each layer's fingerprint in the engine against the trainer's
+    must agree to float64 rounding (metric `vllm/sync_fingerprint_mismatch`, the worst group's relative mismatch),
+    which catches a layer or a packed head left stale by less than the probe can see. This holds from the first push
+    on: an engine reused from another run must take the whole first push.
     """
 
     def __init__(self, trainer, tolerance: float):
@@ -132,11 +147,14 @@ class SyncCheck:
         self.ratios: list[float] = []  # the checked statistic at every push (worst rank)
         self.moves: list[float] = []  # the trainer's move since the previous push (this rank)
         self._last: torch.Tensor | None = None  # the trainer's scores at the previous push
+        self.fingerprint_groups: set[str] | None = None  # groups compared at every push (set at the first)
+        self.mismatches: list[float] = []  # the worst group's fingerprint mismatch at every push (worst rank)
 
     def __call__(self) -> float:
         trainer = self.trainer
-        engines, dtype = self._engine_logps()
+        engines, dtype, fingerprints = self._engine_state()
         mine = self._trainer_logps(dtype)
+        stale_groups = self._stale_groups(fingerprints, dtype)
         gaps = [(engine - mine).abs() for engine in engines]
         local_gap = max((g[~torch.isnan(g)].mean().item() for g in gaps if (~torch.isnan(g)).any()), default=0.0)
         first = self.reference is None
@@ -145,14 +163,26 @@ class SyncCheck:
         move = 0.0 if self._last is None else (mine - self._last).abs().mean().item()
         self._last = mine
         self.moves.append(move)
+        worst = max(stale_groups.values(), default=0.0)
         local = torch.tensor(
-            [[local_gap, gap_ratio(local_gap, self.reference, move)]], device=trainer.accelerator.device
+            [[local_gap, gap_ratio(local_gap, self.reference, move), worst]], device=trainer.accelerator.device
         )
-        gap, ratio = trainer.accelerator.gather(local).max(0).values.tolist()
+        gap, ratio, mismatch = trainer.accelerator.gather(local).max(0).values.tolist()
         self.diffs.append(gap)
         self.ratios.append(ratio)
+        self.mismatches.append(mismatch)
         trainer._metrics["train"]["vllm/sync_logprob_diff"].append(gap)
         trainer._metrics["train"]["vllm/sync_gap_ratio"].append(ratio)
+        trainer._metrics["train"]["vllm/sync_fingerprint_mismatch"].append(mismatch)
+        if mismatch > FINGERPRINT_TOL:
+            where = ", ".join(sorted(g for g, m in stale_groups.items() if m > FINGERPRINT_TOL)) or "another rank's"
+            raise StaleEngineError(
+                f"vLLM's weights are not the trainer's after the weight sync at step {trainer.state.global_step}: "
+                f"the weights the engine computes with differ from the trainer's in {where} (relative mismatch "
+                f"{mismatch:.2g}; a correct push reads ~1e-16), so it would sample from weights nobody trains. "
+                "Check that this vLLM build supports weight updates for this model; should its engine store these "
+                "weights transformed, set vllm_sync_check: false and report it (docs/scaling.md)."
+            )
         if (first and gap > FIRST_PUSH_MAX_GAP) or ratio > self.tolerance:
             how = (
                 f"above {FIRST_PUSH_MAX_GAP:g} at the first push"
@@ -167,27 +197,52 @@ class SyncCheck:
             )
         return ratio
 
-    def _engine_logps(self) -> tuple[list[torch.Tensor], torch.dtype | None]:
-        """The engines' log-probs of the probe (this rank's colocated engine, or every server) and their dtype
-        (None: not reported, e.g. a stand-in)."""
+    def _engine_state(self) -> tuple[list[torch.Tensor], torch.dtype | None, list[Fingerprint] | None]:
+        """The engines' log-probs of the probe (this rank's colocated engine, or every server), their dtype (None:
+        not reported, e.g. a stand-in) and their weight fingerprints (None: not available there)."""
         from trl.generation import vllm_generation as trl_vllm
 
         vllm = self.trainer.vllm_generation
         if vllm.mode == "colocate":
             config = getattr(getattr(vllm.llm, "llm_engine", None), "model_config", None)
-            return [colocate_forced_logps(vllm.llm, self.probe, trl_vllm.SamplingParams)], engine_dtype(config)
+            scores = colocate_forced_logps(vllm.llm, self.probe, trl_vllm.SamplingParams)
+            fingerprints = (
+                merge_workers(vllm.llm.apply_model(engine_fingerprint)) if _is_real_engine(vllm.llm) else None
+            )
+            return [scores], engine_dtype(config), fingerprints
         from accelerate.utils import broadcast_object_list
 
-        # Server mode: the main process scores the probe on every server, the others receive.
+        # Server mode: the main process asks every server, the others receive.
         payload = [None]
         if self.trainer.accelerator.is_main_process:
             client = vllm.vllm_client
             scores = [lps.tolist() for lps in server_forced_logps(client, self.probe)]
             dtype = engine_dtype(client.get_server_info().get("model_config"))
-            payload = [(scores, None if dtype is None else str(dtype))]
+            fingerprints = client.weight_fingerprint() if hasattr(client, "weight_fingerprint") else None
+            payload = [(scores, None if dtype is None else str(dtype), fingerprints)]
         broadcast_object_list(payload, from_process=0)
-        per_server, dtype = payload[0]
-        return [_tensor(lps) for lps in per_server], engine_dtype({"dtype": dtype})
+        per_server, dtype, fingerprints = payload[0]
+        return [_tensor(lps) for lps in per_server], engine_dtype({"dtype": dtype}), fingerprints
+
+    def _stale_groups(self, engines: list[Fingerprint] | None, dtype: torch.dtype | None) -> dict[str, float]:
+        """Each compared group -> its worst relative mismatch over the engines (empty: nothing to compare). The
+        trainer's side is collective under ZeRO-3: every rank computes it whenever any engine reported one."""
+        trainer = self.trainer
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if trainer.is_fsdp_enabled or hasattr(model, "peft_config"):
+            return {}  # sharded otherwise than ZeRO-3, or pushed merged: the trainer's weights are not the engine's
+        available = torch.tensor([float(engines is not None)], device=trainer.accelerator.device)
+        if trainer.accelerator.gather(available).max().item() == 0:
+            return {}
+        mine = trainer_fingerprint(model, dtype)
+        if engines is None:
+            return {}
+        worst: dict[str, float] = {}
+        for engine in engines:
+            for group, value in mismatches(engine, mine).items():
+                worst[group] = max(worst.get(group, 0.0), value)
+        self.fingerprint_groups = set(worst)
+        return worst
 
     def _trainer_logps(self, dtype: torch.dtype | None) -> torch.Tensor:
         ids = torch.tensor([self.probe], device=self.trainer.accelerator.device)
