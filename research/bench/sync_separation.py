@@ -16,6 +16,11 @@ right after a full push of the old weights (the run's first push), `gap_ratio`. 
 of a stale state / the ratio after the correct push. The **stale effect** is how far the stale engine's own log-probs
 are from the correct engine's (mean |Δ|, nats): the size of what any log-prob probe can see of that staleness.
 
+The check's second part compares the weights themselves (`weight_fingerprint`): per layer group, sums of the columns
+the engine's own kernels return for unit inputs, against the trainer's weights cast to the engine's dtype. Its
+statistic is the worst group's relative mismatch (`FINGERPRINT_TOL` = 1e-10); **fingerprint separation** = the
+smallest stale mismatch / the correct push's (floored at float64's epsilon, 2.2e-16: a correct push often reads 0).
+
 The previous check (8 tokens sampled after a short text at temperature 1, mean |engine - trainer| over
 them, against an absolute tolerance) is measured next to it (`old_*`, six samples per state): its separation is the
 smallest stale gap / the largest correct gap.
@@ -111,6 +116,11 @@ class _Colocate:
 
         return colocate_forced_logps(self.llm, ids, SamplingParams)
 
+    def fingerprint(self) -> dict:
+        from epo_trl.trainers.weight_fingerprint import engine_fingerprint
+
+        return self.llm.apply_model(engine_fingerprint)[0]
+
     def close(self) -> None:
         self.llm = self.runner = None
 
@@ -159,6 +169,9 @@ class _Server:
 
         return server_forced_logps(self.client, ids)[0]
 
+    def fingerprint(self) -> dict:
+        return self.client.weight_fingerprint()[0]
+
     def close(self) -> None:
         self.client.close_communicator()
         self.proc.terminate()
@@ -175,6 +188,7 @@ def _measure(name: str, path: str, engine_dtype: str, lr: float, mode: str, samp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from epo_trl.trainers.vllm_sync import probe_ids, trainer_probe_logps
+    from epo_trl.trainers.weight_fingerprint import FINGERPRINT_TOL, mismatches, trainer_fingerprint
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # the trainer's fp32 master weights
@@ -217,6 +231,8 @@ def _measure(name: str, path: str, engine_dtype: str, lr: float, mode: str, samp
             old: dict[str, list[float] | str] = {}
             stats: dict[str, dict] = {v: {} for v in variants}
             scores = {}
+            mine = trainer_fingerprint(model, dtype)
+            fingerprint: dict[str, dict] = {}
             for case, how in cases.items():
                 if how == "n/a":
                     old[case] = "n/a"
@@ -226,6 +242,9 @@ def _measure(name: str, path: str, engine_dtype: str, lr: float, mode: str, samp
                     engine.push(list(after.items()), **how)
                 old[case] = _old_gaps(model, old_probe, engine.sample(old_probe, samples, OLD_PROBE_TOKENS))
                 scores[case] = engine.score(probe[0].tolist())
+                groups = mismatches(engine.fingerprint(), mine)
+                fingerprint[case] = {"worst": max(groups.values()), "groups": len(groups),
+                                     "stale": sorted(g for g, m in groups.items() if m > FINGERPRINT_TOL)}  # fmt: skip
                 for v in variants:
                     stats[v][case] = _stats(scores[case], trainer_after[v], engine_before, trainer_before[v])
             effect = {case: (scores[case] - scores["correct"]).abs().mean().item() for case in scores}
@@ -235,7 +254,7 @@ def _measure(name: str, path: str, engine_dtype: str, lr: float, mode: str, samp
                 "skipped_layer": skip.rstrip("."), "probe_tokens": probe.shape[1] - 1,
                 "reference_gap": (engine_before - trainer_before["check"]).abs().mean().item(),
                 "move": (trainer_after["check"] - trainer_before["check"]).abs().mean().item(),
-                "stats": stats, "effect": effect,
+                "stats": stats, "effect": effect, "fingerprint": fingerprint,
                 "old_gaps": old, "old_separation": min(old_stale) / max(old["correct"]),
             })  # fmt: skip
     finally:
@@ -286,18 +305,42 @@ def separation(row: dict) -> float:
     return min(ratio[c] for c in STALE if c in ratio) / ratio["correct"]
 
 
-def verdict(results: dict) -> str:
-    """One line per row for the report's verdicts: the separation, and the stale states the default tolerance passes."""
-    from epo_trl.trainers.vllm_sync import DEFAULT_SYNC_TOLERANCE
+EPS = 2.220446049250313e-16  # float64 epsilon: a correct push's fingerprint mismatch often reads exactly 0
 
+
+def fingerprint_separation(row: dict) -> float | None:
+    """The smallest stale fingerprint mismatch over the correct push's (None: not measured in this row)."""
+    fp = row.get("fingerprint")
+    if not fp:
+        return None
+    return min(fp[c]["worst"] for c in STALE if c in fp) / max(fp["correct"]["worst"], EPS)
+
+
+def caught(row: dict) -> dict[str, bool]:
+    """Each stale state -> whether the check (probe ratio or fingerprints, at their defaults) stops it; and whether the
+    correct push passes both (key "correct")."""
+    from epo_trl.trainers.vllm_sync import DEFAULT_SYNC_TOLERANCE
+    from epo_trl.trainers.weight_fingerprint import FINGERPRINT_TOL
+
+    ratio, fp = _ratios(row), row.get("fingerprint") or {}
+    out = {c: ratio[c] > DEFAULT_SYNC_TOLERANCE or (c in fp and fp[c]["worst"] > FINGERPRINT_TOL) for c in ratio}
+    out["correct"] = not out["correct"]
+    return out
+
+
+def verdict(results: dict) -> str:
+    """One line per row for the report's verdicts: the separations, and the stale states the check lets pass."""
     lines = []
     for row in (r for r in results["rows"] if "skipped" not in r):
-        ratio, sep = _ratios(row), separation(row)
-        passed = [c for c in STALE if c in ratio and ratio[c] <= DEFAULT_SYNC_TOLERANCE]
+        sep, fsep, ok = separation(row), fingerprint_separation(row), caught(row)
+        passed = [c for c in STALE if c in ok and not ok[c]]
+        best = max(sep, fsep or 0.0)
         lines.append(
-            f"- {row['model']} {row['dtype']} {row['mode']}, {row['steps']} step(s) behind: separation {_times(sep)} "
-            f"({'met' if sep >= 3 else 'NOT met'}, target >= 3x); "
-            + (f"passes the default tolerance: {', '.join(passed)}" if passed else "every stale state caught")
+            f"- {row['model']} {row['dtype']} {row['mode']}, {row['steps']} step(s) behind: probe separation "
+            f"{_times(sep)}, fingerprint separation {_times(fsep) if fsep is not None else 'not measured'} "
+            f"({'met' if best >= 3 else 'NOT met'}, target >= 3x); correct push "
+            f"{'passes' if ok['correct'] else 'REFUSED'}; "
+            + (f"passes the check: {', '.join(passed)}" if passed else "every stale state caught")
         )
     return "\n".join(lines)
 
@@ -305,11 +348,13 @@ def verdict(results: dict) -> str:
 def to_markdown(results: dict) -> str:
     """The table; the ratios are recomputed from the measured gaps with the current `gap_ratio` and tolerance."""
     from epo_trl.trainers.vllm_sync import DEFAULT_SYNC_TOLERANCE
+    from epo_trl.trainers.weight_fingerprint import FINGERPRINT_TOL
 
     from .common import md_table
 
     header = ["model", "engine dtype", "mode", "steps behind", "gap after the first push (nats)", "correct push",
-              *STALE, "separation", "previous check's separation"]  # fmt: skip
+              *STALE, "probe separation", "fingerprint: correct", "fingerprint: smallest stale",
+              "fingerprint separation", "previous check's separation"]  # fmt: skip
     table, missed = [], []
     for row in results["rows"]:
         if "skipped" in row:
@@ -323,10 +368,14 @@ def to_markdown(results: dict) -> str:
             effect = f" (Δ {row['effect'][case]:.2g})" if case != "correct" else ""
             return f"{ratio[case]:.3g}{effect}"
 
+        fp, fsep = row.get("fingerprint") or {}, fingerprint_separation(row)
+        stale_fp = [fp[c]["worst"] for c in STALE if c in fp]
         table.append([row["model"], row["dtype"], row["mode"], row["steps"], f"{row['reference_gap']:.2g}",
                       cell("correct"), *[cell(c) for c in STALE], _times(separation(row)),
-                      _times(row["old_separation"])])  # fmt: skip
-        for case in (c for c in STALE if c in ratio and ratio[c] <= DEFAULT_SYNC_TOLERANCE):
+                      f"{fp['correct']['worst']:.2g}" if fp else "-", f"{min(stale_fp):.2g}" if stale_fp else "-",
+                      _times(fsep) if fsep is not None else "-", _times(row["old_separation"])])  # fmt: skip
+        ok = caught(row)
+        for case in (c for c in STALE if c in ok and not ok[c]):
             missed.append(
                 f"{row['model']} {row['dtype']} {row['mode']}, {row['steps']} step(s) behind, {case}: "
                 f"{ratio[case]:.3g} (correct push {ratio['correct']:.3g}): the stale engine's log-probs differ from "
@@ -336,9 +385,11 @@ def to_markdown(results: dict) -> str:
     return md_table(header, table) + (
         "\n\nCells: `gap_ratio`, the probe's mean |engine - trainer| log-prob gap over the gap right after the first "
         "(full) push, floored at `GAP_FLOOR` and at `MOVE_SHARE` of the trainer's move; in brackets the stale effect, mean |stale engine - correct "
-        "engine| log-prob (nats). The trainer is `steps behind` AdamW steps ahead of the engine's old weights at the "
-        f"recipe learning rate (tiny 5e-4, SmolLM2 2e-5). Stale states the default tolerance "
-        f"({DEFAULT_SYNC_TOLERANCE:g}) lets pass:\n\n" + notes
+        "engine| log-prob (nats). Fingerprint: the worst layer group's relative mismatch of the weight fingerprints "
+        f"(engine kernels vs trainer, `FINGERPRINT_TOL` {FINGERPRINT_TOL:g}); separation floored at float64 epsilon. "
+        "The trainer is `steps behind` AdamW steps ahead of the engine's old weights at the "
+        f"recipe learning rate (tiny 5e-4, SmolLM2 2e-5). Stale states the check (probe ratio above "
+        f"{DEFAULT_SYNC_TOLERANCE:g} or a fingerprint mismatch above {FINGERPRINT_TOL:g}) lets pass:\n\n" + notes
     )
 
 
