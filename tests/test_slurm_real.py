@@ -13,8 +13,9 @@ ZeRO-3 accelerate config (--mixed_precision no), an fp32 server (--dtype float32
   rendezvous come from the first node's address);
 - both ranks trained 3 steps and hold the same EPO state (entropy history included: equal digests, equal to the
   digest of the checkpoint's epo_state.json, whose history has 3 steps);
-- after every weight push, the last step's included, the server's log-probs of the sync probe match the trainer's
-  (`vllm/sync_logprob_diff` <= 0.02 nats) and TRL's importance-sampling ratio is 1 +- 0.03, while the weights moved.
+- after every weight push the server's log-probs of the sync probe match the trainer's (`vllm/sync_logprob_diff`
+  <= 0.02 nats), its weights equal the trainer's layer by layer (`vllm/sync_fingerprint_mismatch`) and TRL's
+  importance-sampling ratio is 1 +- 0.03, while the weights moved.
 
 A second job loses a trainer node mid-run (every process in its namespace killed): it ends as NODE_FAIL within 90 s
 (35 s measured), srun naming the node. Durations on the 2-core VM (shared, load ~7): 138 s and 122 s; the cluster
@@ -32,6 +33,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from epo_trl.trainers.weight_fingerprint import FINGERPRINT_TOL
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,6 +151,8 @@ def test_the_shipped_recipe_completes_on_three_slurm_nodes(cluster, served_tiny_
     assert [row["step"] for row in steps] == list(range(1, STEPS + 1))
     for row in steps:
         assert row["vllm/sync_logprob_diff"] <= PROBE_TOL, row
+        # the server's weights are the trainer's, layer by layer (ZeRO-3: gathered on both ranks for the comparison)
+        assert row["vllm/sync_fingerprint_mismatch"] <= FINGERPRINT_TOL, row
         assert abs(row["sampling/importance_sampling_ratio/mean"] - 1.0) <= IS_TOL, row
         assert row["grad_norm"] > 0, row  # the weights moved: each push carried new ones
 

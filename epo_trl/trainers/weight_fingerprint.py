@@ -30,6 +30,7 @@ COLUMNS = 8
 # A group's relative mismatch above this is a weight the engine does not share with the trainer. Float64 sums of the
 # same values in another order differ by ~1e-16 relative; one bf16 weight one step off in a group: ~1e-7.
 FINGERPRINT_TOL = 1e-10
+CHUNK = 1 << 24  # elements summed at once (128 MiB in float64)
 # `collective_rpc` method name of the worker extension (`--worker-extension-cls`, see `FingerprintWorkerExtension`)
 RPC_METHOD = "epo_trl_weight_fingerprint"
 WORKER_EXTENSION = "epo_trl.trainers.weight_fingerprint.FingerprintWorkerExtension"
@@ -52,9 +53,12 @@ def group_of(name: str) -> str:
 
 
 def _add(sums: Fingerprint, group: str, values: torch.Tensor) -> None:
-    x = values.detach().to(torch.float64)
-    stats = [x.sum().item(), (x * x).sum().item(), x.abs().sum().item()]
-    sums[group] = [a + b for a, b in zip(sums.get(group, [0.0, 0.0, 0.0]), stats)]
+    stats = sums.setdefault(group, [0.0, 0.0, 0.0])
+    for chunk in values.detach().reshape(-1).split(CHUNK):  # float64 copies of a chunk at a time, not of a 7B weight
+        x = chunk.to(torch.float64)
+        stats[0] += x.sum().item()
+        stats[1] += (x * x).sum().item()
+        stats[2] += x.abs().sum().item()
 
 
 def _unit_rows(k: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, list[int]]:

@@ -33,6 +33,8 @@ PACKAGES = ("slurm-wlm", "munge")  # Debian/Ubuntu: Slurm 22.05 on bookworm
 DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch", "srun", "scontrol")
 STATE_FILE = "cluster.json"  # what `down` needs: namespaces, bridge, daemon pids
 
+APT_TIMEOUT = 300  # s, each apt-get call
+
 
 class ClusterUnavailable(RuntimeError):
     """This machine cannot host the emulated cluster (not root, no network namespaces, Slurm not installable)."""
@@ -56,7 +58,10 @@ def ensure_installed() -> None:
         raise ClusterUnavailable(f"Slurm is not installed and there is no apt-get to install {' '.join(PACKAGES)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *PACKAGES]):
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        try:  # bounded: a package mirror that does not answer must skip the test, not hold the suite
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=APT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise ClusterUnavailable(f"`{' '.join(cmd)}` did not finish in {APT_TIMEOUT} s") from None
         if proc.returncode != 0:
             tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:]
             raise ClusterUnavailable(f"`{' '.join(cmd)}` failed: {' '.join(tail)}")

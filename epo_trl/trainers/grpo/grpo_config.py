@@ -53,8 +53,9 @@ class MultiTurnGRPOConfig(GRPOConfig):
             (data-parallel generation) and every weight sync reaches all of them.
         vllm_sync_check (`bool`, *optional*, defaults to `True`):
             After every weight push, score a fixed probe text with the engine and with the trainer (in the engine's
-            precision) and compare; raise `StaleEngineError` when their gap exceeds `vllm_sync_tolerance` times the
-            gap right after the first push.
+            precision) and compare, and compare each layer's weights (fingerprints through the engine's own kernels,
+            exact after a correct push); raise `StaleEngineError` when the probe's gap exceeds `vllm_sync_tolerance`
+            times the gap right after the first push, or when a layer's weights differ.
         vllm_sync_tolerance (`float` or `None`, *optional*, defaults to `None`):
             Largest accepted ratio of the probe's mean |log-prob difference| (engine vs trainer) to the same gap
             right after the first push (that reference floored at 1e-3 nats and at 1% of the trainer's move since
@@ -106,9 +107,10 @@ class MultiTurnGRPOConfig(GRPOConfig):
         default=True,
         metadata={
             "help": "After every weight push to vLLM, score a fixed probe text (~100 tokens) with the engine and the "
-            "trainer and compare; raise StaleEngineError when the gap grows past vllm_sync_tolerance times the gap "
-            "right after the first push (a sync that did not take). Costs one engine prefill and one forward per "
-            "step."
+            "trainer and compare, and compare each layer's weights (fingerprints through the engine's own kernels); "
+            "raise StaleEngineError when the gap grows past vllm_sync_tolerance times the gap right after the first "
+            "push, or a layer's weights differ (a sync that did not take). Costs one engine prefill, one forward and "
+            "one pass over the weights per step."
         },
     )
     vllm_sync_tolerance: float | None = field(
