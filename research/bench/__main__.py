@@ -124,9 +124,11 @@ after the run's first push (a full reload of the weights the engine holds). The 
 process; server: `epo-trl vllm-serve`, gloo transfer) then holds the new weights (**correct push**) or a stale state:
 the old weights (**no-op push**), the new weights with the tied LM head's packed copy left stale (**tied head not
 re-packed**, CPU vLLM's own defect; colocate only: a server runs the same reload) or with the middle decoder layer
-left at the old weights (**one layer skipped**). **separation** = the smallest stale ratio ÷ the correct one (3x or
-more separates them); the previous check's (8 tokens sampled at temperature 1, absolute gap, six samples per state)
-is next to it.""",
+left at the old weights (**one layer skipped**). **probe separation** = the smallest stale ratio ÷ the correct one
+(3x or more separates them); the previous check's (8 tokens sampled at temperature 1, absolute gap, six samples per
+state) is next to it. The check's second part, the **fingerprints** (`weight_fingerprint`: per layer group, float64
+sums of the weight columns the engine's own kernels return for unit inputs, against the trainer's weights cast to
+the engine's dtype), reads the worst group's relative mismatch; it refuses above 1e-10.""",
 }
 
 GPU_TITLE = "GPU (device)"

@@ -296,7 +296,7 @@ def _ratios(row: dict) -> dict[str, float]:
 
 
 def _times(x: float) -> str:
-    return f"{x:,.0f}x" if x >= 100 else f"{x:.1f}x"
+    return f"{x:.1e}x" if x >= 1e6 else f"{x:,.0f}x" if x >= 100 else f"{x:.1f}x"
 
 
 def separation(row: dict) -> float:
