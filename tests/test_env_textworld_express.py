@@ -286,7 +286,7 @@ def test_long_horizon_study_quick(tmp_path):
     from research.study import main
 
     report = tmp_path / "long.md"
-    assert main(["--setting", "coin", "--quick", "--jobs", "1", "--output-dir", str(tmp_path), "--report",
+    assert main(["--setting", "coin", "--quick", "--jobs", "2", "--output-dir", str(tmp_path), "--report",
                  str(report)]) == 0  # fmt: skip
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["summary"]) == {"grpo", "epo"} and not results["errors"]
