@@ -41,6 +41,8 @@ UNQUANTIZED_LINEAR = "vllm.model_executor.layers.linear:UnquantizedLinearMethod"
 CURRENT_PLATFORM = "vllm.platforms:current_platform"
 VLLM_CLIENT = "trl.generation.vllm_client:VLLMClient"
 WEIGHT_TRANSFER_ENGINE = "vllm.distributed.weight_transfer.base:WeightTransferEngine"
+LINEAR_LAYERS = "vllm.model_executor.layers.linear"
+EMBEDDING_LAYERS = "vllm.model_executor.layers.vocab_parallel_embedding"
 
 # How a name is checked.
 INSTANCE = "instance attribute"  # present on a built trainer (or on `instance` handed to `problems`)
@@ -81,6 +83,7 @@ SYNC = "trainers/vllm_sync.py"
 SERVERS = "trainers/vllm_servers.py"
 PREFIX = "trainers/grpo/prefix_forward.py"
 GLOO = "trainers/vllm_gloo.py"
+FINGERPRINT = "trainers/weight_fingerprint.py"
 CLI_SERVE = "cli/vllm_serve.py"
 HF = "rollout/backends/hf.py"
 VLLM_BACKEND = "rollout/backends/vllm.py"
@@ -322,13 +325,33 @@ SURFACE: tuple[Name, ...] = (
     *_names("accelerate", ACCELERATOR, ASSIGNED, {"gradient_state": GRPO}),
     # --- vLLM (colocated CPU engine: the RL weight reload) ------------------------------------------------------
     *_names("vllm", LLM, ASSIGNED, {"llm_engine": SYNC}),
-    *_names("vllm", LLM, CLASS, {"reset_prefix_cache": SYNC, "generate": SYNC}),
+    *_names("vllm", LLM, CLASS, {"reset_prefix_cache": SYNC, "generate": SYNC, "apply_model": SYNC}),
     *_names("vllm", LLM_ENGINE, ASSIGNED, {"model_executor": SYNC}),
     *_names("vllm", UNIPROC_EXECUTOR, ASSIGNED, {"driver_worker": SYNC}),
-    *_names("vllm", CPU_WORKER, ASSIGNED, {"model_runner": SYNC}),
-    *_names("vllm", CPU_MODEL_RUNNER, CLASS, {"reload_weights": SYNC, "get_model": SYNC}),
+    *_names("vllm", CPU_WORKER, ASSIGNED, {"model_runner": f"{SYNC}, {FINGERPRINT}"}),
+    *_names("vllm", CPU_MODEL_RUNNER, CLASS, {"reload_weights": SYNC, "get_model": f"{SYNC}, {FINGERPRINT}"}),
     *_names("vllm", UNQUANTIZED_LINEAR, CLASS, {"process_weights_after_loading": SYNC}),  # the tied LM head
     *_names("vllm", CURRENT_PLATFORM, CLASS, {"is_cpu": SYNC, "dist_backend": VLLM_BACKEND}),
+    # --- vLLM (the sync check's weight fingerprints: layers applied through their own kernels) --------------------
+    *_names("vllm", "vllm.distributed", MODULE, {"get_tensor_model_parallel_world_size": FINGERPRINT}),
+    *_names("vllm", LINEAR_LAYERS, MODULE, {"LinearBase": FINGERPRINT, "UnquantizedLinearMethod": FINGERPRINT}),
+    *_names(
+        "vllm",
+        f"{LINEAR_LAYERS}:LinearBase",
+        ASSIGNED,
+        {"input_size": FINGERPRINT, "params_dtype": FINGERPRINT, "quant_method": FINGERPRINT},
+    ),  # fmt: skip
+    *_names(
+        "vllm", EMBEDDING_LAYERS, MODULE, {"ParallelLMHead": FINGERPRINT, "UnquantizedEmbeddingMethod": FINGERPRINT}
+    ),
+    *_names(
+        "vllm",
+        f"{EMBEDDING_LAYERS}:VocabParallelEmbedding",
+        ASSIGNED,
+        {"embedding_dim": FINGERPRINT, "params_dtype": FINGERPRINT, "quant_method": FINGERPRINT},
+    ),  # fmt: skip
+    *_names("vllm", UNQUANTIZED_LINEAR, CLASS, {"apply": FINGERPRINT}),
+    *_names("vllm", f"{EMBEDDING_LAYERS}:UnquantizedEmbeddingMethod", CLASS, {"apply": FINGERPRINT}),
     # --- vLLM (servers: the gloo weight-transfer engine, a `vllm.general_plugins` entry point) ------------------
     *_names(
         "vllm",
