@@ -170,7 +170,7 @@ def server_client_class():
                 response = requests.post(f"{self.base_url}/collective_rpc", json=body, timeout=300)
             except requests.RequestException as e:
                 raise self._unreachable("/collective_rpc", e) from e
-            result = weight_fingerprint.merge_workers(response.json().get("results")) if response.ok else None
+            result = weight_fingerprint.worker_fingerprints(response.json().get("results")) if response.ok else None
             if result is None and self._fingerprints is None:
                 logger.warning("The vLLM server at %s gives no weight fingerprints (%s): its sync is checked by "
                                "log-probs only. Start it with `epo-trl vllm-serve`.", self.base_url,

@@ -25,9 +25,9 @@ from .weight_fingerprint import (
     FINGERPRINT_TOL,
     Fingerprint,
     engine_fingerprint,
-    merge_workers,
     mismatches,
     trainer_fingerprint,
+    worker_fingerprints,
 )
 
 # A fixed text the engine and the trainer both score teacher-forced (~80-120 tokens): words of the maze tasks and
@@ -147,7 +147,7 @@ class SyncCheck:
         self.ratios: list[float] = []  # the checked statistic at every push (worst rank)
         self.moves: list[float] = []  # the trainer's move since the previous push (this rank)
         self._last: torch.Tensor | None = None  # the trainer's scores at the previous push
-        self.fingerprint_groups: set[str] | None = None  # groups compared at every push (set at the first)
+        self.fingerprint_groups: set[str] | None = None  # the groups compared at the last push (None: none yet)
         self.mismatches: list[float] = []  # the worst group's fingerprint mismatch at every push (worst rank)
 
     def __call__(self) -> float:
@@ -207,7 +207,7 @@ class SyncCheck:
             config = getattr(getattr(vllm.llm, "llm_engine", None), "model_config", None)
             scores = colocate_forced_logps(vllm.llm, self.probe, trl_vllm.SamplingParams)
             fingerprints = (
-                merge_workers(vllm.llm.apply_model(engine_fingerprint)) if _is_real_engine(vllm.llm) else None
+                worker_fingerprints(vllm.llm.apply_model(engine_fingerprint)) if _is_real_engine(vllm.llm) else None
             )
             return [scores], engine_dtype(config), fingerprints
         from accelerate.utils import broadcast_object_list

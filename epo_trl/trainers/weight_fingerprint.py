@@ -22,6 +22,8 @@ extension, a stand-in) the result is None and the probe alone checks it.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 # Columns fingerprinted per linear layer: enough that a training step's changes show in every layer (one changed
@@ -126,8 +128,6 @@ def trainer_fingerprint(model: torch.nn.Module, dtype: torch.dtype | None) -> Fi
 
 def _gathered(params: list[torch.Tensor]):
     """ZeRO-3: the full parameters for the duration (collective); otherwise nothing to do."""
-    import contextlib
-
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
 
@@ -145,7 +145,7 @@ def mismatches(engine: Fingerprint, trainer: Fingerprint) -> dict[str, float]:
     return out
 
 
-def merge_workers(results: list) -> list[Fingerprint] | None:
+def worker_fingerprints(results: list) -> list[Fingerprint] | None:
     """The fingerprints `collective_rpc` returned (one per worker; data-parallel replicas each hold every weight), or
     None if any worker could not make one."""
     if not results or any(not isinstance(r, dict) for r in results):
